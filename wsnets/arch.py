@@ -1,0 +1,392 @@
+"""Architectures as values: an ordered tuple of :class:`Layer` descriptions.
+
+An :class:`Architecture` is what a checkpoint's weights mean. It is frozen and hashable (zoo rows of
+one architecture group by it), prints readably, and round-trips through JSON (it is stored in the
+metadata of every safetensors file wsnets writes).
+
+Supported layer kinds
+---------------------
+weight layers   ``linear``, ``conv1d``, ``conv2d``
+normalization   ``batchnorm`` (1d or 2d, eval-mode statistics kept), ``layernorm`` (over features)
+no parameters   ``act`` (relu, gelu, tanh, sigmoid, leaky_relu, elu, silu, softplus, identity),
+                ``dropout``, ``maxpool``/``avgpool`` (local, inside a conv stack), ``gap`` (global
+                average pooling to 1 or 1x1), ``flatten`` (of the input, or after ``gap``)
+
+Neurons come in *groups*: group 0 is the input (features or channels), group ``l`` is the output of
+weight layer ``l-1``; the last group is the network's output. Groups strictly between are hidden
+and are permuted by the network's symmetries (see :mod:`wsnets.symmetry`).
+
+Examples
+--------
+>>> arch = mlp(64, [32, 32], 10)
+>>> arch.group_sizes
+(64, 32, 32, 10)
+>>> arch.num_params
+3466
+>>> Architecture.from_json(arch.to_json()) == arch
+True
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from functools import cached_property
+from typing import Any, Iterable, Sequence
+
+from .errors import ConfigError, ShapeMismatchError, SpatialFlattenError, UnsupportedLayerError
+
+WEIGHT_KINDS = ("linear", "conv1d", "conv2d")
+NORM_KINDS = ("batchnorm", "layernorm")
+FREE_KINDS = ("act", "dropout", "maxpool", "avgpool", "gap", "flatten")
+KINDS = WEIGHT_KINDS + NORM_KINDS + FREE_KINDS
+ACTIVATIONS = ("identity", "relu", "gelu", "tanh", "sigmoid", "leaky_relu", "elu", "silu", "softplus")
+CONV_DIMS = {"conv1d": 1, "conv2d": 2}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a sequential network.
+
+    ``name`` is the layer's state-dict prefix (``"net.0"``), empty for parameter-free layers.
+    ``in_features``/``out_features`` are features for linear, channels for conv; for norm layers
+    both equal the number of normalized features or channels. ``dims`` is the number of spatial
+    dimensions (1 or 2) for convs, pools and batchnorm over channels; 0 over plain features.
+    """
+
+    kind: str
+    name: str = ""
+    in_features: int = 0
+    out_features: int = 0
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    bias: bool = True
+    affine: bool = True
+    eps: float = 1e-5
+    momentum: float = 0.1
+    fn: str = ""
+    slope: float = 0.01
+    p: float = 0.0
+    dims: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UnsupportedLayerError(f"unknown layer kind {self.kind!r} at {self.name!r}")
+        if self.kind == "act" and self.fn not in ACTIVATIONS:
+            raise UnsupportedLayerError(f"unsupported activation {self.fn!r} (supported: {', '.join(ACTIVATIONS)})")
+        for f in ("kernel_size", "stride", "padding", "dilation"):
+            v = getattr(self, f)
+            if not isinstance(v, tuple):
+                object.__setattr__(self, f, tuple(v) if isinstance(v, (list, tuple)) else (int(v),))
+
+    # -- derived facts ---------------------------------------------------------------------------
+    @property
+    def is_weight(self) -> bool:
+        return self.kind in WEIGHT_KINDS
+
+    @property
+    def is_norm(self) -> bool:
+        return self.kind in NORM_KINDS
+
+    @property
+    def kernel_numel(self) -> int:
+        n = 1
+        for k in self.kernel_size:
+            n *= k
+        return n
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """State-dict suffix -> shape of this layer's tensors (buffers included)."""
+        if self.is_weight:
+            out = {"weight": (self.out_features, self.in_features, *self.kernel_size)}
+            if self.bias:
+                out["bias"] = (self.out_features,)
+            return out
+        if self.kind == "batchnorm":
+            n = self.out_features
+            out = {"weight": (n,), "bias": (n,)} if self.affine else {}
+            out.update(running_mean=(n,), running_var=(n,))
+            return out
+        if self.kind == "layernorm":
+            return {"weight": (self.out_features,), "bias": (self.out_features,)} if self.affine else {}
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the fields that differ from their defaults (compact JSON)."""
+        d = {"kind": self.kind}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name != "kind" and v != f.default:
+                d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Layer":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown layer field(s) {sorted(unknown)} in {d}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def __repr__(self) -> str:
+        if self.kind == "linear":
+            s = f"Linear({self.in_features}, {self.out_features}{'' if self.bias else ', bias=False'})"
+        elif self.is_weight:
+            s = f"Conv{self.dims}d({self.in_features}, {self.out_features}, k={self.kernel_size}, s={self.stride}, p={self.padding})"
+        elif self.kind == "batchnorm":
+            s = f"BatchNorm{max(self.dims, 1)}d({self.out_features})"
+        elif self.kind == "layernorm":
+            s = f"LayerNorm({self.out_features})"
+        elif self.kind == "act":
+            s = self.fn
+        elif self.kind == "dropout":
+            s = f"Dropout({self.p})"
+        elif self.kind in ("maxpool", "avgpool"):
+            s = f"{self.kind}{self.dims}d(k={self.kernel_size})"
+        else:
+            s = self.kind
+        return f"{self.name}:{s}" if self.name else s
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """An ordered tuple of layers plus the input shape (without batch dimension), if known."""
+
+    layers: tuple[Layer, ...]
+    input_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.input_shape is not None:
+            object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        self.validate()
+
+    # -- structure -------------------------------------------------------------------------------
+    @cached_property
+    def weight_layers(self) -> tuple[Layer, ...]:
+        return tuple(l for l in self.layers if l.is_weight)
+
+    @cached_property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Neurons per group: input, each hidden layer, output."""
+        w = self.weight_layers
+        return (w[0].in_features,) + tuple(l.out_features for l in w)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_sizes)
+
+    @property
+    def in_features(self) -> int:
+        return self.group_sizes[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.group_sizes[-1]
+
+    @cached_property
+    def layer_group(self) -> tuple[int, ...]:
+        """For each layer, the neuron group its output lives in (0 before the first weight layer)."""
+        g, out = 0, []
+        for l in self.layers:
+            if l.is_weight:
+                g += 1
+            out.append(g)
+        return tuple(out)
+
+    @cached_property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full state-dict key -> shape, in layer order."""
+        return {f"{l.name}.{k}": s for l in self.layers for k, s in l.param_shapes().items()}
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalars in the parameters (running statistics excluded)."""
+        n = 0
+        for key, shape in self.param_shapes.items():
+            if not key.endswith(("running_mean", "running_var")):
+                p = 1
+                for s in shape:
+                    p *= s
+                n += p
+        return n
+
+    @property
+    def max_kernel_numel(self) -> int:
+        return max(l.kernel_numel for l in self.weight_layers)
+
+    @property
+    def is_conv(self) -> bool:
+        return any(l.kind in CONV_DIMS for l in self.layers)
+
+    @cached_property
+    def activation(self) -> str:
+        """The hidden activation if the network uses one kind, ``"mixed"`` or ``"identity"`` otherwise."""
+        acts = {l.fn for l in self.layers if l.kind == "act"}
+        return acts.pop() if len(acts) == 1 else ("identity" if not acts else "mixed")
+
+    def describe(self) -> str:
+        """Short architecture string used as a key in zoo tables, e.g. ``mlp:64-32-32-10:relu``."""
+        kind = "cnn%dd" % max(l.dims for l in self.weight_layers) if self.is_conv else "mlp"
+        extras = "".join(sorted({"+bn" if l.kind == "batchnorm" else "+ln" for l in self.layers if l.is_norm}))
+        return f"{kind}:{'-'.join(map(str, self.group_sizes))}:{self.activation}{extras}"
+
+    # -- checks ----------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise a clear error if the layers do not chain into a network with a neural graph."""
+        if not self.weight_layers:
+            raise UnsupportedLayerError("architecture has no Linear or Conv layer")
+        prev: Layer | None = None  # last layer that fixed the feature count
+        width: int | None = None
+        spatial: int = 0  # number of spatial dims of the current activation (0 = plain features)
+        if self.input_shape is not None:
+            width, spatial = self.input_shape[0], len(self.input_shape) - 1
+        seen_weight = False
+        for l in self.layers:
+            where = f"{l.kind} at {l.name!r}" if l.name else l.kind
+            if l.kind == "flatten":
+                if spatial and seen_weight:
+                    raise SpatialFlattenError(
+                        f"flatten over spatial positions after {prev!r}: add global average pooling before "
+                        "it (a flattened feature map has no neuron-level graph)")
+                if not seen_weight and self.input_shape is not None:
+                    n = 1
+                    for s in self.input_shape:
+                        n *= s
+                    width, spatial = n, 0
+                elif not seen_weight:
+                    width, spatial = None, 0
+                continue
+            if l.kind == "gap":
+                if not spatial and seen_weight:
+                    raise ShapeMismatchError(f"global pooling after {prev!r}, which has no spatial dimensions")
+                spatial = 0
+                continue
+            if l.kind in ("maxpool", "avgpool") and seen_weight and not spatial:
+                raise ShapeMismatchError(f"{where} after {prev!r}, which has no spatial dimensions")
+            if l.is_weight:
+                if l.kind in CONV_DIMS:
+                    if seen_weight and not spatial:
+                        raise UnsupportedLayerError(f"{where} after {prev!r}: convolution after a dense layer")
+                    spatial = CONV_DIMS[l.kind]
+                elif spatial and seen_weight:
+                    raise SpatialFlattenError(
+                        f"{where} reads a {spatial}-d feature map from {prev!r}: add global average pooling "
+                        "(and flatten) before it")
+                if width is not None and l.in_features != width:
+                    raise ShapeMismatchError(
+                        f"{where} expects {l.in_features} inputs but {prev!r} gives {width}")
+                width, prev, seen_weight = l.out_features, l, True
+                continue
+            if l.is_norm:
+                if width is not None and l.out_features != width:
+                    raise ShapeMismatchError(
+                        f"{where} normalizes {l.out_features} features but {prev!r} gives {width}")
+        # nothing after the last weight layer may carry parameters
+        last = max(i for i, l in enumerate(self.layers) if l.is_weight)
+        for l in self.layers[last + 1:]:
+            if l.is_norm:
+                raise UnsupportedLayerError(f"{l.kind} at {l.name!r} after the output layer")
+
+    # -- serialization ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [l.to_dict() for l in self.layers],
+                "input_shape": list(self.input_shape) if self.input_shape else None}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Architecture":
+        try:
+            layers = [Layer.from_dict(x) for x in d["layers"]]
+        except KeyError as e:
+            raise ConfigError(f"architecture description lacks key {e}") from None
+        return cls(tuple(layers), tuple(d["input_shape"]) if d.get("input_shape") else None)
+
+    @classmethod
+    def from_json(cls, s: str) -> "Architecture":
+        try:
+            return cls.from_dict(json.loads(s))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"architecture metadata is not valid JSON: {e}") from None
+
+    def __repr__(self) -> str:
+        inner = ", ".join(map(repr, self.layers))
+        return f"Architecture([{inner}], input_shape={self.input_shape})"
+
+    def __hash__(self) -> int:
+        return hash((self.layers, self.input_shape))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Architecture) and self.layers == other.layers and self.input_shape == other.input_shape
+
+
+# -- builders ------------------------------------------------------------------------------------
+def _act(fn: str) -> list[Layer]:
+    return [] if fn == "identity" else [Layer("act", fn=fn)]
+
+
+def mlp(in_features: int, hidden: Sequence[int], out_features: int, activation: str = "relu", *,
+        batchnorm: bool = False, layernorm: bool = False, dropout: float = 0.0,
+        input_shape: Sequence[int] | None = None) -> Architecture:
+    """A sequential MLP ``in -> hidden... -> out``; layers named ``"0"``, ``"1"``, ... like ``nn.Sequential``.
+
+    ``input_shape`` (e.g. ``(1, 8, 8)``) adds a leading flatten of image inputs.
+    """
+    layers: list[Layer] = []
+    if input_shape is not None and len(input_shape) > 1:
+        layers.append(Layer("flatten"))
+    sizes = [in_features, *hidden, out_features]
+    for i in range(len(sizes) - 1):
+        layers.append(Layer("linear", in_features=sizes[i], out_features=sizes[i + 1]))
+        if i < len(sizes) - 2:
+            if batchnorm:
+                layers.append(Layer("batchnorm", in_features=sizes[i + 1], out_features=sizes[i + 1]))
+            if layernorm:
+                layers.append(Layer("layernorm", in_features=sizes[i + 1], out_features=sizes[i + 1]))
+            layers += _act(activation)
+            if dropout > 0:
+                layers.append(Layer("dropout", p=float(dropout)))
+    return Architecture(_name(layers), tuple(input_shape) if input_shape is not None else (in_features,))
+
+
+def cnn(in_channels: int, channels: Sequence[int], out_features: int, activation: str = "relu", *,
+        kernel_size: int | Sequence[int] = 3, dims: int = 2, stride: int | Sequence[int] = 1,
+        padding: int | None = None, batchnorm: bool = False, dropout: float = 0.0,
+        hidden: Sequence[int] = (), input_shape: Sequence[int] | None = None) -> Architecture:
+    """Conv stack -> global average pooling -> flatten -> linear head(s).
+
+    ``kernel_size``/``stride`` may be per conv layer. Padding defaults to ``k // 2`` ("same" for odd k).
+    """
+    n = len(channels)
+    ks = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else [kernel_size] * n
+    ss = list(stride) if isinstance(stride, (list, tuple)) else [stride] * n
+    kind = {1: "conv1d", 2: "conv2d"}[dims]
+    layers: list[Layer] = []
+    c = in_channels
+    for i, co in enumerate(channels):
+        k = ks[i]
+        pad = k // 2 if padding is None else padding
+        layers.append(Layer(kind, in_features=c, out_features=co, kernel_size=(k,) * dims, stride=(ss[i],) * dims,
+                            padding=(pad,) * dims, dilation=(1,) * dims, dims=dims))
+        if batchnorm:
+            layers.append(Layer("batchnorm", in_features=co, out_features=co, dims=dims))
+        layers += _act(activation)
+        c = co
+    layers += [Layer("gap", dims=dims), Layer("flatten")]
+    sizes = [c, *hidden, out_features]
+    for i in range(len(sizes) - 1):
+        if dropout > 0:
+            layers.append(Layer("dropout", p=float(dropout)))
+        layers.append(Layer("linear", in_features=sizes[i], out_features=sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers += _act(activation)
+    return Architecture(_name(layers), tuple(input_shape) if input_shape is not None else None)
+
+
+def _name(layers: Iterable[Layer]) -> tuple[Layer, ...]:
+    """Name layers by position, as ``nn.Sequential`` does; parameter-free layers keep their index too."""
+    return tuple(replace(l, name=str(i)) if (l.is_weight or l.is_norm) else l for i, l in enumerate(layers))

@@ -1,0 +1,296 @@
+"""Neural graphs: neurons are nodes, weights are edges (Kofinas et al. 2024, "Graph Neural Networks for
+Learning Equivariant Representations of Neural Networks").
+
+Layout of a graph made by :func:`to_graph` (plain ``torch_geometric.data.Data``):
+
+=============  ===========  =====================================================================
+attribute      shape        meaning
+=============  ===========  =====================================================================
+``x``          [N, 5]       bias, norm weight, norm bias, norm running mean, norm running var
+                            (0, 1, 0, 0, 1 where a neuron has no bias / normalization; inputs: 0, 1, 0, 0, 1)
+``node_type``  [N]          0 input, 1 hidden, 2 output
+``node_layer`` [N]          neuron group: 0 input, 1..L-1 hidden layers, L output
+``node_pos``   [N]          position within the group for input/output neurons, -1 for hidden ones
+``node_act``   [N]          activation applied to the neuron (index into ``ACTIVATIONS``; 0 = identity)
+``edge_index`` [2, E]       source = neuron j of layer l-1, target = neuron i of layer l
+``edge_attr``  [E, D]       the weight (column 0) or the flattened kernel, zero-padded to D
+``edge_type``  [E]          0 linear, 1 conv1d, 2 conv2d
+``edge_layer`` [E]          index of the weight layer the edge belongs to
+``arch``       str          the architecture as JSON, so :func:`from_graph` can rebuild the network
+=============  ===========  =====================================================================
+
+Hidden neurons carry no identity of their own (``node_pos = -1``), so permuting a hidden layer of the
+network relabels nodes of the graph and nothing else; input and output neurons keep their position.
+BatchNorm is *kept* as node features (its four eval-mode parameters on the neurons it normalizes),
+not folded; fold it first with :meth:`WeightSpace.fold_batchnorm` if you prefer (same function).
+LayerNorm contributes weight and bias (mean 0, var 1). A conv layer followed by global average
+pooling feeds a Linear layer through its channel nodes.
+
+Speed: the topology of an architecture is built once (cached) and the features of many networks are
+filled in bulk; :func:`to_batch` returns a ready ``Batch`` without building one ``Data`` per graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+import torch
+from torch_geometric.data import Batch, Data
+
+from .arch import ACTIVATIONS, Architecture
+from .errors import ShapeMismatchError, UnsupportedLayerError
+from .weights import WeightSpace
+
+NODE_FEATURES = ("bias", "norm_weight", "norm_bias", "norm_mean", "norm_var")
+NODE_DEFAULTS = (0.0, 1.0, 0.0, 0.0, 1.0)
+EDGE_TYPES = {"linear": 0, "conv1d": 1, "conv2d": 2}
+NODE_TYPES = ("input", "hidden", "output")
+_NORM_KEYS = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Everything about a graph that depends on the architecture only (built once per architecture)."""
+
+    arch: Architecture
+    group_offsets: tuple[int, ...]  # first node of each group
+    num_nodes: int
+    num_edges: int
+    edge_offsets: tuple[int, ...]   # first edge of each weight layer
+    edge_index: torch.Tensor        # [2, E]
+    node_type: torch.Tensor
+    node_layer: torch.Tensor
+    node_pos: torch.Tensor
+    node_act: torch.Tensor
+    edge_type: torch.Tensor
+    edge_layer: torch.Tensor
+    arch_json: str
+
+
+@lru_cache(maxsize=512)
+def topology(arch: Architecture) -> Topology:
+    """Node and edge structure of an architecture's neural graph (cached)."""
+    sizes = arch.group_sizes
+    L = len(sizes) - 1
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    N = offsets[-1]
+    node_layer = torch.repeat_interleave(torch.arange(L + 1), torch.tensor(sizes))
+    node_type = torch.ones(N, dtype=torch.long)
+    node_type[: sizes[0]] = 0
+    node_type[offsets[L]:] = 2
+    node_pos = torch.full((N,), -1, dtype=torch.long)
+    node_pos[: sizes[0]] = torch.arange(sizes[0])
+    node_pos[offsets[L]:] = torch.arange(sizes[L])
+    node_act = torch.zeros(N, dtype=torch.long)
+    seen_norm: set[int] = set()
+    for l, g in zip(arch.layers, arch.layer_group):
+        if l.kind == "act" and 0 < g:
+            node_act[offsets[g]:offsets[g + 1]] = ACTIVATIONS.index(l.fn)
+        if l.is_norm:
+            if g in seen_norm:
+                raise UnsupportedLayerError(f"{l.kind} at {l.name!r}: a second normalization on the same neurons")
+            seen_norm.add(g)
+    src, dst, etype, elayer, eoff = [], [], [], [], [0]
+    for li, l in enumerate(arch.weight_layers):
+        n_out, n_in = l.out_features, l.in_features
+        i = torch.arange(n_out).repeat_interleave(n_in)  # row-major over [out, in]
+        j = torch.arange(n_in).repeat(n_out)
+        src.append(offsets[li] + j)
+        dst.append(offsets[li + 1] + i)
+        etype.append(torch.full((n_out * n_in,), EDGE_TYPES[l.kind]))
+        elayer.append(torch.full((n_out * n_in,), li))
+        eoff.append(eoff[-1] + n_out * n_in)
+    return Topology(arch, tuple(offsets[:-1]), N, eoff[-1], tuple(eoff), torch.stack([torch.cat(src), torch.cat(dst)]),
+                    node_type, node_layer, node_pos, node_act, torch.cat(etype), torch.cat(elayer), arch.to_json())
+
+
+def _features(ws: WeightSpace, topo: Topology, edge_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Node features [B, N, 5] and edge features [B, E, D] for a batched WeightSpace."""
+    B = ws.batch_size
+    arch = ws.arch
+    dtype = ws.dtype
+    x = torch.tensor(NODE_DEFAULTS, dtype=dtype).repeat(B, topo.num_nodes, 1)
+    edges = []
+    for li, l in enumerate(arch.weight_layers):
+        off = topo.group_offsets[li + 1]
+        b = ws.params.get(f"{l.name}.bias")
+        if b is not None:
+            x[:, off:off + l.out_features, 0] = b
+        w = ws.params[f"{l.name}.weight"].reshape(B, l.out_features * l.in_features, -1)
+        k = w.shape[-1]
+        if k > edge_dim:
+            raise ShapeMismatchError(f"layer {l.name!r} has a {k}-entry kernel, more than edge_dim={edge_dim}")
+        edges.append(torch.nn.functional.pad(w, (0, edge_dim - k)) if k < edge_dim else w)
+    for l, g in zip(arch.layers, arch.layer_group):
+        if l.is_norm:
+            off = topo.group_offsets[g]
+            for key, col in _NORM_KEYS.items():
+                t = ws.params.get(f"{l.name}.{key}")
+                if t is not None:
+                    x[:, off:off + l.out_features, col] = t
+    return x, torch.cat(edges, dim=1)
+
+
+def to_graph(ws: WeightSpace, *, edge_dim: int | None = None) -> Data:
+    """The neural graph of one network (see module docstring). ``edge_dim`` defaults to the largest kernel."""
+    if ws.batch_size is not None:
+        raise TypeError("to_graph() takes one network; use to_batch() for a batch")
+    topo = topology(ws.arch)
+    D = edge_dim or ws.arch.max_kernel_numel
+    x, e = _features(ws.batched(), topo, D)
+    return Data(x=x[0], edge_index=topo.edge_index, edge_attr=e[0], node_type=topo.node_type,
+                node_layer=topo.node_layer, node_pos=topo.node_pos, node_act=topo.node_act,
+                edge_type=topo.edge_type, edge_layer=topo.edge_layer, arch=topo.arch_json, num_nodes=topo.num_nodes)
+
+
+_NODE_ATTRS = ("node_type", "node_layer", "node_pos", "node_act")
+_EDGE_ATTRS = ("edge_type", "edge_layer")
+
+
+def to_batch(networks: WeightSpace | Iterable[WeightSpace], *, edge_dim: int | None = None) -> Batch:
+    """Neural graphs of many networks as one ``torch_geometric`` ``Batch``.
+
+    ``networks`` is a batched WeightSpace (the fast path: topology once, features in bulk, no Python
+    loop over networks, edges or neurons) or any iterable of WeightSpaces, possibly of different
+    architectures; graphs keep the input order. ``batch.to_data_list()``/``batch[i]`` work as usual.
+    """
+    if isinstance(networks, WeightSpace):
+        groups = [networks.batched()]
+        order = None
+    else:
+        nets = list(networks)
+        if not nets:
+            raise ValueError("to_batch() needs at least one network")
+        by_arch: dict[Architecture, list[int]] = {}
+        for i, n in enumerate(nets):
+            by_arch.setdefault(n.arch, []).append(i)
+        from .weights import stack
+        groups, order = [], []
+        for arch, idx in by_arch.items():
+            singles = [nets[i] if nets[i].batch_size is None else None for i in idx]
+            if any(s is None for s in singles):
+                raise TypeError("to_batch() takes a batched WeightSpace or a list of single networks")
+            groups.append(stack(singles))
+            order += idx
+    D = edge_dim or max(g.arch.max_kernel_numel for g in groups)
+    parts = [_group_parts(g, D) for g in groups]
+    return _assemble(parts, order)
+
+
+def _group_parts(ws: WeightSpace, D: int) -> dict:
+    topo = topology(ws.arch)
+    x, e = _features(ws, topo, D)
+    return {"topo": topo, "B": ws.batch_size, "x": x, "edge_attr": e}
+
+
+def _segments(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Concatenation of ``arange(s, s + c)`` for each (s, c), without a Python loop."""
+    total = int(counts.sum())
+    excl = counts.cumsum(0) - counts
+    return torch.repeat_interleave(starts - excl, counts) + torch.arange(total)
+
+
+def _assemble(parts: list[dict], order: list[int] | None) -> Batch:
+    """Concatenate per-architecture parts into a Batch, graphs in the requested order."""
+    counts_n = torch.cat([torch.full((p["B"],), p["topo"].num_nodes) for p in parts])
+    counts_e = torch.cat([torch.full((p["B"],), p["topo"].num_edges) for p in parts])
+    total = int(counts_n.numel())
+    # concatenation order: group by group; local (per-graph) edge indices
+    x = torch.cat([p["x"].reshape(-1, p["x"].shape[-1]) for p in parts])
+    ea = torch.cat([p["edge_attr"].reshape(-1, p["edge_attr"].shape[-1]) for p in parts])
+    ei = torch.cat([p["topo"].edge_index.repeat(1, p["B"]) for p in parts], dim=1)
+    attrs = {a: torch.cat([getattr(p["topo"], a).repeat(p["B"]) for p in parts]) for a in _NODE_ATTRS + _EDGE_ATTRS}
+    archs = [p["topo"].arch_json for p in parts for _ in range(p["B"])]
+    if order is not None and order != sorted(order):
+        # output graph order[k] is concatenated graph k: gather node and edge blocks into output order
+        pos = torch.empty(total, dtype=torch.long)
+        pos[torch.tensor(order)] = torch.arange(total)   # pos[out] = concatenated index
+        cn = torch.zeros(total + 1, dtype=torch.long); cn[1:] = counts_n.cumsum(0)
+        ce = torch.zeros(total + 1, dtype=torch.long); ce[1:] = counts_e.cumsum(0)
+        nidx = _segments(cn[:-1][pos], counts_n[pos])
+        eidx = _segments(ce[:-1][pos], counts_e[pos])
+        x, ea, ei = x[nidx], ea[eidx], ei[:, eidx]
+        attrs = {a: t[nidx] if a in _NODE_ATTRS else t[eidx] for a, t in attrs.items()}
+        archs = [archs[i] for i in pos.tolist()]
+        counts_n, counts_e = counts_n[pos], counts_e[pos]
+    node_ptr = torch.zeros(total + 1, dtype=torch.long)
+    node_ptr[1:] = counts_n.cumsum(0)
+    edge_ptr = torch.zeros(total + 1, dtype=torch.long)
+    edge_ptr[1:] = counts_e.cumsum(0)
+    ei = ei + torch.repeat_interleave(node_ptr[:-1], counts_e).unsqueeze(0)
+    batch = Batch(_base_cls=Data)
+    batch.x, batch.edge_index, batch.edge_attr = x, ei, ea
+    for a, t in attrs.items():
+        batch[a] = t
+    batch.arch = archs
+    batch.batch = torch.repeat_interleave(torch.arange(total), counts_n)
+    batch.ptr = node_ptr
+    batch._num_graphs = total
+    zeros = torch.zeros(total, dtype=torch.long)
+    batch._slice_dict = {"x": node_ptr, "edge_index": edge_ptr, "edge_attr": edge_ptr, "arch": torch.arange(total + 1),
+                         **{a: node_ptr for a in _NODE_ATTRS}, **{a: edge_ptr for a in _EDGE_ATTRS}}
+    batch._inc_dict = {"x": zeros, "edge_index": node_ptr[:-1], "edge_attr": zeros, "arch": None,
+                       **{a: zeros for a in _NODE_ATTRS}, **{a: zeros for a in _EDGE_ATTRS}}
+    return batch
+
+
+def from_graph(data: Data) -> WeightSpace:
+    """Rebuild the network of a neural graph made by :func:`to_graph` (exact inverse).
+
+    Works from ``edge_index`` and node attributes, not from node order, so a graph whose nodes were
+    relabeled yields the correspondingly permuted network (same function).
+    """
+    arch_json = data.arch[0] if isinstance(data.arch, (list, tuple)) else data.arch
+    arch = Architecture.from_json(arch_json)
+    topo = topology(arch)
+    if data.num_nodes != topo.num_nodes or data.edge_index.shape[1] != topo.num_edges:
+        raise ShapeMismatchError(f"graph has {data.num_nodes} nodes / {data.edge_index.shape[1]} edges, "
+                                 f"architecture {arch.describe()} needs {topo.num_nodes} / {topo.num_edges}")
+    # local index of each node inside its group: position for fixed groups, rank by node id for hidden ones
+    layer = data.node_layer
+    local = data.node_pos.clone()
+    hidden = local < 0
+    if hidden.any():
+        ids = torch.arange(data.num_nodes)
+        key = layer * data.num_nodes + ids
+        order = key.argsort()
+        sorted_layer = layer[order]
+        first = torch.zeros(len(arch.group_sizes), dtype=torch.long).scatter_reduce(
+            0, sorted_layer, torch.arange(data.num_nodes), reduce="amin", include_self=False)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(data.num_nodes) - first[sorted_layer]
+        local[hidden] = rank[hidden]
+    params: dict[str, torch.Tensor] = {}
+    src, dst = data.edge_index
+    x = data.x
+    for li, l in enumerate(arch.weight_layers):
+        m = data.edge_layer == li
+        k = l.kernel_numel
+        w = x.new_zeros(l.out_features, l.in_features, k)
+        w[local[dst[m]], local[src[m]]] = data.edge_attr[m, :k]
+        params[f"{l.name}.weight"] = w.reshape(l.out_features, l.in_features, *l.kernel_size)
+        if l.bias:
+            nodes = (layer == li + 1).nonzero().squeeze(1)
+            b = x.new_zeros(l.out_features)
+            b[local[nodes]] = x[nodes, 0]
+            params[f"{l.name}.bias"] = b
+    for l, g in zip(arch.layers, arch.layer_group):
+        if l.is_norm:
+            nodes = (layer == g).nonzero().squeeze(1)
+            for key in l.param_shapes():
+                t = x.new_zeros(l.out_features)
+                t[local[nodes]] = x[nodes, _NORM_KEYS[key]]
+                params[f"{l.name}.{key}"] = t
+    return WeightSpace(arch, params)
+
+
+def graph_summary(ws: WeightSpace) -> dict:
+    """Counts a user wants to see for a checkpoint (used by ``wsnets graph``)."""
+    topo = topology(ws.arch)
+    return {"architecture": ws.arch.describe(), "layers": [repr(l) for l in ws.arch.layers],
+            "groups": list(ws.arch.group_sizes), "nodes": topo.num_nodes, "edges": topo.num_edges,
+            "edge_dim": ws.arch.max_kernel_numel, "parameters": ws.num_params}

@@ -1,0 +1,184 @@
+"""Loading and saving checkpoints, safely.
+
+* ``.safetensors`` is preferred: files written by :func:`save` carry the architecture as JSON under
+  the metadata key ``wsnets.arch``, so every checkpoint is self-describing. Foreign safetensors files
+  are read as bare state_dicts.
+* ``.pt``/``.pth`` load only through ``torch.load(..., weights_only=True)``: a pickle that would run
+  code is refused with :class:`~wsnets.errors.UnsafeCheckpointError` and its code never runs. A dict
+  with a ``state_dict``/``model``/``model_state_dict`` entry is unwrapped.
+* Writes are atomic: a temporary file in the same directory, fsynced, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .arch import Architecture
+from .errors import CheckpointError, UnsafeCheckpointError, WSNetsError
+from .weights import WeightSpace
+
+ARCH_KEY = "wsnets.arch"
+BATCH_KEY = "wsnets.batch_size"
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+def load(obj: Any, *, activation: str = "relu", input_shape: tuple[int, ...] | None = None,
+         allow_nonfinite: bool = False) -> WeightSpace:
+    """Load anything that holds weights into a :class:`WeightSpace`.
+
+    Parameters
+    ----------
+    obj : nn.Module, state_dict (mapping of str -> Tensor), WeightSpace, or path to
+        ``.safetensors``/``.pt``/``.pth``.
+    activation : hidden activation assumed for a bare state_dict (not stored in one).
+    input_shape : input shape without batch dim, if known (``(64,)``, ``(1, 8, 8)``).
+    allow_nonfinite : keep NaN/Inf weights instead of raising :class:`NonFiniteWeightsError`.
+
+    Examples
+    --------
+    >>> import torch.nn as nn, wsnets
+    >>> ws = wsnets.load(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    >>> ws.arch.group_sizes
+    (4, 8, 2)
+    """
+    source = ""
+    if isinstance(obj, WeightSpace):
+        ws = obj
+    elif isinstance(obj, nn.Module):
+        ws = WeightSpace.from_module(obj, input_shape)
+    elif isinstance(obj, Mapping):
+        ws = from_state_dict(obj, activation=activation, input_shape=input_shape)
+    elif isinstance(obj, (str, os.PathLike)):
+        source = str(obj)
+        ws = load_file(obj, activation=activation, input_shape=input_shape)
+    else:
+        raise TypeError(f"cannot load weights from {type(obj).__name__}")
+    return ws if allow_nonfinite else ws.check_finite(source)
+
+
+def from_state_dict(sd: Mapping[str, Any], *, activation: str = "relu",
+                    input_shape: tuple[int, ...] | None = None, arch: Architecture | None = None,
+                    source: str = "") -> WeightSpace:
+    """A WeightSpace from a state_dict; the architecture is inferred unless given."""
+    from .convert import arch_from_state_dict
+    tensors = {}
+    for k, v in sd.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if not isinstance(v, torch.Tensor):
+            where = f" in {source}" if source else ""
+            raise CheckpointError(f"entry {k!r}{where} is a {type(v).__name__}, not a tensor")
+        tensors[k] = v
+    if arch is None:
+        arch = arch_from_state_dict(tensors, activation=activation, input_shape=input_shape)
+    return WeightSpace(arch, tensors)
+
+
+def load_file(path: str | os.PathLike, **kwargs: Any) -> WeightSpace:
+    """Load a ``.safetensors``, ``.pt`` or ``.pth`` file (see module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            return _load_safetensors(path, **kwargs)
+        if suffix in (".pt", ".pth", ".bin", ".ckpt"):
+            sd = read_torch(path)
+            return from_state_dict(sd, source=str(path), **kwargs)
+    except WSNetsError as e:
+        msg = str(e)
+        raise type(e)(msg if str(path) in msg else f"{path}: {msg}") from None
+    raise CheckpointError(f"{path}: unknown checkpoint format {suffix!r} (use .safetensors, .pt or .pth)")
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with corrupt files reported by name."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises SafetensorError / OSError on truncation and garbage
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)})") from None
+    return tensors, meta
+
+
+def _load_safetensors(path: Path, *, activation: str = "relu", input_shape=None) -> WeightSpace:
+    tensors, meta = read_safetensors(path)
+    arch = Architecture.from_json(meta[ARCH_KEY]) if ARCH_KEY in meta else None
+    if arch is not None:
+        batch = int(meta[BATCH_KEY]) if meta.get(BATCH_KEY) not in (None, "", "none") else None
+        return WeightSpace(arch, tensors, batch)
+    return from_state_dict(tensors, activation=activation, input_shape=input_shape, source=str(path))
+
+
+def read_torch(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``torch.load(path, weights_only=True)`` with unwrapping and one-line errors."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to unpickle: the file holds objects other than tensors and could run code "
+            f"({_first_line(e).split('.')[0]}); re-save it as a state_dict or safetensors") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+    if isinstance(obj, Mapping):
+        for k in _WRAPPER_KEYS:
+            if k in obj and isinstance(obj[k], Mapping):
+                obj = obj[k]
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict")
+    return dict(obj)
+
+
+def save(ws: WeightSpace, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+    """Atomically write ``ws`` as safetensors with its architecture in the metadata."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    meta = {ARCH_KEY: ws.arch.to_json(), BATCH_KEY: "none" if ws.batch_size is None else str(ws.batch_size)}
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in ws.params.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then fsync and rename onto ``path``; the old file survives any crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomic text write (JSON reports, configs)."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__

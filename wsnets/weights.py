@@ -1,0 +1,253 @@
+"""The WeightSpace: a network's weights together with what they mean.
+
+A :class:`WeightSpace` pairs an :class:`~wsnets.arch.Architecture` with its tensors, keyed by the
+state-dict names of the original model (``"net.0.weight"``). It may hold one network, or a batch of
+``B`` networks of the same architecture with every tensor stacked along a leading dimension
+(``ws.batch_size == B``); :func:`stack` and indexing move between the two.
+
+Every representation starts here: :meth:`to_graph` (neural graph), :meth:`tensors` (per-layer
+``[B, out, in, *k]`` for equivariant layers), :meth:`flat` (a vector), :meth:`stat_features`
+(Unterthiner et al. 2020), and :mod:`wsnets.esd`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .arch import Architecture, Layer
+from .errors import ArchitectureMismatchError, MissingKeyError, NonFiniteWeightsError, ShapeMismatchError
+
+
+class WeightSpace:
+    """Weights of one network, or of ``B`` networks of one architecture stacked on dim 0.
+
+    Parameters
+    ----------
+    arch : Architecture
+    params : mapping of state-dict key -> tensor, shaped as ``arch.param_shapes`` (with a leading
+        ``B`` when ``batch_size`` is given). Missing keys or wrong shapes raise.
+    batch_size : int or None
+    """
+
+    __slots__ = ("arch", "params", "batch_size")
+
+    def __init__(self, arch: Architecture, params: Mapping[str, torch.Tensor], batch_size: int | None = None,
+                 *, check: bool = True) -> None:
+        self.arch = arch
+        self.batch_size = batch_size
+        self.params = dict(params)
+        if check:
+            self._check_shapes()
+            self.params = {k: self.params[k] for k in arch.param_shapes}  # canonical (layer) order
+
+    def _check_shapes(self) -> None:
+        lead = () if self.batch_size is None else (self.batch_size,)
+        for key, shape in self.arch.param_shapes.items():
+            if key not in self.params:
+                raise MissingKeyError(f"missing tensor {key!r} for {self.arch.describe()}")
+            got = tuple(self.params[key].shape)
+            if got != lead + shape:
+                raise ShapeMismatchError(f"tensor {key!r} has shape {got}, expected {lead + shape}")
+        extra = set(self.params) - set(self.arch.param_shapes)
+        if extra:
+            raise ShapeMismatchError(f"unexpected tensor(s) {sorted(extra)[:3]} for {self.arch.describe()}")
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_module(cls, module: nn.Module, input_shape: tuple[int, ...] | None = None, *,
+                    check_function: bool = True) -> "WeightSpace":
+        """Read an ``nn.Module`` (see :func:`wsnets.convert.arch_from_module`)."""
+        from .convert import arch_from_module
+        arch, custom = arch_from_module(module, input_shape)
+        sd = {k: v.detach().clone() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+        ws = cls(arch, sd)
+        if custom and check_function:
+            from .testing import assert_same_function
+            try:
+                assert_same_function(module, ws.to_module(), n=4)
+            except AssertionError as e:
+                from .errors import UnsupportedLayerError
+                raise UnsupportedLayerError(
+                    f"{type(module).__name__}: its forward does not apply its layers in registration order "
+                    f"({str(e).splitlines()[0]})") from None
+        return ws
+
+    @classmethod
+    def random(cls, arch: Architecture, batch_size: int | None = None, *, generator: torch.Generator | None = None,
+               scale: float = 1.0) -> "WeightSpace":
+        """PyTorch default initialization (times ``scale``); BatchNorm statistics randomized too so tests see them."""
+        B = 1 if batch_size is None else batch_size
+        params = {}
+        for l in arch.layers:
+            for k, shape in l.param_shapes().items():
+                key = f"{l.name}.{k}"
+                if l.is_weight:
+                    fan_in = l.in_features * l.kernel_numel
+                    bound = scale / fan_in ** 0.5
+                    t = (torch.rand((B, *shape), generator=generator) * 2 - 1) * bound
+                elif k == "running_var" or (k == "weight" and l.is_norm):
+                    t = 0.5 + torch.rand((B, *shape), generator=generator)
+                else:
+                    t = 0.1 * torch.randn((B, *shape), generator=generator)
+                params[key] = t if batch_size is not None else t[0]
+        return cls(arch, params, batch_size)
+
+    # -- batch handling --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        if self.batch_size is None:
+            raise TypeError("unbatched WeightSpace has no len(); use stack() to batch")
+        return self.batch_size
+
+    def __getitem__(self, i: int | slice | torch.Tensor) -> "WeightSpace":
+        if self.batch_size is None:
+            raise TypeError("unbatched WeightSpace cannot be indexed")
+        if isinstance(i, int):
+            return WeightSpace(self.arch, {k: v[i] for k, v in self.params.items()}, None, check=False)
+        params = {k: v[i] for k, v in self.params.items()}
+        return WeightSpace(self.arch, params, next(iter(params.values())).shape[0], check=False)
+
+    def __iter__(self) -> Iterator["WeightSpace"]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def batched(self) -> "WeightSpace":
+        """This WeightSpace with a batch dimension (``B = 1`` if it had none)."""
+        if self.batch_size is not None:
+            return self
+        return WeightSpace(self.arch, {k: v.unsqueeze(0) for k, v in self.params.items()}, 1, check=False)
+
+    # -- tensors ---------------------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        return self.arch.layers
+
+    def weight(self, layer: Layer | int) -> torch.Tensor:
+        """Weight tensor of a layer, or of the ``i``-th weight layer if given an int."""
+        l = self.arch.weight_layers[layer] if isinstance(layer, int) else layer
+        return self.params[f"{l.name}.weight"]
+
+    def bias(self, layer: Layer | int) -> torch.Tensor | None:
+        """Bias of a layer (None if it has none)."""
+        l = self.arch.weight_layers[layer] if isinstance(layer, int) else layer
+        return self.params.get(f"{l.name}.bias")
+
+    def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """NFN-style per-layer tensors: weights ``[B, out, in, *k]`` and biases ``[B, out]``.
+
+        Always batched (``B = 1`` for a single network); a missing bias is zeros. Normalization
+        parameters are not included: fold BatchNorm first (:meth:`fold_batchnorm`) if they matter.
+        """
+        ws = self.batched()
+        weights, biases = [], []
+        for l in self.arch.weight_layers:
+            w = ws.params[f"{l.name}.weight"]
+            b = ws.params.get(f"{l.name}.bias")
+            weights.append(w)
+            biases.append(b if b is not None else w.new_zeros(w.shape[:2]))
+        return weights, biases
+
+    def flat(self) -> torch.Tensor:
+        """All parameters (not running statistics) concatenated in layer order: ``[P]`` or ``[B, P]``."""
+        lead = 0 if self.batch_size is None else 1
+        parts = [v.flatten(lead) for k, v in self.params.items() if not k.endswith(("running_mean", "running_var"))]
+        return torch.cat(parts, dim=lead)
+
+    def stat_features(self) -> torch.Tensor:
+        """Unterthiner et al. (2020) statistics; see :func:`wsnets.stats.stat_features`."""
+        from .stats import stat_features
+        return stat_features(self)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors under their original keys (a plain dict; batched tensors keep dim 0)."""
+        return dict(self.params)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "WeightSpace":
+        return WeightSpace(self.arch, {k: fn(v) for k, v in self.params.items()}, self.batch_size, check=False)
+
+    def to(self, *args: Any, **kwargs: Any) -> "WeightSpace":
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def detach(self) -> "WeightSpace":
+        return self.map(torch.Tensor.detach)
+
+    def clone(self) -> "WeightSpace":
+        return self.map(torch.Tensor.clone)
+
+    @property
+    def num_params(self) -> int:
+        return self.arch.num_params
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def check_finite(self, source: str = "") -> "WeightSpace":
+        """Raise :class:`NonFiniteWeightsError` naming the first tensor with NaN or Inf."""
+        for k, v in self.params.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                bad = "NaN" if torch.isnan(v).any() else "Inf"
+                where = f" in {source}" if source else ""
+                raise NonFiniteWeightsError(f"{bad} in tensor {k!r}{where} (pass allow_nonfinite=True to load anyway)")
+        return self
+
+    # -- conversions -----------------------------------------------------------------------------
+    def to_module(self) -> nn.Sequential:
+        """A runnable ``nn.Sequential`` (eval mode) holding these weights; child ``i`` is layer ``i``."""
+        if self.batch_size is not None:
+            raise TypeError("to_module() needs a single network; index the batch first (ws[i])")
+        from .convert import build_module
+        module = build_module(self.arch)
+        sd = {}
+        for i, l in enumerate(self.arch.layers):
+            for k in l.param_shapes():
+                sd[f"{i}.{k}"] = self.params[f"{l.name}.{k}"]
+        missing, unexpected = module.load_state_dict(sd, strict=False)
+        assert not unexpected and all(m.endswith("num_batches_tracked") for m in missing), (missing, unexpected)
+        return module.to(self.dtype).eval()
+
+    def to_graph(self, **kwargs: Any):
+        """Neural graph (a ``torch_geometric.data.Data``); see :func:`wsnets.graph.to_graph`."""
+        from .graph import to_graph
+        return to_graph(self, **kwargs)
+
+    def fold_batchnorm(self) -> "WeightSpace":
+        """Fold eval-mode BatchNorm into the preceding Linear/Conv; see :func:`wsnets.symmetry.fold_batchnorm`."""
+        from .symmetry import fold_batchnorm
+        return fold_batchnorm(self)
+
+    def permute(self, perms: Sequence[torch.Tensor]) -> "WeightSpace":
+        """Apply hidden-neuron permutations; see :func:`wsnets.symmetry.permute`."""
+        from .symmetry import permute
+        return permute(self, perms)
+
+    def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+        """Write a self-describing safetensors file (atomic); see :func:`wsnets.io.save`."""
+        from .io import save
+        return save(self, path, metadata)
+
+    def __repr__(self) -> str:
+        b = "" if self.batch_size is None else f", batch_size={self.batch_size}"
+        return f"WeightSpace({self.arch.describe()}, params={self.num_params}{b})"
+
+
+def stack(spaces: Sequence[WeightSpace]) -> WeightSpace:
+    """Stack single networks of one architecture into a batched WeightSpace."""
+    if not spaces:
+        raise ValueError("stack() needs at least one WeightSpace")
+    arch = spaces[0].arch
+    for i, s in enumerate(spaces):
+        if s.arch != arch:
+            raise ArchitectureMismatchError(
+                f"network {i} is {s.arch.describe()}, network 0 is {arch.describe()}: cannot stack")
+        if s.batch_size is not None:
+            raise TypeError("stack() takes unbatched WeightSpaces")
+    return WeightSpace(arch, {k: torch.stack([s.params[k] for s in spaces]) for k in spaces[0].params},
+                       len(spaces), check=False)
