@@ -1,0 +1,16 @@
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same random state."""
+    random.seed(0)
+    torch.manual_seed(0)
+    yield
