@@ -244,12 +244,15 @@ class Architecture:
         if self.input_shape is not None:
             width, spatial = self.input_shape[0], len(self.input_shape) - 1
         seen_weight = False
+        def at(l: Layer | None) -> str:
+            return "the input" if l is None else (f"{l.kind} at {l.name!r}" if l.name else l.kind)
+
         for l in self.layers:
-            where = f"{l.kind} at {l.name!r}" if l.name else l.kind
+            where = at(l)
             if l.kind == "flatten":
                 if spatial and seen_weight:
                     raise SpatialFlattenError(
-                        f"flatten over spatial positions after {prev!r}: add global average pooling before "
+                        f"flatten over spatial positions after {at(prev)}: add global average pooling before "
                         "it (a flattened feature map has no neuron-level graph)")
                 if not seen_weight and self.input_shape is not None:
                     n = 1
@@ -261,29 +264,29 @@ class Architecture:
                 continue
             if l.kind == "gap":
                 if not spatial and seen_weight:
-                    raise ShapeMismatchError(f"global pooling after {prev!r}, which has no spatial dimensions")
+                    raise ShapeMismatchError(f"global pooling after {at(prev)}, which has no spatial dimensions")
                 spatial = 0
                 continue
             if l.kind in ("maxpool", "avgpool") and seen_weight and not spatial:
-                raise ShapeMismatchError(f"{where} after {prev!r}, which has no spatial dimensions")
+                raise ShapeMismatchError(f"{where} after {at(prev)}, which has no spatial dimensions")
             if l.is_weight:
                 if l.kind in CONV_DIMS:
                     if seen_weight and not spatial:
-                        raise UnsupportedLayerError(f"{where} after {prev!r}: convolution after a dense layer")
+                        raise UnsupportedLayerError(f"{where} after {at(prev)}: convolution after a dense layer")
                     spatial = CONV_DIMS[l.kind]
                 elif spatial and seen_weight:
                     raise SpatialFlattenError(
-                        f"{where} reads a {spatial}-d feature map from {prev!r}: add global average pooling "
+                        f"{where} reads a {spatial}-d feature map from {at(prev)}: add global average pooling "
                         "(and flatten) before it")
                 if width is not None and l.in_features != width:
                     raise ShapeMismatchError(
-                        f"{where} expects {l.in_features} inputs but {prev!r} gives {width}")
+                        f"{where} expects {l.in_features} inputs but {at(prev)} gives {width}")
                 width, prev, seen_weight = l.out_features, l, True
                 continue
             if l.is_norm:
                 if width is not None and l.out_features != width:
                     raise ShapeMismatchError(
-                        f"{where} normalizes {l.out_features} features but {prev!r} gives {width}")
+                        f"{where} normalizes {l.out_features} features but {at(prev)} gives {width}")
         # nothing after the last weight layer may carry parameters
         last = max(i for i, l in enumerate(self.layers) if l.is_weight)
         for l in self.layers[last + 1:]:

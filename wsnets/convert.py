@@ -113,17 +113,19 @@ def arch_from_module(module: nn.Module, input_shape: tuple[int, ...] | None = No
 
 
 def _insert_pooling(layers: list[Layer]) -> list[Layer]:
-    """A dense layer right after a conv stack with in == channels reads pooled channels."""
+    """A Linear right after a conv stack whose input count equals the channel count reads pooled channels
+    (global average pooling + flatten are inserted). Anything else is left for validation to reject."""
     out: list[Layer] = []
-    spatial = 0
+    conv: Layer | None = None
     for l in layers:
         if l.kind in ("conv1d", "conv2d"):
-            spatial = l.dims
-        elif l.kind == "gap":
-            spatial = 0
-        elif l.kind == "linear" and spatial:
-            out += [Layer("gap", dims=spatial), Layer("flatten")]
-            spatial = 0
+            conv = l
+        elif l.kind in ("gap", "flatten"):
+            conv = None
+        elif l.kind == "linear" and conv is not None:
+            if l.in_features == conv.out_features:
+                out += [Layer("gap", dims=conv.dims), Layer("flatten")]
+            conv = None
         out.append(l)
     return out
 
