@@ -1,0 +1,211 @@
+"""A batched functional forward: ``K`` networks of one architecture evaluated as one computation.
+
+``forward(arch, params, x)`` runs ``K`` stacked networks (every tensor in ``params`` has a leading
+``K``, as in a batched :class:`~wsnets.weights.WeightSpace`) on either one shared input batch
+``[N, *input_shape]`` or one batch per network ``[K, N, *input_shape]`` and returns logits
+``[K, N, out]``. Linear layers are batched matrix products (``einsum``/``baddbmm``), convolutions
+are one grouped convolution with ``groups=K``, and everything else is elementwise on ``[K, N, ...]``,
+so the cost is one kernel launch per layer whatever ``K`` is. It is differentiable in ``params``
+(``torch.autograd`` works as usual), and runs on any device the tensors are on.
+
+Training mode (``train=True``) matches ``nn.Module.train()`` per network: BatchNorm normalizes with
+each network's own batch statistics and updates its running statistics in place (PyTorch's
+momentum rule, unbiased variance); dropout draws an independent mask per network and sample.
+``dropout`` (a ``[K]`` tensor of rates) adds per-network dropout after every hidden activation, so
+networks with different dropout rates share one architecture and one computation (dropout is the
+identity at evaluation, so the stored architecture needs no dropout layer).
+
+Examples
+--------
+>>> import torch, wsnets
+>>> from wsnets.functional import forward
+>>> arch = wsnets.mlp(4, [8], 3)
+>>> ws = wsnets.WeightSpace.random(arch, batch_size=5)
+>>> forward(arch, ws.params, torch.randn(7, 4)).shape
+torch.Size([5, 7, 3])
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .arch import Architecture, Layer
+from .errors import ShapeMismatchError, UnsupportedLayerError
+
+_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda h: h, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "elu": F.elu, "silu": F.silu, "softplus": F.softplus,
+}
+
+
+def activation(fn: str, h: torch.Tensor, slope: float = 0.01) -> torch.Tensor:
+    """Apply a named activation (the names of :data:`wsnets.arch.ACTIVATIONS`) elementwise."""
+    if fn == "leaky_relu":
+        return F.leaky_relu(h, slope)
+    try:
+        return _ACTS[fn](h)
+    except KeyError:
+        raise UnsupportedLayerError(f"unsupported activation {fn!r}") from None
+
+
+def forward(arch: Architecture, params: Mapping[str, torch.Tensor], x: torch.Tensor, *, train: bool = False,
+            dropout: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logits of ``K`` stacked networks.
+
+    Parameters
+    ----------
+    arch : the shared architecture.
+    params : state-dict key -> tensor with a leading ``K`` (``arch.param_shapes`` after it).
+    x : ``[N, *input_shape]`` (one batch for every network) or ``[K, N, *input_shape]``.
+    train : training mode: batch statistics in BatchNorm (running statistics in ``params`` are
+        updated in place) and random dropout masks.
+    dropout : optional ``[K]`` per-network dropout rates applied after each hidden activation in
+        training mode.
+    generator : random source for dropout masks (deterministic training).
+
+    Returns
+    -------
+    torch.Tensor ``[K, N, out]`` (``[K, N, C, *spatial]`` if the network ends in a convolution).
+    """
+    K = _num_models(arch, params)
+    h, shared = _prepare_input(arch, x, K)
+    last_weight = max(i for i, l in enumerate(arch.layers) if l.is_weight)
+    for i, l in enumerate(arch.layers):
+        if l.kind == "linear":
+            h = _linear(h, params, l, shared)
+            shared = False
+        elif l.kind in ("conv1d", "conv2d"):
+            h = _conv(h, params, l, shared, K)
+            shared = False
+        else:
+            if shared:  # parameter-free layers before the first weight layer run once on the shared batch
+                if l.kind == "flatten":
+                    h = h.flatten(1)
+                    continue
+                h, shared = h.unsqueeze(0).expand(K, *h.shape), False
+            h = _other(h, params, l, train, generator)
+            if l.kind == "act" and train and dropout is not None and i < last_weight:
+                h = _dropout(h, dropout, generator)
+    return h
+
+
+def _num_models(arch: Architecture, params: Mapping[str, torch.Tensor]) -> int:
+    key, shape = next(iter(arch.param_shapes.items()))
+    if key not in params:
+        raise ShapeMismatchError(f"params lack {key!r} for {arch.describe()}")
+    t = params[key]
+    if t.dim() != len(shape) + 1:
+        raise ShapeMismatchError(f"params[{key!r}] has shape {tuple(t.shape)}: expected a leading K before {shape}")
+    return int(t.shape[0])
+
+
+def _prepare_input(arch: Architecture, x: torch.Tensor, K: int) -> tuple[torch.Tensor, bool]:
+    """Return ``(x, shared)``: shared inputs stay ``[N, ...]`` until the first weight layer."""
+    if arch.input_shape is not None:
+        nd = len(arch.input_shape)
+        if x.dim() == nd + 1 and tuple(x.shape[1:]) == arch.input_shape:
+            return x, True
+        if x.dim() == nd + 2 and tuple(x.shape[2:]) == arch.input_shape and x.shape[0] == K:
+            return x, False
+        raise ShapeMismatchError(f"input of shape {tuple(x.shape)} fits neither [N, *{arch.input_shape}] "
+                                 f"nor [{K}, N, *{arch.input_shape}] for {arch.describe()}")
+    first = arch.weight_layers[0]
+    nd = first.dims if first.kind != "linear" else 0
+    if x.dim() == nd + 2:
+        return x, True
+    if x.dim() == nd + 3 and x.shape[0] == K:
+        return x, False
+    raise ShapeMismatchError(f"input of shape {tuple(x.shape)} does not fit {arch.describe()} with K={K}")
+
+
+def _linear(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, shared: bool) -> torch.Tensor:
+    w = params[f"{l.name}.weight"]  # [K, out, in]
+    b = params.get(f"{l.name}.bias")  # [K, out]
+    if shared:  # h [N, in]: one product against all K weight matrices
+        out = torch.einsum("ni,koi->kno", h, w)
+        return out if b is None else out + b[:, None, :]
+    if b is None:
+        return torch.bmm(h, w.transpose(1, 2))
+    return torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))  # [K, N, out]
+
+
+def _conv(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, shared: bool, K: int) -> torch.Tensor:
+    w = params[f"{l.name}.weight"]  # [K, out, in, *k]
+    b = params.get(f"{l.name}.bias")
+    conv = F.conv1d if l.kind == "conv1d" else F.conv2d
+    wk = w.reshape(K * l.out_features, *w.shape[2:])
+    bk = None if b is None else b.reshape(-1)
+    if shared:  # h [N, C, *S]: an ordinary conv with K*out output channels
+        out = conv(h, wk, bk, stride=l.stride, padding=l.padding, dilation=l.dilation)
+        N = h.shape[0]
+    else:  # h [K, N, C, *S] -> [N, K*C, *S], grouped conv with groups=K
+        N = h.shape[1]
+        hk = h.transpose(0, 1).reshape(N, K * l.in_features, *h.shape[3:])
+        out = conv(hk, wk, bk, stride=l.stride, padding=l.padding, dilation=l.dilation, groups=K)
+    return out.reshape(N, K, l.out_features, *out.shape[2:]).transpose(0, 1)
+
+
+def _other(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, train: bool,
+           generator: torch.Generator | None) -> torch.Tensor:
+    if l.kind == "act":
+        return activation(l.fn, h, l.slope)
+    if l.kind == "batchnorm":
+        return _batchnorm(h, params, l, train)
+    if l.kind == "layernorm":
+        out = F.layer_norm(h, (l.out_features,), eps=l.eps)
+        if l.affine:
+            out = out * params[f"{l.name}.weight"][:, None] + params[f"{l.name}.bias"][:, None]
+        return out
+    if l.kind == "dropout":
+        if not train or l.p == 0:
+            return h
+        return _dropout(h, torch.full((h.shape[0],), l.p, device=h.device), generator)
+    if l.kind == "gap":
+        return h.mean(dim=tuple(range(3, h.dim())), keepdim=True)
+    if l.kind == "flatten":
+        return h.flatten(2)
+    if l.kind in ("maxpool", "avgpool"):
+        K, N = h.shape[:2]
+        pool = getattr(F, f"{'max' if l.kind == 'maxpool' else 'avg'}_pool{l.dims}d")
+        out = pool(h.reshape(K * N, *h.shape[2:]), l.kernel_size, stride=l.stride or l.kernel_size,
+                   padding=l.padding or 0)
+        return out.reshape(K, N, *out.shape[1:])
+    raise UnsupportedLayerError(f"functional forward cannot run {l!r}")  # pragma: no cover
+
+
+def _batchnorm(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, train: bool) -> torch.Tensor:
+    """Per-network BatchNorm on ``h`` ``[K, N, C, *S]``; running statistics updated in place when training."""
+    K, C = h.shape[0], h.shape[2]
+    view = (K, 1, C) + (1,) * (h.dim() - 3)
+    rm, rv = params[f"{l.name}.running_mean"], params[f"{l.name}.running_var"]
+    if train:
+        dims = (1,) + tuple(range(3, h.dim()))
+        var, mean = torch.var_mean(h, dim=dims, correction=0)  # [K, C]
+        n = h.numel() // (K * C)
+        with torch.no_grad():
+            rm.mul_(1 - l.momentum).add_(mean.detach(), alpha=l.momentum)
+            rv.mul_(1 - l.momentum).add_(var.detach() * (n / max(n - 1, 1)), alpha=l.momentum)
+    else:
+        mean, var = rm, rv
+    out = (h - mean.reshape(view)) * torch.rsqrt(var.reshape(view) + l.eps)
+    if l.affine:
+        out = out * params[f"{l.name}.weight"].reshape(view) + params[f"{l.name}.bias"].reshape(view)
+    return out
+
+
+def _dropout(h: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout with rate ``p[k]`` for network ``k``; an independent mask per element."""
+    view = (-1,) + (1,) * (h.dim() - 1)
+    keep = (1 - p.to(h.dtype)).reshape(view)
+    u = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype)
+    return torch.where(u < keep, h / keep.clamp_min(1e-12), torch.zeros((), dtype=h.dtype, device=h.device))
+
+
+def predict(arch: Architecture, params: Mapping[str, torch.Tensor], x: torch.Tensor, *,
+            chunk: int = 4096) -> torch.Tensor:
+    """Evaluation-mode logits ``[K, N, out]`` without gradients, over ``x`` in chunks of ``chunk`` samples."""
+    with torch.no_grad():
+        return torch.cat([forward(arch, params, x[i:i + chunk]) for i in range(0, max(len(x), 1), chunk)], dim=1)
