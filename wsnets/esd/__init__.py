@@ -4,9 +4,10 @@ WeightWatcher-compatible per-layer metrics (Martin & Mahoney 2019, 2021), batche
 or GPU with float64 fits. See :func:`analyze` for checkpoints and :func:`esd_features` for zoos.
 """
 
+from .analyze import analyze, summary
 from .eigen import layer_spectrum, layout, matrix_eigenvalues
 from .features import esd_feature_names, esd_features
 from .powerlaw import PowerLawFit, fit_powerlaw
 
-__all__ = ["esd_features", "esd_feature_names", "fit_powerlaw", "PowerLawFit", "layer_spectrum", "layout",
+__all__ = ["analyze", "summary", "esd_features", "esd_feature_names", "fit_powerlaw", "PowerLawFit", "layer_spectrum", "layout",
            "matrix_eigenvalues"]

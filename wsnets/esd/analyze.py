@@ -1,0 +1,319 @@
+"""``analyze``: WeightWatcher-style per-layer table for any checkpoint.
+
+Every floating tensor with 2 dimensions (Linear, Embedding, attention projections, GPT-2 ``Conv1D``),
+3 (Conv1d) or 4 (Conv2d) is analyzed under its state-dict key; 1-D tensors (biases, norms) and
+integer buffers are skipped and listed in ``attrs["skipped"]``. A tensor with NaN/Inf, or with fewer
+than ``min_evals`` (more than ``max_evals``) eigenvalues, gets a row whose ``status`` says so and
+whose metrics are NaN; the other layers are unaffected.
+
+Safetensors files are streamed: only the header is read up front, then tensors of one shape are
+loaded in chunks of at most ``memory_mb`` and go through one batched eigenvalue call, so a
+multi-GB checkpoint never needs to fit in memory at once. ``.pt``/``.pth`` files load with
+``torch.load(weights_only=True)`` (a pickle cannot be streamed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .eigen import layer_spectrum, layout
+from .metrics import fit_columns, fit_mp, jensen_shannon_distance, norm_metrics, randomized_eigenvalues
+from .powerlaw import fit_powerlaw_ragged
+
+DEFAULT_MIN_EVALS = 8
+DEFAULT_MAX_EVALS = 15000
+DEFAULT_MAX_N = 50000
+SUMMARY_METRICS = ("log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm", "stable_rank",
+                   "mp_softrank")
+FIT_METRICS = ("alpha", "alpha_weighted", "log_alpha_norm")
+LAYER_TYPES = {"dense": "DENSE", "conv1d": "CONV1D", "conv2d": "CONV2D"}
+
+
+@dataclass
+class _Entry:
+    name: str
+    shape: tuple[int, ...]  # of one tensor (no batch dim)
+    load: Callable[[], torch.Tensor]  # -> [B, *shape]
+
+
+@dataclass
+class ESDResult:
+    """Rows (one dict per layer and model), eigenvalues by row index, and skipped tensors."""
+
+    rows: list[dict[str, Any]]
+    evals: dict[int, torch.Tensor] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+# -- sources --------------------------------------------------------------------------------------
+def _entries(model: Any) -> tuple[list[_Entry], list[str], int | None]:
+    """Analyzable tensors of ``model``, skipped keys (with reason) and the batch size (None = single)."""
+    from ..weights import WeightSpace
+    if isinstance(model, (str, os.PathLike)):
+        return _file_entries(Path(model))
+    batch = None
+    if isinstance(model, WeightSpace):
+        tensors, batch = dict(model.params), model.batch_size
+    elif isinstance(model, nn.Module):
+        tensors = {k: p.detach() for k, p in model.named_parameters()}
+    elif isinstance(model, Mapping):
+        tensors = dict(model)
+    else:
+        raise TypeError(f"cannot analyze a {type(model).__name__}: give an nn.Module, state_dict, WeightSpace or path")
+    lead = 0 if batch is None else 1
+    entries, skipped = [], []
+    for k, t in tensors.items():
+        why = _skip_reason(k, tuple(t.shape[lead:]), t.dtype, t)
+        if why:
+            skipped.append(why)
+            continue
+        entries.append(_Entry(k, tuple(t.shape[lead:]), (lambda t=t: t) if lead else (lambda t=t: t.unsqueeze(0))))
+    return entries, skipped, batch
+
+
+def _skip_reason(key: str, shape: tuple[int, ...], dtype: Any, t: Any = None) -> str:
+    if not isinstance(t, torch.Tensor) and t is not None:
+        return f"{key}: not a tensor"
+    if dtype is not None and not _is_float(dtype):
+        return f"{key}: {dtype} tensor (not floating point)"
+    if len(shape) not in (2, 3, 4):
+        return f"{key}: {len(shape)}-D tensor {tuple(shape)} (bias, norm or scalar)"
+    return ""
+
+
+def _is_float(dtype: Any) -> bool:
+    if isinstance(dtype, torch.dtype):
+        return dtype.is_floating_point
+    return str(dtype).upper().startswith(("F", "BF"))  # safetensors dtype strings: F32, F16, BF16, F64
+
+
+def _file_entries(path: Path) -> tuple[list[_Entry], list[str], None]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        except Exception as e:  # SafetensorError / OSError on garbage and truncation
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:200]})") from None
+        entries, skipped = [], []
+        for k, (shape, dtype) in header.items():
+            why = _skip_reason(k, shape, dtype)
+            if why:
+                skipped.append(why)
+            else:
+                entries.append(_Entry(k, shape, lambda k=k: _read_tensor(path, k).unsqueeze(0)))
+        return entries, skipped, None
+    if suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        from ..io import read_torch
+        e, s, _ = _entries(read_torch(path))
+        return e, s, None
+    raise CheckpointError(f"{path}: unknown checkpoint format {suffix!r} (use .safetensors, .pt or .pth)")
+
+
+def _read_tensor(path: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+# -- the analysis ---------------------------------------------------------------------------------
+def run(model: Any, *, min_evals: int = DEFAULT_MIN_EVALS, max_evals: int = DEFAULT_MAX_EVALS,
+        max_N: int = DEFAULT_MAX_N, conv2d_norm: bool = True, mp_fit: bool = False, randomize: bool = False,
+        method: str = "gram", device: str | torch.device = "cpu", layers: Iterable[str] | None = None,
+        progress: bool = False, memory_mb: float = 256.0, seed: int = 0) -> ESDResult:
+    """The engine behind :func:`analyze`; also returns the eigenvalues (for plots)."""
+    entries, skipped, batch = _entries(model)
+    if layers is not None:
+        wanted = set(layers)
+        entries = [e for e in entries if e.name in wanted or e.name.removesuffix(".weight") in wanted]
+    B = 1 if batch is None else batch
+    gen = torch.Generator().manual_seed(seed)
+    rows: list[dict[str, Any]] = []
+    evals: dict[int, torch.Tensor] = {}
+    todo: dict[tuple, list[int]] = {}  # shape -> row indices waiting for eigenvalues
+    for layer_id, e in enumerate(entries):
+        lay = layout(e.shape, conv2d_norm=conv2d_norm, name=e.name)
+        base = {"layer_id": layer_id, "name": e.name, "layer_type": LAYER_TYPES[lay.kind], "N": lay.N, "M": lay.M,
+                "rf": lay.rf, "Q": lay.N / lay.M if lay.M else float("nan"), "num_evals": lay.num_evals}
+        reason = ""
+        if lay.num_evals < min_evals:
+            reason = f"skipped: {lay.num_evals} eigenvalue(s) < min_evals={min_evals}"
+        elif max_evals and lay.num_evals > max_evals:
+            reason = f"skipped: {lay.num_evals} eigenvalues > max_evals={max_evals}"
+        elif max_N and lay.N > max_N:
+            reason = f"skipped: N={lay.N} > max_N={max_N}"
+        for b in range(B):
+            row = ({"model": b} if batch is not None else {}) | base | {"status": reason}
+            rows.append(row)
+            if not reason:
+                todo.setdefault(e.shape, []).append(len(rows) - 1)
+    # eigenvalues: all tensors of one shape in memory-bounded batched calls
+    by_name = {e.name: e for e in entries}
+    bar = _progress(len(entries) * B, progress)
+    randoms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for shape, idx in todo.items():
+        per = max(1, int(memory_mb * 2**20 // (8 * max(1, math.prod(shape)))))
+        names = list(dict.fromkeys(rows[i]["name"] for i in idx))
+        for c in range(0, len(names), max(1, per // B)):
+            chunk = names[c:c + max(1, per // B)]
+            w = torch.cat([by_name[n].load() for n in chunk])  # [len(chunk) * B, *shape]
+            ids = [i for n in chunk for i in idx if rows[i]["name"] == n]
+            finite = torch.isfinite(w.flatten(1)).all(1)
+            for i, ok in zip(ids, finite.tolist()):
+                if not ok:
+                    rows[i]["status"] = "failed: NaN or Inf in weights"
+            good = [i for i, ok in zip(ids, finite.tolist()) if ok]
+            if good:
+                wg = w[finite]
+                spec = layer_spectrum(wg, len(shape), conv2d_norm=conv2d_norm, method=method, device=device)
+                for j, i in enumerate(good):
+                    evals[i] = spec.evals[j].cpu()
+                    rows[i].update(sv_max=float(spec.sv_max[j]), sv_min=float(spec.sv_min[j]),
+                                   rank_loss=int(spec.rank_loss[j]))
+                if randomize:
+                    _randomize(wg, shape, spec, good, randoms, method, gen, device)
+            bar.update(len(ids))
+    bar.close()
+    _fit_and_measure(rows, evals, method)
+    if mp_fit:
+        _mp_columns(rows, evals, "")
+    if randomize:
+        _random_columns(rows, evals, randoms)
+    return ESDResult(rows, evals, skipped)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="esd layers", unit="layer", disable=not enabled, leave=False)
+
+
+def _randomize(w, shape, spec, good, randoms, method, gen, device) -> None:
+    replicas = 5 if spec.layout.num_evals < 100 else 1  # WeightWatcher's hack for small layers
+    w = w.to(device)
+    many = randomized_eigenvalues(w, len(shape), replicas=replicas, scale=spec.layout.scale, method=method, generator=gen)
+    one = randomized_eigenvalues(w, len(shape), replicas=1, scale=spec.layout.scale, method=method, generator=gen)
+    for j, i in enumerate(good):
+        randoms[i] = (many[j].cpu(), one[j].cpu())
+
+
+def _fit_and_measure(rows: list[dict[str, Any]], evals: dict[int, torch.Tensor], method: str) -> None:
+    ids = sorted(evals)
+    fit = fit_powerlaw_ragged([evals[i] for i in ids])
+    for j, i in enumerate(ids):
+        rows[i].update(lambda_max=float(evals[i][-1]), **fit_columns(fit, j))
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for j, i in enumerate(ids):
+        groups.setdefault((evals[i].numel(), rows[i]["N"], rows[i]["M"]), []).append(j)
+    for (_, N, M), js in groups.items():
+        ev = torch.stack([evals[ids[j]] for j in js])
+        m = norm_metrics(ev, fit.alpha[js], N, M, method=method)
+        for k, j in enumerate(js):
+            rows[ids[j]].update({name: (int(v[k]) if v.dtype == torch.long else float(v[k])) for name, v in m.items()})
+
+
+def _mp_columns(rows, evals, prefix: str) -> None:
+    for i, ev in evals.items():
+        try:
+            r = fit_mp(ev.numpy(), rows[i]["N"], rows[i]["M"])
+        except (ValueError, FloatingPointError, ZeroDivisionError) as e:  # degenerate ESD
+            r = {k: float("nan") for k in ("num_spikes", "sigma_mp", "mp_softrank", "W_scale", "bulk_max", "bulk_min")}
+            rows[i]["note"] = f"mp_fit failed: {e}"
+        rows[i].update({prefix + k: v for k, v in r.items()})
+
+
+def _random_columns(rows, evals, randoms) -> None:
+    for i, (many, one) in randoms.items():
+        ev = evals[i]
+        rows[i]["max_rand_eval"] = float(many[-1])
+        rows[i]["rand_distance"] = float(jensen_shannon_distance(ev[None], one[None])[0])
+        rows[i]["ww_softrank"] = float(one[-1] / ev[-1])
+        rows[i]["ww_maxdist"] = float(ev[-1] - one[-1])
+        r = fit_mp(many.numpy(), rows[i]["N"], rows[i]["M"])
+        rows[i].update({"rand_" + k: v for k, v in r.items()})
+        rows[i]["num_traps"] = r["num_spikes"]
+
+
+# -- public API -----------------------------------------------------------------------------------
+def analyze(model: Any, **kwargs: Any):
+    """Per-layer ESD metrics of a model, with WeightWatcher's column names.
+
+    Parameters
+    ----------
+    model : nn.Module, state_dict, :class:`~wsnets.WeightSpace` (a batched one gives a ``model``
+        column), or a path to ``.safetensors`` (streamed) / ``.pt`` / ``.pth``.
+    min_evals, max_evals, max_N : WeightWatcher's layer filters (8, 15000, 50000); filtered layers
+        keep a row with a ``skipped: ...`` status.
+    conv2d_norm : halve Conv2d eigenvalues as WeightWatcher does (default True).
+    mp_fit : add Marchenko–Pastur columns (num_spikes, sigma_mp, mp_softrank, bulk_max, ...).
+    randomize : add rand_distance, ww_softrank, num_traps, rand_* columns (seeded by ``seed``).
+    method : ``"gram"`` (default, eigvalsh of XᵀX) or ``"svd"``.
+    device : where eigenvalues are computed (``"cuda"`` works); fits run in float64 on CPU tensors.
+    layers : only these keys (with or without ``.weight``).
+    progress : show a progress bar over layers. memory_mb : streaming chunk size for files.
+
+    Returns
+    -------
+    pandas DataFrame (one row per layer; ``attrs["skipped"]`` lists skipped tensors), or a list of
+    dicts when pandas is not installed.
+
+    Examples
+    --------
+    >>> import torch.nn as nn
+    >>> df = analyze(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)))
+    >>> list(df["name"]), bool((df["status"] == "success").all())
+    (['0.weight', '2.weight'], True)
+    """
+    res = run(model, **kwargs)
+    return to_table(res)
+
+
+def to_table(res: ESDResult):
+    """Rows as a pandas DataFrame (``attrs["skipped"]`` set), or the list of dicts without pandas."""
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - pandas is optional
+        return res.rows
+    df = pd.DataFrame.from_records(res.rows)
+    df.attrs["skipped"] = list(res.skipped)
+    return df
+
+
+def summary(details) -> dict[str, float]:
+    """Model-level means of WeightWatcher's summary metrics over layers where they are defined.
+
+    Fit-based metrics (alpha, alpha_weighted, log_alpha_norm) average only layers whose fit
+    succeeded; failed fits are NaN and never enter the mean as -1 (as WeightWatcher's would).
+    Also reports ``num_layers``, ``num_fitted`` and ``num_skipped`` (skipped or failed rows).
+    """
+    rows = details.to_dict("records") if hasattr(details, "to_dict") else list(details)
+    out: dict[str, float] = {}
+    for m in SUMMARY_METRICS:
+        vals = [r[m] for r in rows if m in r and r[m] is not None and _finite(r[m])
+                and (m not in FIT_METRICS or r.get("status") == "success")]
+        if any(m in r for r in rows):
+            out[m] = sum(vals) / len(vals) if vals else float("nan")
+    out["num_layers"] = len(rows)
+    out["num_fitted"] = sum(r.get("status") == "success" for r in rows)
+    out["num_skipped"] = len(rows) - out["num_fitted"]
+    return out
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
