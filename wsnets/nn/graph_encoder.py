@@ -1,0 +1,187 @@
+"""Message passing over neural graphs (Kofinas et al. 2024, "Graph Neural Networks for Learning
+Equivariant Representations of Neural Networks"; Lim et al. 2024, "Graph Metanetworks").
+
+Input: a ``torch_geometric`` ``Batch`` from :func:`wsnets.to_batch` (``representation = "graph"``),
+which may mix MLPs and CNNs of any widths, depths and kernel sizes. Output: ``[B, out_dim]``.
+
+Features (:class:`GraphFeaturizer`), all functions of what a node/edge *is*, never of its index:
+
+* edges: the weight or kernel, zero-padded to ``edge_dim`` and multiplied by ``sqrt(in-degree)`` of
+  the target neuron (so default-initialized weights are O(1) at any width), plus an edge-type
+  embedding and a depth encoding of the layer;
+* nodes: bias (same scaling), BatchNorm weight/bias/mean and ``log`` variance, node-type and
+  activation embeddings, a depth encoding (absolute layer index and fraction of the network's
+  depth), and a sinusoidal *position* encoding for input and output neurons only (separate for
+  the two), which is what breaks the symmetry the network does not have.
+
+Layers (:class:`EdgePNALayer`): edge update from both endpoints, then messages in both directions
+(forward to the target, backward to the source), aggregated PNA-style (Corso et al. 2020: mean,
+max, min, std; identity and log-degree amplification scalers), pre-LayerNorm residual updates.
+
+Readout (:func:`graph_readout`): mean over input, hidden and output nodes separately, max and
+signed-log sum over all nodes, and mean over edges, per graph.
+
+Hidden neurons carry no identity, so the encoder is invariant to hidden-neuron permutations by
+construction; every op is a scatter over the batch vector (no loop over graphs, nodes or edges).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch_geometric.utils import scatter
+
+from ..arch import ACTIVATIONS
+from ..errors import ShapeMismatchError
+from .common import make_mlp, sinusoidal, signed_log
+
+PNA_AGGREGATORS = ("mean", "max", "min", "std")
+
+
+class GraphFeaturizer(nn.Module):
+    """Initial node ``[N, hidden]`` and edge ``[E, hidden]`` embeddings of a neural-graph batch."""
+
+    def __init__(self, hidden: int, edge_dim: int = 9, pos_dim: int = 16) -> None:
+        super().__init__()
+        self.hidden, self.edge_dim, self.pos_dim = hidden, edge_dim, pos_dim
+        self.node_in = make_mlp([5 + 2 * pos_dim + pos_dim + 1, hidden, hidden])
+        self.node_type = nn.Embedding(3, hidden)
+        self.node_act = nn.Embedding(len(ACTIVATIONS), hidden)
+        self.edge_in = make_mlp([edge_dim + 1 + pos_dim + 1, hidden, hidden])
+        self.edge_type = nn.Embedding(3, hidden)
+
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        x, ea, (src, dst) = batch.x, batch.edge_attr, batch.edge_index
+        dev, dt = x.device, x.dtype
+        N, E, D = x.shape[0], ea.shape[0], ea.shape[1]
+        if D > self.edge_dim:
+            raise ShapeMismatchError(f"graph batch has {D}-entry edge features (kernels of {D} taps) but the "
+                                     f"encoder was built with edge_dim={self.edge_dim}")
+        if D < self.edge_dim:
+            ea = torch.nn.functional.pad(ea, (0, self.edge_dim - D))
+        node_batch = batch.batch if getattr(batch, "batch", None) is not None else x.new_zeros(N, dtype=torch.long)
+        ones = x.new_ones(E)
+        deg_in = scatter(ones, dst, 0, dim_size=N, reduce="sum")
+        deg_out = scatter(ones, src, 0, dim_size=N, reduce="sum")
+        scale = deg_in.clamp(min=1).sqrt()
+        # depth: absolute group index and fraction of this graph's number of groups
+        layer = batch.node_layer
+        depth = scatter(layer, node_batch, 0, reduce="max")[node_batch].clamp(min=1)
+        frac = (layer.to(dt) / depth.to(dt)).unsqueeze(1)
+        lay = sinusoidal(layer.to(dt), self.pos_dim, max_period=64.0).to(dt)
+        pos = batch.node_pos
+        code = sinusoidal(pos.clamp(min=0).to(dt), self.pos_dim, max_period=1000.0).to(dt)
+        is_in = (batch.node_type == 0).to(dt).unsqueeze(1)
+        is_out = (batch.node_type == 2).to(dt).unsqueeze(1)
+        feats = torch.cat([x[:, :1] * scale.unsqueeze(1), x[:, 1:4], x[:, 4:5].clamp(min=1e-8).log(),
+                           code * is_in, code * is_out, lay, frac], dim=1)
+        h = self.node_in(feats) + self.node_type(batch.node_type) + self.node_act(batch.node_act)
+        w = ea * scale[dst].unsqueeze(1)
+        wnorm = w.norm(dim=1, keepdim=True)
+        efeats = torch.cat([w, signed_log(wnorm), lay[dst], frac[dst]], dim=1)
+        e = self.edge_in(efeats) + self.edge_type(batch.edge_type)
+        aux = {"batch": node_batch, "deg_in": deg_in, "deg_out": deg_out}
+        return h, e, aux
+
+
+def pna_aggregate(m: torch.Tensor, index: torch.Tensor, n: int, deg: torch.Tensor, delta: float) -> torch.Tensor:
+    """PNA aggregation of messages ``m [E, H]`` at ``index`` -> ``[n, 8H]`` (4 aggregators x 2 scalers).
+
+    Nodes that receive nothing get zeros. ``delta`` is the fixed log-degree normalizer of the
+    amplification scaler ``log(d + 1) / delta`` (fixed, so a graph's embedding never depends on
+    what else is in the batch).
+    """
+    mean = scatter(m, index, 0, dim_size=n, reduce="mean")
+    sq = scatter(m * m, index, 0, dim_size=n, reduce="mean")
+    std = (sq - mean * mean).clamp(min=0).add(1e-6).sqrt() * (deg > 0).unsqueeze(1)
+    mx = scatter(m, index, 0, dim_size=n, reduce="max")
+    mn = scatter(m, index, 0, dim_size=n, reduce="min")
+    agg = torch.cat([mean, mx, mn, std], dim=1)
+    amp = ((deg + 1).log() / delta).unsqueeze(1)
+    return torch.cat([agg, agg * amp], dim=1)
+
+
+class EdgePNALayer(nn.Module):
+    """One bidirectional message-passing layer with edge updates.
+
+    ``e_ij <- e_ij + f_e([h_i, h_j, e_ij])``; forward messages ``f_f([h_j, e_ij])`` to target ``i``,
+    backward messages ``f_b([h_i, e_ij])`` to source ``j``, each PNA-aggregated;
+    ``h_i <- h_i + f_h([h_i, agg_f, agg_b])``. Pre-LayerNorm on nodes and edges.
+    """
+
+    def __init__(self, hidden: int, dropout: float = 0.0, delta: float = 3.0) -> None:
+        super().__init__()
+        self.hidden, self.delta = hidden, delta
+        self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.f_e = make_mlp([3 * hidden, hidden, hidden], dropout=dropout)
+        self.f_f = make_mlp([2 * hidden, hidden], last_act=True)
+        self.f_b = make_mlp([2 * hidden, hidden], last_act=True)
+        k = 2 * len(PNA_AGGREGATORS) * hidden
+        self.post_f, self.post_b = nn.Linear(k, hidden), nn.Linear(k, hidden)
+        self.f_h = make_mlp([3 * hidden, 2 * hidden, hidden], dropout=dropout)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, edge_index: torch.Tensor, aux: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        src, dst = edge_index
+        n = h.shape[0]
+        hn, en = self.norm_h(h), self.norm_e(e)
+        e = e + self.f_e(torch.cat([hn[dst], hn[src], en], dim=1))
+        en = self.norm_e(e)
+        agg_f = self.post_f(pna_aggregate(self.f_f(torch.cat([hn[src], en], 1)), dst, n, aux["deg_in"], self.delta))
+        agg_b = self.post_b(pna_aggregate(self.f_b(torch.cat([hn[dst], en], 1)), src, n, aux["deg_out"], self.delta))
+        h = h + self.f_h(torch.cat([hn, agg_f, agg_b], dim=1))
+        return h, e
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, aggregators={PNA_AGGREGATORS}, delta={self.delta}"
+
+
+def graph_readout(h: torch.Tensor, e: torch.Tensor, batch, aux: dict) -> torch.Tensor:
+    """Invariant per-graph readout ``[B, 7H]``: mean over input / hidden / output nodes, max and
+    signed-log sum over all nodes, mean and max over edges."""
+    nb = aux["batch"]
+    B = int(batch.num_graphs) if hasattr(batch, "num_graphs") else int(nb.max()) + 1
+    H = h.shape[1]
+    by_type = scatter(h, nb * 3 + batch.node_type, 0, dim_size=3 * B, reduce="mean").reshape(B, 3 * H)
+    mx = scatter(h, nb, 0, dim_size=B, reduce="max")
+    sm = signed_log(scatter(h, nb, 0, dim_size=B, reduce="sum"))
+    eb = nb[batch.edge_index[0]]
+    emean = scatter(e, eb, 0, dim_size=B, reduce="mean")
+    emax = scatter(e, eb, 0, dim_size=B, reduce="max")
+    return torch.cat([by_type, mx, sm, emean, emax], dim=1)
+
+
+class NeuralGraphEncoder(nn.Module):
+    """PNA-style message passing with edge updates over neural graphs -> ``[B, out_dim]``.
+
+    Parameters
+    ----------
+    hidden : node/edge embedding size.
+    layers : number of :class:`EdgePNALayer` (residual).
+    out_dim : embedding size.
+    edge_dim : largest kernel (taps) the encoder accepts; smaller kernels are zero-padded (9 = 3x3).
+    dropout : dropout inside the MLPs.
+
+    Examples
+    --------
+    >>> import wsnets, torch
+    >>> nets = [wsnets.WeightSpace.random(wsnets.mlp(8, [16], 3)), wsnets.WeightSpace.random(wsnets.cnn(1, [4], 3))]
+    >>> NeuralGraphEncoder(hidden=16, layers=2, out_dim=8)(wsnets.to_batch(nets)).shape
+    torch.Size([2, 8])
+    """
+
+    representation = "graph"
+
+    def __init__(self, hidden: int = 64, layers: int = 4, out_dim: int = 64, edge_dim: int = 9,
+                 dropout: float = 0.0, pos_dim: int = 16) -> None:
+        super().__init__()
+        self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim)
+        self.layers = nn.ModuleList(EdgePNALayer(hidden, dropout) for _ in range(layers))
+        self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.head = make_mlp([7 * hidden, 2 * hidden, out_dim], dropout=dropout, norm=True)
+        self.out_dim, self.hidden = out_dim, hidden
+
+    def forward(self, batch) -> torch.Tensor:
+        h, e, aux = self.featurizer(batch)
+        for layer in self.layers:
+            h, e = layer(h, e, batch.edge_index, aux)
+        return self.head(graph_readout(self.norm_h(h), self.norm_e(e), batch, aux))

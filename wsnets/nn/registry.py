@@ -1,0 +1,154 @@
+"""Build encoders and heads from config dicts, and turn networks into what an encoder reads.
+
+>>> import wsnets
+>>> from wsnets.nn import build_encoder, build_head, represent
+>>> nets = wsnets.WeightSpace.random(wsnets.mlp(8, [16], 3), 4)
+>>> enc = build_encoder({"name": "hnp", "hidden": 8, "out_dim": 16}, nets)
+>>> head = build_head({"name": "regression", "n_targets": 2}, enc.out_dim)
+>>> head(enc(represent(enc, nets))).shape
+torch.Size([4, 2])
+
+Encoder names: ``graph`` (:class:`NeuralGraphEncoder`), ``transformer`` (:class:`NeuralGraphTransformer`),
+``np``/``hnp`` (:class:`NPEncoder`/:class:`HNPEncoder`), ``stats`` (StatNN), ``flat`` (:class:`FlatMLP`),
+``esd`` (:class:`ESDFeatures`). Head names: ``regression``, ``classification``. GBM baselines
+(not modules): :func:`build_gbm` with ``stat_gbm`` or ``esd_gbm``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..arch import Architecture
+from ..errors import ArchitectureMismatchError, ConfigError
+from ..weights import WeightSpace
+from .baselines import ESDFeatures, FlatMLP, StatFeatures, StatGBM, esd_features
+from .equivariant import HNPEncoder, NPEncoder
+from .graph_encoder import NeuralGraphEncoder
+from .heads import ClassificationHead, RegressionHead
+from .transformer import NeuralGraphTransformer
+
+ENCODERS: dict[str, type[nn.Module]] = {
+    "graph": NeuralGraphEncoder, "transformer": NeuralGraphTransformer, "np": NPEncoder, "hnp": HNPEncoder,
+    "stats": StatFeatures, "flat": FlatMLP, "esd": ESDFeatures,
+}
+HEADS: dict[str, type[nn.Module]] = {"regression": RegressionHead, "classification": ClassificationHead}
+_NEEDS_ARCH = ("np", "hnp", "flat")
+_NEEDS_FEATURES = ("stats", "esd")
+
+
+def _split(config: Mapping[str, Any], kind: str, table: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    if not isinstance(config, Mapping) or "name" not in config:
+        raise ConfigError(f"{kind} config needs a 'name' (one of {', '.join(table)})")
+    name = config["name"]
+    if name not in table:
+        raise ConfigError(f"unknown {kind} {name!r} (known: {', '.join(table)})")
+    return name, {k: v for k, v in config.items() if k != "name"}
+
+
+def _check_kwargs(cls: type, kwargs: Mapping[str, Any], name: str, skip: tuple[str, ...]) -> None:
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p not in ("self", *skip) and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    bad = sorted(set(kwargs) - set(allowed))
+    if bad:
+        raise ConfigError(f"unknown option(s) {bad} for {name!r} (allowed: {', '.join(allowed)})")
+
+
+def _first_arch(example: Any, single: bool = True) -> Architecture | None:
+    """The architecture of an example; with ``single``, a list of several architectures raises."""
+    if isinstance(example, Architecture):
+        return example
+    if isinstance(example, WeightSpace):
+        return example.arch
+    if isinstance(example, (list, tuple)) and example and isinstance(example[0], WeightSpace):
+        archs = {w.arch for w in example}
+        if single and len(archs) > 1:
+            raise ArchitectureMismatchError("a fixed-architecture encoder needs examples of one architecture, got "
+                                            + ", ".join(sorted(a.describe() for a in archs)))
+        return example[0].arch
+    return None
+
+
+def build_encoder(config: Mapping[str, Any], example: Any = None) -> nn.Module:
+    """An encoder from ``{"name": ..., **options}``.
+
+    ``example`` supplies what the config cannot: the architecture (an ``Architecture``, a WeightSpace
+    or a list of them) for ``np``/``hnp``/``flat``; for ``stats``/``esd``/``flat`` a batched
+    WeightSpace (or list) also fits the input standardization. Unknown names/options raise ConfigError.
+    """
+    name, kw = _split(config, "encoder", ENCODERS)
+    cls = ENCODERS[name]
+    if name in _NEEDS_ARCH:
+        _check_kwargs(cls, kw, name, ("arch",))
+        arch = _first_arch(example)
+        if arch is None:
+            raise ConfigError(f"encoder {name!r} is built for one architecture: pass an example Architecture or WeightSpace")
+        enc = cls(arch, **kw)
+    elif name in _NEEDS_FEATURES:
+        _check_kwargs(cls, kw, name, ("in_features",))
+        if "in_features" in config:
+            enc = cls(int(config["in_features"]), **{k: v for k, v in kw.items() if k != "in_features"})
+        elif name == "stats" and _first_arch(example, single=False) is not None:
+            enc = cls(14 * len(_first_arch(example, single=False).weight_layers), **kw)
+        elif isinstance(example, (WeightSpace, list, tuple)):
+            f = represent(name, example)
+            enc = cls(f.shape[1], **kw)
+        else:
+            raise ConfigError(f"encoder {name!r} needs 'in_features' or an example WeightSpace")
+    else:
+        _check_kwargs(cls, kw, name, ())
+        enc = cls(**kw)
+    if name in ("stats", "esd", "flat") and isinstance(example, (WeightSpace, list, tuple)) and _batch_size(example) > 1:
+        enc.fit_normalization(represent(enc, example))
+    return enc
+
+
+def _batch_size(example: Any) -> int:
+    if isinstance(example, WeightSpace):
+        return example.batch_size or 1
+    return len(example)
+
+
+def build_head(config: Mapping[str, Any], in_dim: int) -> nn.Module:
+    """A head from ``{"name": "regression", "n_targets": 2}`` or ``{"name": "classification", "n_classes": 5}``."""
+    name, kw = _split(config, "head", HEADS)
+    _check_kwargs(HEADS[name], kw, name, ("in_dim",))
+    if name == "classification" and "n_classes" not in kw:
+        raise ConfigError("classification head needs 'n_classes'")
+    return HEADS[name](in_dim, **kw)
+
+
+def build_gbm(config: Mapping[str, Any]) -> StatGBM:
+    """``{"name": "stat_gbm" | "esd_gbm", "task": "regression", **HistGradientBoosting options}``."""
+    name, kw = _split(config, "GBM", {"stat_gbm": StatGBM, "esd_gbm": StatGBM})
+    return StatGBM(features="stats" if name == "stat_gbm" else "esd", **kw)
+
+
+def represent(encoder: nn.Module | str, networks: WeightSpace | Iterable[WeightSpace]) -> Any:
+    """Turn networks (a batched WeightSpace or a list of single ones) into the encoder's input.
+
+    ``encoder`` is an encoder (its ``representation``) or a representation name: ``graph`` ->
+    ``torch_geometric`` Batch; ``tensors`` -> batched WeightSpace; ``flat``/``stats``/``esd`` -> ``[B, F]``.
+    """
+    rep = encoder if isinstance(encoder, str) else getattr(encoder, "representation", None)
+    rep = {"np": "tensors", "hnp": "tensors", "transformer": "graph"}.get(rep, rep)
+    if rep == "graph":
+        from ..graph import to_batch
+        return to_batch(networks)
+    if isinstance(networks, WeightSpace):
+        ws = networks.batched()
+    else:
+        from ..weights import stack
+        ws = stack(list(networks))
+    if rep == "tensors":
+        return ws
+    if rep == "flat":
+        return ws.flat()
+    if rep == "stats":
+        return ws.stat_features()
+    if rep == "esd":
+        return esd_features(ws)
+    raise ConfigError(f"unknown representation {rep!r} (graph, tensors, flat, stats, esd)")
