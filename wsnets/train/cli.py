@@ -1,0 +1,99 @@
+"""``wsnets train`` and ``wsnets predict``.
+
+``wsnets train CONFIG --zoo DIR --out RUN [--seeds 3] [--wandb] [--device D] [--set key=value] [--key value]``
+``wsnets predict CKPT... --meta-model RUN [--json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..cli import COMMANDS, add_common, add_parser, emit
+
+
+def _lenient(p: argparse.ArgumentParser) -> None:
+    """Let ``--section.key value`` pass through the sub-parser as config overrides."""
+    orig = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extra = orig(args, namespace)
+        ns.extra = list(getattr(ns, "extra", None) or []) + list(extra)
+        return ns, []
+    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config, split_cli_overrides
+    from .experiment import run_training
+    overrides = list(args.set or []) + split_cli_overrides(getattr(args, "extra", []) or [])
+    cfg = load_config(args.config, overrides)
+    if args.no_progress:
+        cfg.log.progress = False
+    res = run_training(cfg, zoo=args.zoo, out=args.out, seeds=args.seeds, device=args.device, wandb=args.wandb)
+    summary = {"out": args.out, "sizes": res["sizes"], "test": res["test"]}
+
+    def text() -> str:
+        from .metrics import fmt
+        lines = [f"{res['name']} ({res['encoder']}) -> {args.out}   models train/val/test: "
+                 f"{res['sizes']['train']}/{res['sizes']['val']}/{res['sizes']['test']}, {len(res['seeds'])} seed(s)"]
+        for t, ms in res["test"].items():
+            if t in ("loss", "loss_parts") or not isinstance(ms, dict):
+                continue
+            keys = ("kendall_tau", "spearman", "r2", "mae") if "kendall_tau" in ms else ("accuracy", "macro_f1")
+            lines.append(f"  {t:<10} " + "   ".join(f"{k} {fmt(ms[k])}" for k in keys))
+        return "\n".join(lines)
+    emit(args, summary, text)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .meta_model import MetaModel
+    mm = MetaModel.load(args.meta_model, device=args.device)
+    rows = [{"checkpoint": c, **r} for c, r in zip(args.checkpoints, _predict_each(mm, args.checkpoints))]
+
+    def text() -> str:
+        out = []
+        for r in rows:
+            parts = []
+            for t in mm.targets:
+                if f"{t}_probs" in r:
+                    probs = sorted(r[f"{t}_probs"].items(), key=lambda kv: -kv[1])[:3]
+                    parts.append(f"{t} {r[t]} (" + ", ".join(f"{c} {p:.2f}" for c, p in probs) + ")")
+                else:
+                    parts.append(f"{t} {r[t]:.4f}")
+            out.append(f"{r['checkpoint']}: " + "   ".join(parts))
+        return "\n".join(out)
+    emit(args, rows, text)
+    return 0
+
+
+def _predict_each(mm: Any, paths: list[str]) -> list[dict]:
+    """One prediction per path (a batched checkpoint file contributes its first network)."""
+    from ..io import load
+    nets = []
+    for p in paths:
+        ws = load(p)
+        nets.append(ws[0] if ws.batch_size is not None else ws)
+    return mm.predict(nets)
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "train", COMMANDS["train"][1],
+                   "wsnets train train/graph.toml --zoo zoos/digits-mlp --out runs/graph --seeds 3 --optim.epochs 20",
+                   _train)
+    p.add_argument("config", help="TOML config (see train/*.toml)")
+    p.add_argument("--zoo", required=True, help="zoo directory (wsnets zoo build)")
+    p.add_argument("--out", required=True, help="run directory to write (model, config, metrics, plots)")
+    p.add_argument("--seeds", type=int, default=1, help="train this many seeds; metrics report mean ± std")
+    p.add_argument("--wandb", action="store_true", help="log to wandb (WANDB_MODE=offline works without network)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. optim.lr=3e-4 (repeatable); --optim.lr 3e-4 works too")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common(p)
+    _lenient(p)
+    q = add_parser(sub, "predict", COMMANDS["predict"][1],
+                   "wsnets predict model.safetensors other.pt --meta-model runs/graph --json", _predict)
+    q.add_argument("checkpoints", nargs="+", metavar="CKPT", help=".safetensors, .pt or .pth checkpoints")
+    q.add_argument("--meta-model", required=True, metavar="RUN", help="run directory written by wsnets train")
+    add_common(q)

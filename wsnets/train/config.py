@@ -1,0 +1,244 @@
+"""Meta-model training configuration: a TOML file checked against a dataclass schema.
+
+A config has a few strict sections (``[data]``, ``[optim]``, ``[head]``, ``[log]``) and one
+free-form section, ``[encoder]``, whose ``name`` selects an encoder from :mod:`wsnets.nn` and whose
+other keys are that encoder's arguments (checked by the encoder registry, not here).
+
+Every field can be overridden on the command line: ``--set optim.lr=3e-4`` or ``--optim.lr 3e-4``,
+and a field name that is unique across sections may drop its section (``--epochs 5``). Values are
+parsed as TOML (``--set data.targets='["test_acc"]'``), falling back to a bare string.
+
+An unknown key or a value of the wrong type raises :class:`~wsnets.errors.ConfigError` with a
+one-line message naming the file and the key.
+
+Examples
+--------
+>>> cfg = from_dict({"encoder": {"name": "flatmlp"}, "optim": {"epochs": 3}})
+>>> cfg.optim.epochs, cfg.data.targets
+(3, ['test_acc', 'gen_gap'])
+>>> apply_overrides(cfg, ["optim.lr=0.01", "epochs=4"]).optim.lr
+0.01
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..errors import ConfigError
+
+REGRESSION_TARGETS = ("test_acc", "gen_gap", "train_acc", "test_loss", "train_loss")
+CLASSIFICATION_TARGETS = ("dataset", "task")
+
+
+@dataclass
+class DataConfig:
+    """Which rows, which targets, how they are split and batched."""
+
+    targets: list[str] = field(default_factory=lambda: ["test_acc", "gen_gap"])
+    representation: str = ""          # empty: the encoder's own ``representation`` attribute
+    split_seed: int = 0
+    fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    ood: dict = field(default_factory=dict)      # e.g. {width = ["<=", 32]}
+    filter: dict = field(default_factory=dict)   # passed to ZooDataset(filter=...)
+    batch_size: int = 32
+    augment_permute: bool = False     # random hidden-neuron permutation of each training batch
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + cosine schedule with linear warm-up, early stopping on validation loss."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    epochs: int = 50
+    warmup_epochs: int = 1
+    patience: int = 10                # epochs without validation improvement before stopping
+    grad_clip: float = 1.0            # max gradient norm; 0 disables clipping
+    amp: bool = True                  # bfloat16 autocast on CUDA (ignored on CPU)
+
+
+@dataclass
+class HeadConfig:
+    """Prediction heads on the encoder's embedding."""
+
+    hidden: int = 64                  # hidden width of each head's MLP; 0: a linear head
+    dropout: float = 0.0
+
+
+@dataclass
+class LogConfig:
+    """Where progress goes."""
+
+    wandb: bool = False
+    project: str = "wsnets"
+    progress: bool = True             # tqdm bar with live metrics
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run (see module docstring)."""
+
+    name: str = "meta-model"
+    seed: int = 0
+    encoder: dict = field(default_factory=lambda: {"name": "graph"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def encoder_name(self) -> str:
+        return str(self.encoder.get("name", ""))
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (str, bool, dict):
+        return isinstance(value, tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls: type, d: Mapping[str, Any], where: str, source: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{source}: [{where}] must be a table, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {dotted!r} (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted, source)
+            continue
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{source}: key {dotted!r} must be {_type_name(tp)}, got {type(value).__name__} "
+                              f"{value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_dict(d: Mapping[str, Any], source: str = "config") -> TrainConfig:
+    """A checked :class:`TrainConfig` from a nested dict (as read from TOML or ``config.json``)."""
+    cfg = _build(TrainConfig, d, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: TrainConfig, source: str = "config") -> None:
+    """Value checks beyond types (ranges, known target names)."""
+    if not cfg.encoder_name:
+        raise ConfigError(f"{source}: [encoder] needs a 'name'")
+    if not cfg.data.targets:
+        raise ConfigError(f"{source}: data.targets is empty")
+    known = REGRESSION_TARGETS + CLASSIFICATION_TARGETS
+    for t in cfg.data.targets:
+        if t not in known:
+            raise ConfigError(f"{source}: unknown target {t!r} in data.targets (known: {', '.join(known)})")
+    if len(cfg.data.fractions) != 3 or any(f < 0 for f in cfg.data.fractions) or sum(cfg.data.fractions) <= 0:
+        raise ConfigError(f"{source}: data.fractions must be three non-negative numbers (train, val, test)")
+    for name, v in (("data.batch_size", cfg.data.batch_size), ("optim.epochs", cfg.optim.epochs)):
+        if v < 1:
+            raise ConfigError(f"{source}: {name} must be >= 1, got {v}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"{source}: optim.lr must be > 0, got {cfg.optim.lr}")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a TOML config and apply ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        d = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    cfg = from_dict(d, str(path))
+    return apply_overrides(cfg, overrides, str(path))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _resolve(cfg_dict: dict, key: str, source: str) -> list[str]:
+    parts = key.split(".")
+    if parts[0] in cfg_dict:
+        return parts
+    # a field name unique across sections may drop its section
+    hits = [s for s, sub in cfg_dict.items() if isinstance(sub, dict) and s != "encoder" and parts[0] in sub]
+    if len(hits) == 1:
+        return [hits[0]] + parts
+    if len(hits) > 1:
+        raise ConfigError(f"{source}: override {key!r} is ambiguous (in {', '.join(hits)}); write e.g. "
+                          f"{hits[0]}.{key}")
+    raise ConfigError(f"{source}: unknown key {key!r} in override")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str], source: str = "command line") -> TrainConfig:
+    """A new config with ``section.key=value`` (or unique ``key=value``) overrides applied."""
+    d = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} must look like key=value")
+        key, text = item.split("=", 1)
+        parts = _resolve(d, key.strip(), "command line")
+        node = d
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"command line: unknown key {key!r} in override")
+            node = node[p]
+        node[parts[-1]] = _parse_value(text.strip())
+    return from_dict(d, f"{source} (with overrides)" if overrides else source)
+
+
+def split_cli_overrides(extra: Sequence[str]) -> list[str]:
+    """Turn leftover ``--key value`` / ``--key=value`` arguments into ``key=value`` overrides."""
+    out, i = [], 0
+    extra = list(extra)
+    while i < len(extra):
+        a = extra[i]
+        if not a.startswith("--") or len(a) <= 2:
+            raise ConfigError(f"command line: unexpected argument {a!r}")
+        key = a[2:]
+        if "=" in key:
+            k, v = key.split("=", 1)
+            out.append(f"{k.replace('-', '_')}={v}")
+            i += 1
+            continue
+        key = key.replace("-", "_")
+        if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+            out.append(f"{key}=true")   # bare flag
+            i += 1
+        else:
+            out.append(f"{key}={extra[i + 1]}")
+            i += 2
+    return out

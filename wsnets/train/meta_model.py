@@ -1,0 +1,258 @@
+"""The meta-model: an encoder of networks, one head per target, and target normalization.
+
+A trained meta-model is a directory ``RUN`` holding
+
+* ``model.safetensors`` — encoder and head weights (metadata ``wsnets.metamodel`` = format version),
+* ``config.json`` — the training config, targets, class names, representation, an example
+  architecture (to rebuild fixed-architecture encoders) and the input feature size,
+* ``normalization.json`` — mean and standard deviation of each regression target on the training
+  split (heads predict standardized values; :meth:`MetaModel.predict` returns real units).
+
+:meth:`MetaModel.load` reads the three files back; :meth:`MetaModel.predict` takes checkpoint paths,
+``nn.Module``\\ s, state_dicts or WeightSpaces.
+
+Examples
+--------
+>>> mm = MetaModel.load("runs/graph")                         # doctest: +SKIP
+>>> mm.predict(["model.safetensors"])[0]["test_acc"]          # doctest: +SKIP
+0.91
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..arch import Architecture
+from ..errors import CheckpointError, ConfigError, MissingKeyError
+from ..io import atomic_write, atomic_write_json, read_safetensors
+from ..weights import WeightSpace
+from .config import CLASSIFICATION_TARGETS, TrainConfig, from_dict
+from .represent import represent
+
+FORMAT = "wsnets.metamodel/1"
+FILES = ("model.safetensors", "config.json", "normalization.json")
+
+# name -> factory(encoder_config: dict, example: WeightSpace) -> nn.Module, for encoders outside wsnets.nn
+_ENCODERS: dict[str, Callable[[dict, WeightSpace], nn.Module]] = {}
+
+
+def register_encoder(name: str, factory: Callable[[dict, WeightSpace], nn.Module]) -> None:
+    """Make an encoder outside :mod:`wsnets.nn` buildable by name (``[encoder] name = ...``)."""
+    _ENCODERS[name] = factory
+
+
+def build_encoder(cfg: Mapping[str, Any], example: WeightSpace) -> nn.Module:
+    """An encoder from its config section: registered here first, else :mod:`wsnets.nn`'s registry."""
+    name = str(cfg.get("name", ""))
+    if name in _ENCODERS:
+        return _ENCODERS[name](dict(cfg), example)
+    try:
+        from ..nn.registry import build_encoder as nn_build  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise ConfigError(f"encoder {name!r}: wsnets.nn is not available ({e})") from None
+    return nn_build(dict(cfg), example)
+
+
+def is_classification(target: str) -> bool:
+    return target in CLASSIFICATION_TARGETS
+
+
+def _head(in_dim: int, out: int, hidden: int, dropout: float) -> nn.Module:
+    if hidden <= 0:
+        return nn.Linear(in_dim, out)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out))
+
+
+def load_networks(checkpoints: Sequence[Any] | Any) -> list[WeightSpace]:
+    """Single-network WeightSpaces from paths, nn.Modules, state_dicts or (batched) WeightSpaces."""
+    from ..io import load
+    if isinstance(checkpoints, (str, Path, WeightSpace, nn.Module, Mapping)):
+        checkpoints = [checkpoints]
+    nets: list[WeightSpace] = []
+    for c in checkpoints:
+        ws = load(c)
+        nets.extend(list(ws) if ws.batch_size is not None else [ws])
+    return nets
+
+
+class Predictor:
+    """``predict(checkpoints)`` for anything with ``targets``, ``classes``, ``representation`` and
+    ``predict_features(x) -> {target: [B] value | [B, C] probabilities}``."""
+
+    targets: list[str]
+    classes: dict[str, list[str]]
+    representation: str
+    feature_dim: int | None
+    example_arch: Architecture | None
+
+    @torch.no_grad()
+    def predict(self, checkpoints: Sequence[Any] | Any, *, batch_size: int = 64) -> list[dict]:
+        """Predictions for checkpoints (paths, nn.Modules, state_dicts or WeightSpaces).
+
+        Returns one dict per network: each regression target's value in real units, and for
+        ``dataset``/``task`` the predicted class name plus ``"<target>_probs"``: ``{class: probability}``.
+        """
+        nets = load_networks(checkpoints)
+        results: list[dict] = []
+        for i in range(0, len(nets), batch_size):
+            x = represent(nets[i:i + batch_size], self.representation)
+            self._check_features(x)
+            results.extend(self._rows(self.predict_features(x)))
+        return results
+
+    def _check_features(self, x: Any) -> None:
+        from ..errors import ArchitectureMismatchError
+        if self.feature_dim is not None and isinstance(x, torch.Tensor) and x.shape[-1] != self.feature_dim:
+            raise ArchitectureMismatchError(
+                f"the {self.representation} features have {x.shape[-1]} entries but this meta-model was trained on "
+                f"{self.feature_dim} (architecture {self.example_arch.describe() if self.example_arch else '?'})")
+
+    def _rows(self, out: Mapping[str, torch.Tensor]) -> list[dict]:
+        n = next(iter(out.values())).shape[0]
+        rows: list[dict] = [{} for _ in range(n)]
+        for t, v in out.items():
+            v = torch.as_tensor(v).cpu()
+            if is_classification(t):
+                for r, k, p in zip(rows, v.argmax(-1).tolist(), v.tolist()):
+                    r[t] = self.classes[t][k]
+                    r[f"{t}_probs"] = dict(zip(self.classes[t], p))
+            else:
+                for r, val in zip(rows, v.tolist()):
+                    r[t] = val
+        return rows
+
+
+def read_run(run: str | Path) -> tuple[dict, dict]:
+    """``config.json`` and ``normalization.json`` of a run directory, after checking all files exist."""
+    run = Path(run)
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: meta-model directory does not exist")
+    for f in FILES:
+        if not (run / f).is_file():
+            raise MissingKeyError(f"{run}: meta-model directory is missing {f} (needs {', '.join(FILES)})")
+    try:
+        meta = json.loads((run / "config.json").read_text())
+        norm = json.loads((run / "normalization.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{run}: corrupt JSON in meta-model directory ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{run / 'config.json'}: not a wsnets meta-model (format {meta.get('format')!r})")
+    return meta, norm
+
+
+class MetaModel(Predictor, nn.Module):
+    """Encoder + heads + normalization.
+
+    Parameters
+    ----------
+    encoder : nn.Module with ``forward(batch) -> [B, d]`` and ``out_dim``.
+    targets : target names, regression (``test_acc``, ``gen_gap``, ...) and/or ``dataset``/``task``.
+    classes : class names of each classification target.
+    normalization : ``{target: {"mean": m, "std": s}}`` for regression targets.
+    representation : the input the encoder takes (``"graph"``, ``"tensors"``, ...).
+    head_hidden, head_dropout : head MLP width (0: linear) and dropout.
+    """
+
+    def __init__(self, encoder: nn.Module, targets: Sequence[str], *, classes: Mapping[str, Sequence[str]] | None = None,
+                 normalization: Mapping[str, Mapping[str, float]] | None = None, representation: str = "graph",
+                 head_hidden: int = 64, head_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.targets = list(targets)
+        self.classes = {t: [str(c) for c in v] for t, v in (classes or {}).items()}
+        self.representation = representation
+        self.normalization = {t: {"mean": float(v["mean"]), "std": float(v["std"])}
+                              for t, v in (normalization or {}).items()}
+        d = int(getattr(encoder, "out_dim"))
+        heads = {}
+        for t in self.targets:
+            if is_classification(t):
+                if t not in self.classes:
+                    raise ConfigError(f"classification target {t!r} needs its class names")
+                heads[t] = _head(d, len(self.classes[t]), head_hidden, head_dropout)
+            else:
+                heads[t] = _head(d, 1, head_hidden, head_dropout)
+                self.normalization.setdefault(t, {"mean": 0.0, "std": 1.0})
+        self.heads = nn.ModuleDict(heads)
+        self.config: dict = {}          # training config, recorded by save()
+        self.example_arch: Architecture | None = None
+        self.feature_dim: int | None = None
+
+    # -- forward, loss, outputs ------------------------------------------------------------------
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        """``{target: [B] standardized value | [B, C] logits}``."""
+        z = self.encoder(batch)
+        return {t: (h(z) if is_classification(t) else h(z).squeeze(-1)) for t, h in self.heads.items()}
+
+    def normalize(self, target: str, y: torch.Tensor) -> torch.Tensor:
+        n = self.normalization[target]
+        return (y - n["mean"]) / n["std"]
+
+    def denormalize(self, target: str, y: torch.Tensor) -> torch.Tensor:
+        n = self.normalization[target]
+        return y * n["std"] + n["mean"]
+
+    def loss(self, out: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Sum over targets of MSE (standardized regression) and cross-entropy (classification)."""
+        parts = {}
+        for t in self.targets:
+            o = out[t].float()
+            if is_classification(t):
+                parts[t] = nn.functional.cross_entropy(o, y[t].long())
+            else:
+                parts[t] = nn.functional.mse_loss(o, self.normalize(t, y[t].to(o.dtype)))
+        return sum(parts.values()), {t: float(v.detach()) for t, v in parts.items()}
+
+    def outputs(self, out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Real-unit predictions ``[B]`` for regression and class probabilities ``[B, C]``."""
+        return {t: (out[t].float().softmax(-1) if is_classification(t) else self.denormalize(t, out[t].float()))
+                for t in self.targets}
+
+    # -- artifact --------------------------------------------------------------------------------
+    def save(self, run: str | Path) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and ``normalization.json`` into ``run`` (atomic)."""
+        from safetensors.torch import save_file
+        run = Path(run)
+        run.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(run / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"wsnets.metamodel": FORMAT}))
+        atomic_write_json(run / "config.json", {
+            "format": FORMAT, "kind": "nn", "config": self.config, "targets": self.targets, "classes": self.classes,
+            "representation": self.representation, "feature_dim": self.feature_dim,
+            "example_arch": self.example_arch.to_json() if self.example_arch is not None else None})
+        atomic_write_json(run / "normalization.json", self.normalization)
+        return run
+
+    @classmethod
+    def load(cls, run: str | Path, *, device: str | torch.device = "cpu") -> "MetaModel":
+        """Rebuild a saved meta-model (see module docstring); a missing or bad file raises one line."""
+        run = Path(run)
+        meta, norm = read_run(run)
+        if meta.get("kind") == "gbm":
+            from .gbm import GBMMetaModel
+            return GBMMetaModel.load(run)  # type: ignore[return-value]
+        cfg: TrainConfig = from_dict(meta["config"], str(run / "config.json"))
+        arch = Architecture.from_json(meta["example_arch"]) if meta.get("example_arch") else None
+        example = WeightSpace.random(arch) if arch is not None else None
+        encoder = build_encoder(cfg.encoder, example)
+        mm = cls(encoder, meta["targets"], classes=meta.get("classes"), normalization=norm,
+                 representation=meta["representation"], head_hidden=cfg.head.hidden, head_dropout=cfg.head.dropout)
+        mm.config, mm.example_arch, mm.feature_dim = meta["config"], arch, meta.get("feature_dim")
+        tensors, _ = read_safetensors(run / "model.safetensors")
+        missing = set(mm.state_dict()) - set(tensors)
+        if missing:
+            raise MissingKeyError(f"{run / 'model.safetensors'}: missing tensor {sorted(missing)[0]!r}")
+        mm.load_state_dict(tensors, strict=True)
+        return mm.to(device).eval()
+
+    @torch.no_grad()
+    def predict_features(self, x: Any) -> dict[str, torch.Tensor]:
+        """Real-unit outputs for an already represented batch ``x``."""
+        self.eval()
+        device = next(self.parameters()).device
+        return self.outputs(self(x.to(device)))

@@ -1,0 +1,66 @@
+"""Turn networks into the input an encoder takes, outside the zoo (for :meth:`MetaModel.predict`).
+
+The representation names are those of :class:`wsnets.zoo.ZooDataset`: ``"graph"`` (a
+``torch_geometric`` ``Batch`` of neural graphs), ``"tensors"`` (a batched :class:`WeightSpace`),
+``"flat"``, ``"stats"`` and ``"esd"`` (``[B, F]`` feature matrices). Conversion is delegated to
+:func:`wsnets.nn.registry.represent` (what the zoo dataset uses) one architecture group at a time, so
+``stats``/``esd`` rows of networks with different widths but equal depth batch together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import ArchitectureMismatchError, ConfigError
+from ..weights import WeightSpace, stack
+
+REPRESENTATIONS = ("graph", "tensors", "flat", "stats", "esd")
+
+
+def _one_arch(nets: Sequence[WeightSpace], what: str) -> None:
+    archs = {n.arch for n in nets}
+    if len(archs) > 1:
+        names = sorted(a.describe() for a in archs)
+        raise ArchitectureMismatchError(f"the {what} representation needs one architecture, got {', '.join(names)}")
+
+
+def _features(batched: WeightSpace, representation: str) -> torch.Tensor:
+    try:
+        from ..nn.registry import represent as nn_represent
+    except ImportError:  # wsnets.nn absent: the spine's own features
+        nn_represent = None
+    if nn_represent is not None:
+        return nn_represent(representation, batched)
+    if representation == "flat":
+        return batched.flat()
+    if representation == "stats":
+        return batched.stat_features()
+    raise ConfigError(f"the {representation!r} representation needs wsnets.nn")
+
+
+def represent(nets: Sequence[WeightSpace], representation: str) -> Any:
+    """The batched input of ``representation`` for single (unbatched) networks ``nets`` (order kept)."""
+    nets = list(nets)
+    if representation not in REPRESENTATIONS:
+        raise ConfigError(f"unknown representation {representation!r} (known: {', '.join(REPRESENTATIONS)})")
+    if representation == "graph":
+        from ..graph import to_batch
+        return to_batch(nets)
+    if representation in ("tensors", "flat"):
+        _one_arch(nets, representation)
+    groups: dict = {}
+    for i, n in enumerate(nets):
+        groups.setdefault(n.arch, []).append(i)
+    if representation == "tensors":
+        return stack(nets)
+    parts = {a: _features(stack([nets[i] for i in idx]), representation) for a, idx in groups.items()}
+    dims = {p.shape[-1] for p in parts.values()}
+    if len(dims) > 1:
+        raise ArchitectureMismatchError(f"{representation} features of different lengths {sorted(dims)}: "
+                                        f"the networks have different depths")
+    out = torch.empty(len(nets), dims.pop(), dtype=next(iter(parts.values())).dtype)
+    for a, idx in groups.items():   # one entry per architecture, not per network
+        out[torch.tensor(idx)] = parts[a]
+    return out
