@@ -194,34 +194,55 @@ def _segments(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(starts - excl, counts) + torch.arange(total)
 
 
+def _cat(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+
+
 def _assemble(parts: list[dict], order: list[int] | None) -> Batch:
-    """Concatenate per-architecture parts into a Batch, graphs in the requested order."""
-    counts_n = torch.cat([torch.full((p["B"],), p["topo"].num_nodes) for p in parts])
-    counts_e = torch.cat([torch.full((p["B"],), p["topo"].num_edges) for p in parts])
+    """Concatenate per-architecture parts into a Batch, graphs in the requested order.
+
+    Each big tensor is written once: edge indices of a group are its topology broadcast against the
+    node offsets of its graphs (``[2, 1, E] + [1, B, 1]``), features are reshaped views.
+    """
+    counts_n = _cat([torch.full((p["B"],), p["topo"].num_nodes) for p in parts])
+    counts_e = _cat([torch.full((p["B"],), p["topo"].num_edges) for p in parts])
     total = int(counts_n.numel())
-    # concatenation order: group by group; local (per-graph) edge indices
-    x = torch.cat([p["x"].reshape(-1, p["x"].shape[-1]) for p in parts])
-    ea = torch.cat([p["edge_attr"].reshape(-1, p["edge_attr"].shape[-1]) for p in parts])
-    ei = torch.cat([p["topo"].edge_index.repeat(1, p["B"]) for p in parts], dim=1)
-    attrs = {a: torch.cat([getattr(p["topo"], a).repeat(p["B"]) for p in parts]) for a in _NODE_ATTRS + _EDGE_ATTRS}
-    archs = [p["topo"].arch_json for p in parts for _ in range(p["B"])]
-    if order is not None and order != sorted(order):
-        # output graph order[k] is concatenated graph k: gather node and edge blocks into output order
+    reorder = order is not None and order != sorted(order)
+    if reorder:
         pos = torch.empty(total, dtype=torch.long)
-        pos[torch.tensor(order)] = torch.arange(total)   # pos[out] = concatenated index
-        cn = torch.zeros(total + 1, dtype=torch.long); cn[1:] = counts_n.cumsum(0)
-        ce = torch.zeros(total + 1, dtype=torch.long); ce[1:] = counts_e.cumsum(0)
+        pos[torch.tensor(order)] = torch.arange(total)   # pos[out] = index in concatenation order
+    node_ptr = torch.zeros(total + 1, dtype=torch.long)
+    node_ptr[1:] = (counts_n[pos] if reorder else counts_n).cumsum(0)
+    edge_ptr = torch.zeros(total + 1, dtype=torch.long)
+    edge_ptr[1:] = (counts_e[pos] if reorder else counts_e).cumsum(0)
+
+    x = _cat([p["x"].reshape(-1, p["x"].shape[-1]) for p in parts])
+    ea = _cat([p["edge_attr"].reshape(-1, p["edge_attr"].shape[-1]) for p in parts])
+    attrs = {a: _cat([getattr(p["topo"], a).repeat(p["B"]) for p in parts]) for a in _NODE_ATTRS + _EDGE_ATTRS}
+    archs = [p["topo"].arch_json for p in parts for _ in range(p["B"])]
+    if not reorder:
+        # global edge indices directly: topology + node offset of each graph, one write per group
+        eis, base = [], 0
+        for p in parts:
+            t = p["topo"]
+            offs = base + torch.arange(p["B"]) * t.num_nodes
+            eis.append((t.edge_index.unsqueeze(1) + offs.view(1, -1, 1)).reshape(2, -1))
+            base += p["B"] * t.num_nodes
+        ei = _cat(eis, 1)
+    else:
+        # output graph k is concatenated graph pos[k]: gather node and edge blocks, then offset
+        cn = torch.zeros(total + 1, dtype=torch.long)
+        cn[1:] = counts_n.cumsum(0)
+        ce = torch.zeros(total + 1, dtype=torch.long)
+        ce[1:] = counts_e.cumsum(0)
         nidx = _segments(cn[:-1][pos], counts_n[pos])
         eidx = _segments(ce[:-1][pos], counts_e[pos])
-        x, ea, ei = x[nidx], ea[eidx], ei[:, eidx]
+        ei = _cat([p["topo"].edge_index.repeat(1, p["B"]) for p in parts], 1)[:, eidx]
+        x, ea = x[nidx], ea[eidx]
         attrs = {a: t[nidx] if a in _NODE_ATTRS else t[eidx] for a, t in attrs.items()}
         archs = [archs[i] for i in pos.tolist()]
         counts_n, counts_e = counts_n[pos], counts_e[pos]
-    node_ptr = torch.zeros(total + 1, dtype=torch.long)
-    node_ptr[1:] = counts_n.cumsum(0)
-    edge_ptr = torch.zeros(total + 1, dtype=torch.long)
-    edge_ptr[1:] = counts_e.cumsum(0)
-    ei = ei + torch.repeat_interleave(node_ptr[:-1], counts_e).unsqueeze(0)
+        ei = ei + torch.repeat_interleave(node_ptr[:-1], counts_e).unsqueeze(0)
     batch = Batch(_base_cls=Data)
     batch.x, batch.edge_index, batch.edge_attr = x, ei, ea
     for a, t in attrs.items():
