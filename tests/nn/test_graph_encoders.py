@@ -1,0 +1,85 @@
+"""Both graph encoders: invariance, identity of inputs/outputs, mixed batches, and that they can learn."""
+
+import pytest
+import torch
+
+import wsnets
+from wsnets.errors import ShapeMismatchError
+from wsnets.nn import NeuralGraphEncoder, NeuralGraphTransformer, RegressionHead
+from wsnets.testing import assert_invariant, assert_sensitive_to_inputs
+
+from .helpers import ARCHS, mixed, nets
+
+ENCODERS = {
+    "pna": lambda: NeuralGraphEncoder(hidden=16, layers=2, out_dim=8, edge_dim=9),
+    "transformer": lambda: NeuralGraphTransformer(hidden=16, layers=2, heads=4, out_dim=8, edge_dim=9),
+}
+
+
+@pytest.fixture(params=list(ENCODERS))
+def encoder(request):
+    return ENCODERS[request.param]().double().eval()
+
+
+def _double(ws_list):
+    return [w.map(torch.Tensor.double) for w in ws_list]
+
+
+def test_mixed_batch_equals_each_graph_alone(encoder):
+    networks = _double(mixed())
+    assert len({w.arch for w in networks}) >= 3
+    with torch.no_grad():
+        out = encoder(wsnets.to_batch(networks))
+        alone = torch.cat([encoder(wsnets.to_batch([w])) for w in networks])
+    assert out.shape == (len(networks), encoder.out_dim)
+    torch.testing.assert_close(out, alone, rtol=1e-9, atol=1e-9)
+
+
+def test_invariant_to_hidden_permutations_mixed_with_batchnorm(encoder):
+    assert_invariant(encoder, _double(mixed()), n_perms=2, rtol=1e-9)
+
+
+def test_sensitive_to_input_and_output_permutations(encoder):
+    networks = _double(mixed())
+    assert_sensitive_to_inputs(encoder, networks)
+    L = {w.arch: len(w.arch.group_sizes) - 1 for w in networks}
+    flipped = [wsnets.permute(w, {L[w.arch]: torch.arange(w.arch.out_features).flip(0)}, allow_fixed=True)
+               for w in networks]
+    with torch.no_grad():
+        diff = (encoder(wsnets.to_batch(networks)) - encoder(wsnets.to_batch(flipped))).abs().max()
+    assert diff > 1e-6
+
+
+def test_batched_weightspace_and_list_give_the_same_embedding(encoder):
+    ws = nets(ARCHS["cnn2d_bn"], 3).map(torch.Tensor.double)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(wsnets.to_batch(ws)), encoder(wsnets.to_batch(list(ws))))
+
+
+def test_kernel_larger_than_edge_dim_is_a_clear_error():
+    enc = NeuralGraphEncoder(hidden=8, layers=1, edge_dim=4)
+    with pytest.raises(ShapeMismatchError, match="edge_dim=4"):
+        enc(wsnets.to_batch(nets(ARCHS["cnn2d_bn"], 1)))
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_learns_a_weight_property_across_architectures(name):
+    """Regress log(init scale) of random MLPs and CNNs of several shapes: must beat the mean by far."""
+    g = torch.Generator().manual_seed(0)
+    archs = [ARCHS["mlp"], ARCHS["cnn1d"], wsnets.mlp(6, [9], 3)]
+    ws, y = [], []
+    for i in range(48):
+        s = float(torch.empty(1).uniform_(0.3, 3.0, generator=g))
+        ws.append(wsnets.WeightSpace.random(archs[i % 3], generator=g, scale=s))
+        y.append(s)
+    y = torch.tensor(y).log().unsqueeze(1)
+    batch = wsnets.to_batch(ws)
+    enc = ENCODERS[name]()
+    head = RegressionHead(enc.out_dim, 1, hidden=(16,)).fit_targets(y)
+    opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=3e-3)
+    for _ in range(60):
+        opt.zero_grad()
+        loss = head.loss(enc(batch), y)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1  # standardized MSE: 1.0 is the mean predictor
