@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+
+import wsnets
+from wsnets.cli import main
+from wsnets.io import read_safetensors
+from wsnets.merge import task_arithmetic, ties, weight_matching
+
+
+@pytest.fixture()
+def ckpts(tmp_path):
+    arch = wsnets.mlp(64, [16], 10)
+    g = torch.Generator().manual_seed(0)
+    base = wsnets.WeightSpace.random(arch, generator=g)
+    paths = {"base": base.save(tmp_path / "base.safetensors")}
+    for i in range(3):
+        paths[f"ft{i}"] = base.map(lambda t: t + 0.05 * torch.randn(t.shape, generator=g)).save(tmp_path / f"ft{i}.safetensors")
+    paths["other"] = wsnets.WeightSpace.random(wsnets.mlp(64, [17], 10)).save(tmp_path / "other.safetensors")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def test_average_writes_provenance(ckpts, tmp_path, capsys):
+    out = tmp_path / "avg.safetensors"
+    assert main(["merge", "average", ckpts["ft0"], ckpts["ft1"], "-o", str(out), "--weights", "1,3", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["method"] == "average"
+    tensors, meta = read_safetensors(out)
+    assert meta["wsnets.merge.method"] == "average"
+    ing = json.loads(meta["wsnets.merge.ingredients"])
+    assert [i["path"] for i in ing] == [ckpts["ft0"], ckpts["ft1"]] and len(ing[0]["sha256"]) == 64
+    assert json.loads(meta["wsnets.merge.parameters"])["weights"] == [1.0, 3.0]
+    a, b, m = wsnets.load(ckpts["ft0"]), wsnets.load(ckpts["ft1"]), wsnets.load(out)
+    torch.testing.assert_close(m.flat(), 0.25 * a.flat() + 0.75 * b.flat())
+
+
+@pytest.mark.parametrize("method", ["ties", "task-arithmetic"])
+def test_task_merges_match_the_library(method, ckpts, tmp_path):
+    out = tmp_path / "m.safetensors"
+    fts = [ckpts["ft0"], ckpts["ft1"], ckpts["ft2"]]
+    assert main(["merge", method, "--base", ckpts["base"], *fts, "-o", str(out)]) == 0
+    fn = ties if method == "ties" else task_arithmetic
+    ref = fn(wsnets.load(ckpts["base"]), [wsnets.load(p) for p in fts])
+    torch.testing.assert_close(wsnets.load(out).flat(), ref.flat())
+    _, meta = read_safetensors(out)
+    assert json.loads(meta["wsnets.merge.base"])["path"] == ckpts["base"]
+
+
+def test_mismatch_is_one_line_and_exit_2(ckpts, tmp_path, capsys):
+    code = main(["merge", "average", ckpts["ft0"], ckpts["other"], "-o", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "other.safetensors" in err and "'0.weight' has shape (17, 64)" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_align_and_barrier(ckpts, tmp_path, capsys):
+    out = tmp_path / "al.safetensors"
+    assert main(["merge", "align", ckpts["ft0"], ckpts["other"].replace("other", "ft1"), "-o", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    _, perms = weight_matching(wsnets.load(ckpts["ft0"]), wsnets.load(ckpts["ft1"]))
+    assert printed["permutations"]["1"] == perms[1].tolist()
+    png = tmp_path / "curve.png"
+    assert main(["merge", "barrier", ckpts["ft0"], ckpts["ft1"], "--dataset", "digits", "--align", "--steps", "5",
+                 "--plot", str(png), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["curves"]) == {"straight line", "after weight matching"}
+    assert png.stat().st_size > 1000
+    assert main(["merge", "barrier", ckpts["ft0"], ckpts["ft1"]]) == 2  # needs --dataset
+
+
+def test_greedy_soup_cli(ckpts, tmp_path, capsys):
+    out = tmp_path / "soup.safetensors"
+    fts = [ckpts["ft0"], ckpts["ft1"], ckpts["ft2"]]
+    assert main(["merge", "soup", *fts, "--dataset", "digits", "-o", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["soup_score"] >= max(res["ingredient_scores"])
+    _, meta = read_safetensors(out)
+    assert meta["wsnets.merge.method"] == "greedy_soup"
