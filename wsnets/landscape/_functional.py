@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from ..weights import WeightSpace
@@ -108,11 +107,15 @@ def chunks(n: int, size: int) -> Iterator[slice]:
 
 
 def loss_and_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy and number correct per network: logits ``[G, N, C]`` -> ``[G]``, ``[G]``."""
-    G, N, C = logits.shape
-    ce = F.cross_entropy(logits.reshape(G * N, C), y.repeat(G), reduction="none").reshape(G, N).sum(1)
-    correct = (logits.argmax(-1) == y).sum(1)
-    return ce, correct
+    """Summed cross-entropy and number correct per network: logits ``[G, N, C]`` -> ``[G]``, ``[G]``.
+
+    One ``max`` gives both the prediction (first maximal index, as ``argmax``) and the shift of a
+    hand-written log-sum-exp, about 4x faster on CPU than ``F.cross_entropy`` for 10 classes.
+    """
+    m, pred = logits.max(-1)  # [G, N]
+    lse = m + torch.log(torch.exp(logits - m[..., None]).sum(-1))
+    picked = logits.gather(-1, y.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
+    return (lse - picked).sum(1), (pred == y).sum(1)
 
 
 def weightspace_to_flat(ws: WeightSpace) -> torch.Tensor:

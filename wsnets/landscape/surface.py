@@ -6,7 +6,10 @@ chunk of ``G`` points is evaluated as one batched computation: the ``G`` paramet
 stacked and the network runs under ``torch.func.vmap`` (``functional_call``), so each layer is one
 batched matmul / convolution.
 
-The first weight layer is linear in the grid coordinates: ``W(c) x = W0 x + sum_j c_j D_j x``. Its
+On CPU the full-batch evaluation is compute-bound, and one GEMM per point on cache-resident
+activations beats a ``bmm`` over stacked points, so the default there is one point at a time
+(``chunk_size=1``, no ``vmap``); batching pays on GPUs, where a per-point loop is bound by kernel
+launches. The first weight layer is linear in the grid coordinates: ``W(c) x = W0 x + sum_j c_j D_j x``. Its
 ``k + 1`` outputs are computed once for the whole dataset and every grid point combines them with an
 einsum, which removes the first layer's cost from every point (``first_layer_trick=True``).
 
@@ -103,16 +106,25 @@ class _FirstLayer:
 
     def forward(self, pre: torch.Tensor, coeffs: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
         """Logits ``[G, N, C]`` for grid points ``coeffs [G, k]`` with parameters ``thetas [G, P]``."""
-        z = pre[0] + torch.einsum("gk,kn...->gn...", coeffs, pre[1:])
+        k = pre.shape[0] - 1  # z[g] = pre[0] + sum_j coeffs[g, j] pre[1 + j]
+        if coeffs.shape[0] == 1 and coeffs.device.type == "cpu":  # k axpys beat a [1, k] x [k, N*h] GEMM
+            z = pre[0].clone()
+            for j, c in enumerate(coeffs[0].tolist()):
+                z.add_(pre[1 + j], alpha=c)
+            z = z[None]
+        else:
+            z = torch.addmm(pre[0].reshape(1, -1), coeffs, pre[1:].reshape(k, -1)).reshape(-1, *pre.shape[1:])
         params = self.net.unflatten(thetas)
-        rest = {k: v for k, v in params.items() if k not in self.first_keys}
         # the sliced Sequential keeps its children's original names, so the keys still match
+        rest = {k: v for k, v in params.items() if k not in self.first_keys}
+        if z.shape[0] == 1:  # one point: a plain forward (fastest on CPU, see module docstring)
+            return functional_call(self.rest, {**{k: v[0] for k, v in rest.items()}, **self.net.buffers}, (z[0],))[None]
         return vmap(lambda p, zz: functional_call(self.rest, {**p, **self.net.buffers}, (zz,)))(rest, z)
 
 
 @torch.no_grad()
 def evaluate_points(ws: WeightSpace, directions: Sequence[WeightSpace], coeffs: torch.Tensor, data: Data, *,
-                    chunk_size: int = 64, first_layer_trick: bool = True, device: str | torch.device | None = None,
+                    chunk_size: int | None = None, first_layer_trick: bool = True, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy and accuracy at ``G`` points ``theta0 + coeffs @ directions``, batched.
 
@@ -123,7 +135,9 @@ def evaluate_points(ws: WeightSpace, directions: Sequence[WeightSpace], coeffs: 
     coeffs : ``[G, k]`` grid coordinates.
     data : ``(X, y)`` tensors (full batch) or an iterable of ``(x, y)`` batches; the loss is the
         mean over all examples (batches weighted by their size).
-    chunk_size : grid points evaluated together (memory ~ ``chunk_size * batch * width``).
+    chunk_size : grid points evaluated together under ``vmap`` (memory ~ ``chunk_size * batch * width``).
+        Default: 64 on GPUs, 1 on CPU, where stacked small matmuls (bmm) run slower than one
+        cache-resident GEMM per point (``benchmarks/landscape_speed.py`` measures both).
     first_layer_trick : reuse the first layer's outputs across points (exact up to rounding).
 
     Returns
@@ -139,13 +153,18 @@ def evaluate_points(ws: WeightSpace, directions: Sequence[WeightSpace], coeffs: 
     total = sum(len(y) for _, y in data)
     loss = torch.zeros(G, dtype=torch.float64, device=net.device)
     correct = torch.zeros(G, dtype=torch.float64, device=net.device)
+    if chunk_size is None:
+        chunk_size = 1 if net.device.type == "cpu" else 64
     fl = _FirstLayer(net, dirs) if first_layer_trick else None
     pres = [fl.precompute(x) for x, _ in data] if fl else None
     bar = tqdm(total=G, disable=not progress, desc="surface", unit="pt")
     for sl in chunks(G, chunk_size):
         thetas = net.theta0 + coeffs[sl] @ dirs
         for bi, (x, y) in enumerate(data):
-            logits = fl.forward(pres[bi], coeffs[sl], thetas) if fl else net.batched(thetas, x)
+            if fl:
+                logits = fl.forward(pres[bi], coeffs[sl], thetas)
+            else:
+                logits = net(thetas[0], x)[None] if len(thetas) == 1 else net.batched(thetas, x)
             l, c = loss_and_correct(logits, y)
             loss[sl] += l.double()
             correct[sl] += c.double()
