@@ -99,10 +99,50 @@ def splits(representation: str = "flat", targets=("test_acc", "gen_gap", "datase
             for i, (s, k) in enumerate(zip(("train", "val", "test"), n))}
 
 
-def config(encoder: str = "tiny-flat", epochs: int = 8, **sections):
+def config(enc: str = "tiny-flat", epochs: int = 8, **sections):
     from wsnets.train import from_dict
-    d = {"name": "fake", "encoder": {"name": encoder}, "optim": {"epochs": epochs, "lr": 3e-3, "warmup_epochs": 1},
+    d = {"name": "fake", "encoder": {"name": enc}, "optim": {"epochs": epochs, "lr": 3e-3, "warmup_epochs": 1},
          "data": {"targets": ["test_acc", "gen_gap", "dataset"], "batch_size": 16}, "log": {"progress": False}}
     for k, v in sections.items():
         d.setdefault(k, {}).update(v)
     return from_dict(d)
+
+
+# -- the DDP test's pieces (here so that spawned ranks can import them) ------------------------------
+EPOCHS, BATCH, WORLD = 3, 8, 2
+
+
+def ddp_model(ds, cfg):
+    from wsnets.train import MetaModel
+    from wsnets.train.loop import normalization
+    from wsnets.train.meta_model import build_encoder
+    torch.manual_seed(0)
+    enc = build_encoder(cfg.encoder, ds["train"].weightspaces())
+    return MetaModel(enc, cfg.data.targets, classes={"dataset": CLASSES},
+                     normalization=normalization(ds["train"], cfg.data.targets), representation="flat")
+
+
+def ddp_config():
+    return config(epochs=EPOCHS, data={"batch_size": BATCH}, optim={"patience": 0})
+
+
+def scalars(m):
+    return {f"{t}.{k}": v for t, d in m.items() if isinstance(d, dict) for k, v in d.items() if isinstance(v, float)}
+
+
+def ddp_worker(rank, port, out):
+    import os
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from wsnets.train import evaluate, fit
+    from wsnets.train.distributed import setup, teardown
+    dist = setup("cpu")
+    ds, cfg = splits(), ddp_config()
+    mm = ddp_model(ds, cfg)
+    res = fit(mm, ds["train"], ds["val"], cfg, dist=dist)
+    ev = evaluate(mm, ds["val"], dist=dist)
+    flat = torch.cat([p.detach().flatten() for p in mm.parameters()])
+    torch.save({"params": flat, "val": scalars(ev), "loss": ev["loss"], "best_epoch": res.best_epoch},
+               f"{out}/rank{rank}.pt")
+    teardown(dist)

@@ -119,7 +119,7 @@ def run_training(cfg: TrainConfig, *, zoo: str | Path | None = None, out: str | 
             atomic_write_json(out / "metrics.json", result)
             logger.info("test (mean ± std over seeds): " + "; ".join(
                 f"{t} " + ", ".join(f"{m} {fmt(v)}" for m, v in ms.items() if m in ("kendall_tau", "r2", "accuracy"))
-                for t, ms in result["test"].items() if isinstance(ms, dict) and t != "loss_parts"))
+                for t, ms in result["test"].items() if t not in ("loss", "loss_parts")))
         logger.close()
         dist.barrier()
         return result

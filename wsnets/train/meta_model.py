@@ -75,9 +75,28 @@ def load_networks(checkpoints: Sequence[Any] | Any) -> list[WeightSpace]:
         checkpoints = [checkpoints]
     nets: list[WeightSpace] = []
     for c in checkpoints:
-        ws = load(c)
+        ws = canonicalize(load(c))
         nets.extend(list(ws) if ws.batch_size is not None else [ws])
     return nets
+
+
+def canonicalize(ws: WeightSpace) -> WeightSpace:
+    """Layers named by position (``"0"``, ``"2"``, as :func:`wsnets.mlp` names them) and, for an MLP
+    loaded without one, ``input_shape = (in_features,)`` — so a checkpoint from a user's own
+    ``nn.Sequential`` or state_dict has the same :class:`Architecture` as the zoo's networks."""
+    from ..convert import canonical
+    arch = canonical(ws.arch)
+    first = next((l for l in arch.layers if l.kind not in ("flatten", "dropout")), None)
+    if arch.input_shape is None and first is not None and first.kind == "linear":
+        arch = Architecture(arch.layers, (int(first.in_features),))
+    if arch == ws.arch:
+        return ws
+    rename = {old.name: new.name for old, new in zip(ws.arch.layers, arch.layers)}
+    params = {}
+    for key, v in ws.params.items():   # a few keys per layer, not per neuron
+        prefix, _, suffix = key.rpartition(".")
+        params[f"{rename.get(prefix, prefix)}.{suffix}"] = v
+    return WeightSpace(arch, params, ws.batch_size)
 
 
 class Predictor:
