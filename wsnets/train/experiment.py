@@ -186,6 +186,8 @@ def _encoder_representation(cfg: TrainConfig, zoo: str | Path) -> str:
     name = cfg.encoder_name
     if name in ("stat_gbm", "esd_gbm"):
         return "stats" if name == "stat_gbm" else "esd"
+    if name == "nfn-hnp":
+        return "tensors"
     try:
         from ..nn.registry import ENCODERS
     except ImportError as e:

@@ -49,6 +49,9 @@ def register_encoder(name: str, factory: Callable[[dict, WeightSpace], nn.Module
 def build_encoder(cfg: Mapping[str, Any], example: WeightSpace) -> nn.Module:
     """An encoder from its config section: registered here first, else :mod:`wsnets.nn`'s registry."""
     name = str(cfg.get("name", ""))
+    if name == "nfn-hnp" and name not in _ENCODERS:
+        from .nfn_reference import build
+        register_encoder(name, build)
     if name in _ENCODERS:
         return _ENCODERS[name](dict(cfg), example)
     try:
