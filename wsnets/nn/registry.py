@@ -93,6 +93,9 @@ def build_encoder(config: Mapping[str, Any], example: Any = None) -> nn.Module:
             enc = cls(int(config["in_features"]), **{k: v for k, v in kw.items() if k != "in_features"})
         elif name == "stats" and _first_arch(example, single=False) is not None:
             enc = cls(14 * len(_first_arch(example, single=False).weight_layers), **kw)
+        elif name == "esd" and _first_arch(example, single=False) is not None:
+            from ..esd import esd_feature_names
+            enc = cls(len(esd_feature_names(_first_arch(example, single=False))), **kw)
         elif isinstance(example, (WeightSpace, list, tuple)):
             f = represent(name, example)
             enc = cls(f.shape[1], **kw)
