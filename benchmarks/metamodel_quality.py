@@ -1,0 +1,118 @@
+"""Meta-model quality side by side: Kendall τ of predicted test accuracy and generalization gap.
+
+Every method trains on the same zoo split (``data.split_seed``), ``--seeds`` seeds each, and reports
+mean ± std of the test-split metrics; one JSON file (``--out``) and a Markdown table on stdout.
+
+    python benchmarks/metamodel_quality.py --zoo zoos/digits-mlp --seeds 3 --out bench/quality.json
+    python benchmarks/metamodel_quality.py --zoo zoos/digits-mlp --quick          # minutes, 1 seed
+    python benchmarks/metamodel_quality.py --zoo zoos/regions --targets dataset,task
+    python benchmarks/metamodel_quality.py --zoo zoos/digits-mlp --ood 'width:<=:32'   # OOD: wider test
+
+Fixed-architecture methods (np, hnp, nfn-hnp, flatmlp) need one architecture: pass
+``--filter width=32 --filter depth=2`` (applied to every method, so the split stays the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ["graph", "transformer", "np", "hnp", "nfn-hnp", "statnn-gbm", "statnn-mlp", "flatmlp", "esd"]
+LABELS = {"graph": "neural-graph encoder (PNA)", "transformer": "neural-graph transformer", "np": "NP (wsnets)",
+          "hnp": "HNP (wsnets)", "nfn-hnp": "HNP (nfn package)", "statnn-gbm": "StatNN (GBM)",
+          "statnn-mlp": "StatNN (MLP)", "flatmlp": "FlatMLP", "esd": "ESD features (linear)",
+          "esd-gbm": "ESD features (GBM)"}
+
+
+def _value(text: str):
+    import tomllib
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", required=True)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated names of train/*.toml")
+    p.add_argument("--targets", default="test_acc,gen_gap")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="1 seed, few epochs, small encoders")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="zoo row filter (all methods)")
+    p.add_argument("--ood", default=None, metavar="KEY:OP:VALUE", help="e.g. 'width:<=:32': train/val in-distribution, test the rest")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (all methods)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="JSON results file")
+    p.add_argument("--runs", default=None, help="keep run directories here (default: a temporary directory)")
+    a = p.parse_args(argv)
+
+    from wsnets.errors import WSNetsError
+    from wsnets.io import atomic_write_json
+    from wsnets.train.config import load_config
+    from wsnets.train.experiment import run_training
+    from wsnets.train.metrics import fmt
+
+    targets = [t for t in a.targets.split(",") if t]
+    seeds = 1 if a.quick else a.seeds
+    common = [f"data.targets={json.dumps(targets)}", "log.progress=false"]
+    if a.filter:
+        common.append("data.filter={" + ", ".join(f"{k} = {json.dumps(_value(v))}" for k, v in
+                                                   (f.split("=", 1) for f in a.filter)) + "}")
+    if a.ood:
+        k, op, v = a.ood.split(":", 2)
+        common.append(f"data.ood={{{k} = [{json.dumps(op)}, {json.dumps(_value(v))}]}}")
+    if a.quick:
+        common += ["optim.epochs=8", "optim.patience=4"]
+    if a.epochs:
+        common.append(f"optim.epochs={a.epochs}")
+    common += a.set
+    runs = Path(a.runs) if a.runs else Path(tempfile.mkdtemp(prefix="wsnets-quality-"))
+    results: dict = {"zoo": a.zoo, "targets": targets, "seeds": seeds, "quick": a.quick, "filter": a.filter,
+                     "ood": a.ood, "overrides": common, "methods": {}}
+    for m in [x for x in a.methods.split(",") if x]:
+        cfg_path = ROOT / "train" / f"{m}.toml"
+        t0 = time.perf_counter()
+        try:
+            cfg = load_config(cfg_path, common)
+            res = run_training(cfg, zoo=a.zoo, out=runs / m, seeds=seeds, device=a.device, plots=not a.quick)
+        except WSNetsError as e:
+            print(f"{m}: skipped: {e}", file=sys.stderr)
+            results["methods"][m] = {"error": str(e)}
+            continue
+        results["methods"][m] = {"test": res["test"], "sizes": res["sizes"], "wall_s": time.perf_counter() - t0,
+                                 "run": str(runs / m)}
+        print(f"{m}: done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    if a.out:
+        atomic_write_json(a.out, results)
+
+    reg = [t for t in targets if t not in ("dataset", "task")]
+    cls = [t for t in targets if t in ("dataset", "task")]
+    head = ["method"] + [f"τ {t}" for t in reg] + [f"R² {t}" for t in reg] + [f"acc {t}" for t in cls] + ["models (train/val/test)", "time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, r in results["methods"].items():
+        if "error" in r:
+            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(["n/a"] * (len(head) - 2)) + f" | {r['error'][:60]} |")
+            continue
+        t = r["test"]
+        cells = [fmt(t[x]["kendall_tau"]) for x in reg] + [fmt(t[x]["r2"]) for x in reg] + \
+                [fmt(t[x]["accuracy"]) for x in cls]
+        s = r["sizes"]
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) +
+                     f" | {s['train']}/{s['val']}/{s['test']} | {r['wall_s']:.0f} |")
+    print(f"\nMeta-model quality on {a.zoo} (test split, mean ± std over {seeds} seed(s)"
+          f"{', quick' if a.quick else ''}{', OOD ' + a.ood if a.ood else ''}):\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
