@@ -75,3 +75,15 @@ def test_predict_errors(run, tmp_path, capsys):
     other = tmp_path / "other.safetensors"
     wsnets.save(wsnets.WeightSpace.random(wsnets.mlp(4, [9], 3)), other)
     _err_line(capsys, ["predict", str(other), "--meta-model", str(run)], "trained on")
+
+
+def test_python_m_wsnets_train_entry_point(tmp_path):
+    """The module torchrun launches (``-m wsnets.train``) is the same command with the same errors."""
+    import subprocess
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[encoder]\nname = "graph"\n[optim]\nepochs = 1.5\n')
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "wsnets.train", str(cfg), "--zoo", str(tmp_path), "--out",
+                        str(tmp_path / "r")], capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "'optim.epochs' must be int" in r.stderr
