@@ -145,6 +145,7 @@ def run(model: Any, *, min_evals: int = DEFAULT_MIN_EVALS, max_evals: int = DEFA
     rows: list[dict[str, Any]] = []
     evals: dict[int, torch.Tensor] = {}
     todo: dict[tuple, list[int]] = {}  # shape -> row indices waiting for eigenvalues
+    heads = []
     for layer_id, e in enumerate(entries):
         lay = layout(e.shape, conv2d_norm=conv2d_norm, name=e.name)
         base = {"layer_id": layer_id, "name": e.name, "layer_type": LAYER_TYPES[lay.kind], "N": lay.N, "M": lay.M,
@@ -156,9 +157,10 @@ def run(model: Any, *, min_evals: int = DEFAULT_MIN_EVALS, max_evals: int = DEFA
             reason = f"skipped: {lay.num_evals} eigenvalues > max_evals={max_evals}"
         elif max_N and lay.N > max_N:
             reason = f"skipped: N={lay.N} > max_N={max_N}"
-        for b in range(B):
-            row = ({"model": b} if batch is not None else {}) | base | {"status": reason}
-            rows.append(row)
+        heads.append((e, base, reason))
+    for b in range(B):  # rows model-major: all layers of model 0, then model 1, ...
+        for e, base, reason in heads:
+            rows.append(({"model": b} if batch is not None else {}) | base | {"status": reason})
             if not reason:
                 todo.setdefault(e.shape, []).append(len(rows) - 1)
     # eigenvalues: all tensors of one shape in memory-bounded batched calls
@@ -172,10 +174,11 @@ def run(model: Any, *, min_evals: int = DEFAULT_MIN_EVALS, max_evals: int = DEFA
             chunk = names[c:c + max(1, per // B)]
             w = torch.cat([by_name[n].load() for n in chunk])  # [len(chunk) * B, *shape]
             ids = [i for n in chunk for i in idx if rows[i]["name"] == n]
-            finite = torch.isfinite(w.flatten(1)).all(1)
-            for i, ok in zip(ids, finite.tolist()):
+            flat = w.flatten(1)
+            finite = torch.isfinite(flat).all(1)
+            for i, ok, nan, inf in zip(ids, finite.tolist(), flat.isnan().sum(1).tolist(), flat.isinf().sum(1).tolist()):
                 if not ok:
-                    rows[i]["status"] = "failed: NaN or Inf in weights"
+                    rows[i]["status"] = f"failed: {nan} NaN and {inf} Inf of {flat.shape[1]} weights"
             good = [i for i, ok in zip(ids, finite.tolist()) if ok]
             if good:
                 wg = w[finite]

@@ -33,7 +33,7 @@ EVALS_THRESH = 1e-5
 SMALL_N_CUTOFF = 20
 SMALL_N_KMIN = 8
 SMALL_N_KS_WEIGHT = 0.868
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 17  # block size of the KS computation (fits in L2 cache)
 
 
 @dataclass
@@ -60,31 +60,29 @@ class PowerLawFit:
         return f"failed: {int(self.n_fit[i])} eigenvalue(s) above {EVALS_THRESH:g}, need at least 2"
 
 
-def _ks_distances(x: torch.Tensor, alpha: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """KS distance for every (row, candidate): ``[B, n]`` sorted data, ``[B, C]`` alphas -> ``[B, C]``.
+def _ks_distances(logx: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """KS distance for every (row, candidate): ``[B, n]`` sorted log-data, ``[B, C]`` alphas -> ``[B, C]``.
 
-    Candidate ``c`` is data index ``c``; entries ``j < c`` are masked out. Candidates before ``start``
-    (eigenvalues below the threshold) are computed but meaningless; callers mask them.
+    Candidate ``c`` is data index ``c``; only ``j >= c`` enters its maximum. Work is done in blocks of
+    candidates (columns ``j >= c0`` of the block only), sized to stay in cache; ops are in place.
     """
-    B, n = x.shape
+    B, n = logx.shape
     C = alpha.shape[1]
-    out = torch.empty(B, C, dtype=x.dtype, device=x.device)
-    j = torch.arange(n, device=x.device, dtype=x.dtype)
+    out = torch.empty(B, C, dtype=logx.dtype, device=logx.device)
+    j = torch.arange(n, device=logx.device, dtype=logx.dtype)
     rows = max(1, _CHUNK_ELEMENTS // max(1, C * n))
-    cand_chunk = C if rows > 1 or C * n <= _CHUNK_ELEMENTS else max(1, _CHUNK_ELEMENTS // n)
-    for b0 in range(0, B, rows):  # memory chunks, not a loop over layers' logic
-        xb = x[b0:b0 + rows]
-        for c0 in range(0, C, cand_chunk):
-            c = torch.arange(c0, min(C, c0 + cand_chunk), device=x.device)
-            xmin = xb[:, c]  # [b, c]
-            a = alpha[b0:b0 + rows, c]
-            ntail = (n - c).to(x.dtype)  # [c]
-            ratio = xb[:, None, :] / xmin[:, :, None]  # [b, c, n]
-            fit = 1.0 - ratio.pow(1.0 - a[:, :, None])
-            emp = (j[None, :] - c[:, None].to(x.dtype)) / ntail[:, None]  # [c, n]
-            diff = (fit - emp[None]).abs()
-            diff = diff.masked_fill((j[None, :] < c[:, None].to(x.dtype))[None], 0.0)
-            out[b0:b0 + rows, c0:c0 + len(c)] = diff.amax(-1)
+    cand = C if rows > 1 else max(1, min(C, _CHUNK_ELEMENTS // n))
+    for b0 in range(0, B, rows):  # blocks bound memory; every block is one vectorized computation
+        lb = logx[b0:b0 + rows]
+        for c0 in range(0, C, cand):
+            c1 = min(C, c0 + cand)
+            c = torch.arange(c0, c1, device=logx.device, dtype=logx.dtype)
+            t = lb[:, None, c0:] - lb[:, c0:c1, None]  # ln(x_j / x_c), [b, c, n - c0]
+            t.mul_((1.0 - alpha[b0:b0 + rows, c0:c1])[:, :, None]).exp_()  # (x_j / x_c)^(1 - α)
+            emp = (j[None, c0:] - c[:, None]) / (n - c)[:, None]  # empirical CDF (j - c) / n_c, [c, n - c0]
+            t.add_(emp - 1.0).abs_()  # |1 - fit - emp| with fit = 1 - t
+            t.masked_fill_(emp < 0, 0.0)  # j < c
+            out[b0:b0 + rows, c0:c1] = t.amax(-1)
     return out
 
 
@@ -135,7 +133,7 @@ def fit_powerlaw(evals: torch.Tensor, *, thresh: float = EVALS_THRESH) -> PowerL
     a_std = 1.0 + ntail / denom
     a_small = 1.0 + (ntail - 1.0) / denom
     alpha = torch.where(small[:, None], a_small, a_std)
-    raw_D = _ks_distances(x, alpha, start)
+    raw_D = _ks_distances(logx, alpha)
 
     # standard rule: D where α > 1 else 1; argmin over valid candidates
     D_std = torch.where(a_std > 1, raw_D, torch.ones_like(raw_D))
