@@ -101,33 +101,52 @@ def pna_aggregate(m: torch.Tensor, index: torch.Tensor, n: int, deg: torch.Tenso
     return torch.cat([agg, agg * amp], dim=1)
 
 
+class EdgeUpdate(nn.Module):
+    """``e_ij + W2 act(A h_i + B h_j + C e_ij)``: an MLP on ``[h_i, h_j, e_ij]`` whose first linear map is
+    split so the node parts run on the N nodes and are gathered, not recomputed on the E edges."""
+
+    def __init__(self, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, hidden, bias=False)
+        self.c = nn.Linear(hidden, hidden)
+        self.out = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+
+    def forward(self, hn: torch.Tensor, en: torch.Tensor, e: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        return e + self.out(self.a(hn)[dst] + self.b(hn)[src] + self.c(en))
+
+
 class EdgePNALayer(nn.Module):
     """One bidirectional message-passing layer with edge updates.
 
-    ``e_ij <- e_ij + f_e([h_i, h_j, e_ij])``; forward messages ``f_f([h_j, e_ij])`` to target ``i``,
-    backward messages ``f_b([h_i, e_ij])`` to source ``j``, each PNA-aggregated;
-    ``h_i <- h_i + f_h([h_i, agg_f, agg_b])``. Pre-LayerNorm on nodes and edges.
+    ``e_ij <- e_ij + f_e([h_i, h_j, e_ij])``; forward messages ``act(W_f [h_j, e_ij])`` to target ``i``,
+    backward messages ``act(W_b [h_i, e_ij])`` to source ``j``, each PNA-aggregated;
+    ``h_i <- h_i + f_h([h_i, agg_f, agg_b])``. Pre-LayerNorm on nodes and edges. Linear maps of
+    concatenations are split into node and edge parts (nodes are few, edges many).
     """
 
     def __init__(self, hidden: int, dropout: float = 0.0, delta: float = 3.0) -> None:
         super().__init__()
         self.hidden, self.delta = hidden, delta
         self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.f_e = make_mlp([3 * hidden, hidden, hidden], dropout=dropout)
-        self.f_f = make_mlp([2 * hidden, hidden], last_act=True)
-        self.f_b = make_mlp([2 * hidden, hidden], last_act=True)
+        self.edge = EdgeUpdate(hidden, dropout)
+        self.msg_node = nn.Linear(hidden, 2 * hidden, bias=False)   # [forward | backward] node parts
+        self.msg_edge = nn.Linear(hidden, 2 * hidden)
+        self.act = nn.GELU()
         k = 2 * len(PNA_AGGREGATORS) * hidden
         self.post_f, self.post_b = nn.Linear(k, hidden), nn.Linear(k, hidden)
         self.f_h = make_mlp([3 * hidden, 2 * hidden, hidden], dropout=dropout)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, edge_index: torch.Tensor, aux: dict) -> tuple[torch.Tensor, torch.Tensor]:
         src, dst = edge_index
-        n = h.shape[0]
-        hn, en = self.norm_h(h), self.norm_e(e)
-        e = e + self.f_e(torch.cat([hn[dst], hn[src], en], dim=1))
-        en = self.norm_e(e)
-        agg_f = self.post_f(pna_aggregate(self.f_f(torch.cat([hn[src], en], 1)), dst, n, aux["deg_in"], self.delta))
-        agg_b = self.post_b(pna_aggregate(self.f_b(torch.cat([hn[dst], en], 1)), src, n, aux["deg_out"], self.delta))
+        n, H = h.shape
+        hn = self.norm_h(h)
+        e = self.edge(hn, self.norm_e(e), e, src, dst)
+        node = self.msg_node(hn)
+        me = self.msg_edge(self.norm_e(e))
+        m_f = self.act(node[src, :H] + me[:, :H])
+        m_b = self.act(node[dst, H:] + me[:, H:])
+        agg_f = self.post_f(pna_aggregate(m_f, dst, n, aux["deg_in"], self.delta))
+        agg_b = self.post_b(pna_aggregate(m_b, src, n, aux["deg_out"], self.delta))
         h = h + self.f_h(torch.cat([hn, agg_f, agg_b], dim=1))
         return h, e
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch_geometric.utils import to_dense_batch
 
 from .common import make_mlp
-from .graph_encoder import GraphFeaturizer, graph_readout
+from .graph_encoder import EdgeUpdate, GraphFeaturizer, graph_readout
 
 
 class RelationalAttentionLayer(nn.Module):
@@ -37,7 +37,7 @@ class RelationalAttentionLayer(nn.Module):
         self.bias_bwd = nn.Linear(hidden, heads)   # key = target, query = source
         self.hop = nn.Embedding(2 * max_hop + 1, heads)
         self.ffn = make_mlp([hidden, 2 * hidden, hidden], dropout=dropout)
-        self.f_e = make_mlp([3 * hidden, hidden, hidden], dropout=dropout)
+        self.edge = EdgeUpdate(hidden, dropout)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, batch, aux: dict) -> tuple[torch.Tensor, torch.Tensor]:
         nb = aux["batch"]
@@ -61,9 +61,7 @@ class RelationalAttentionLayer(nn.Module):
         att = att.transpose(1, 2).reshape(B, M, H)[mask]          # back to [N, H]
         h = h + self.out(att)
         h = h + self.ffn(self.norm2(h))
-        hn = self.norm2(h)
-        e = e + self.f_e(torch.cat([hn[dst], hn[src], en], dim=1))
-        return h, e
+        return h, self.edge(self.norm2(h), en, e, src, dst)
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, heads={self.heads}, max_hop={self.max_hop}"
