@@ -197,7 +197,17 @@ def _batchnorm(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, tr
 
 
 def _dropout(h: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Inverted dropout with rate ``p[k]`` for network ``k``; an independent mask per element."""
+    """Inverted dropout with rate ``p[k]`` for network ``k``; an independent mask per element.
+
+    When the networks with ``p > 0`` form one contiguous block (the zoo trainer sorts them so), masks
+    are drawn for that block only.
+    """
+    on = (p > 0).nonzero().flatten().tolist()
+    if not on:
+        return h
+    s, e = on[0], on[-1] + 1
+    if e - s == len(on) and e - s < len(p):
+        return torch.cat([h[:s], _dropout(h[s:e], p[s:e], generator), h[e:]])
     view = (-1,) + (1,) * (h.dim() - 1)
     keep = (1 - p.to(h.dtype)).reshape(view)
     u = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype)

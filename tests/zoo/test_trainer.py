@@ -1,0 +1,100 @@
+"""The batched trainer equals K separate torch.optim loops, and its randomness is per model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import wsnets
+from wsnets.zoo.recipe import RunSpec
+from wsnets.zoo.trainer import DataBank, _epoch_order, hash_uniform, init_params, train_group
+
+
+def _runs(arch, hps, dataset="blobs2"):
+    base = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "init_scale": 1.0, "dropout": 0.0,
+            "label_noise": 0.0, "train_fraction": 1.0, "grad_clip": 1e9}
+    return [RunSpec(i, f"t-{i}", 1000 + i, arch, dataset, {**base, **hp}) for i, hp in enumerate(hps)]
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_matches_torch_optim_reference(batchnorm):
+    arch = wsnets.mlp(2, [6, 5], 4, "tanh", batchnorm=batchnorm)
+    hps = [{"optimizer": "sgd", "lr": 0.1}, {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.05},
+           {"optimizer": "sgd", "lr": 0.03, "momentum": 0.0, "weight_decay": 0.01, "init_scale": 2.0,
+            "train_fraction": 0.3, "label_noise": 0.4}]
+    if batchnorm:  # a bias right before BatchNorm gets a ~1e-9 noise gradient that Adam would turn into +-lr steps
+        hps[1]["optimizer"] = "sgd"
+    runs = _runs(arch, hps)
+    bank = DataBank.build(["blobs2"])
+    B, E = 200, 2
+    ck = list(train_group(arch, runs, epochs=E, checkpoints=[0, E], batch_size=B, bank=bank))
+    assert [c.epoch for c in ck] == [0, E]
+    init = ck[0].params
+    # reference: one nn.Module and one torch.optim optimizer per model, fed the same batches
+    seeds = torch.tensor([r.seed for r in runs])
+    x, y = bank.x[0], bank.y[0]
+    n = len(y)
+    from wsnets.zoo import trainer as T
+    for k, r in enumerate(runs):
+        m = wsnets.WeightSpace(arch, {kk: v[k] for kk, v in init.items()}).to_module().train()
+        opt = (torch.optim.SGD(m.parameters(), lr=r.hp["lr"], momentum=r.hp["momentum"], weight_decay=r.hp["weight_decay"])
+               if r.hp["optimizer"] == "sgd" else
+               torch.optim.AdamW(m.parameters(), lr=r.hp["lr"], weight_decay=r.hp["weight_decay"]))
+        n_sub = max(1, round(r.hp["train_fraction"] * n))
+        keys = hash_uniform(seeds[k:k + 1], T._STREAM["subset"], torch.arange(n))[0]
+        member = torch.zeros(n, dtype=torch.bool)
+        member[keys.argsort()[:n_sub]] = True
+        flip = hash_uniform(seeds[k:k + 1], T._STREAM["noise_flip"], torch.arange(n))[0] < r.hp["label_noise"]
+        rnd = (hash_uniform(seeds[k:k + 1], T._STREAM["noise_label"], torch.arange(n))[0] * 4).long()
+        yk = torch.where(flip, rnd, y)
+        steps = -(-n // B)
+        for e in range(E):
+            order = _epoch_order(seeds[k:k + 1], member[None], torch.tensor([n_sub]), e, steps * B)[0]
+            assert bool(member[order].all())
+            for s in range(steps):
+                idx = order[s * B:(s + 1) * B]
+                opt.zero_grad()
+                F.cross_entropy(m(x[idx]), yk[idx]).backward()
+                opt.step()
+        got = wsnets.WeightSpace(arch, {kk: v[k] for kk, v in ck[1].params.items()})
+        for key, v in m.state_dict().items():
+            if key.endswith("num_batches_tracked"):
+                continue
+            i, suffix = key.split(".", 1)
+            torch.testing.assert_close(got.params[f"{arch.layers[int(i)].name}.{suffix}"], v, rtol=1e-4, atol=1e-5, msg=f"{k} {key}")
+        # recorded test accuracy equals the reference model's
+        m.eval()
+        acc = (m(bank.xt[0]).argmax(1) == bank.yt[0]).sum().item() / len(bank.yt[0])
+        assert ck[1].metrics["test_acc"][k].item() == acc
+
+
+def test_model_is_independent_of_its_group():
+    arch = wsnets.mlp(2, [8], 4)
+    runs = _runs(arch, [{"lr": 0.1, "train_fraction": 0.5}, {"lr": 0.2, "dropout": 0.0}, {"lr": 0.05}])
+    bank = DataBank.build(["blobs2"])
+    full = list(train_group(arch, runs, epochs=1, checkpoints=[1], batch_size=64, bank=bank))[-1]
+    alone = list(train_group(arch, runs[1:2], epochs=1, checkpoints=[1], batch_size=64, bank=bank))[-1]
+    for k, v in alone.params.items():
+        torch.testing.assert_close(v[0], full.params[k][1], rtol=1e-5, atol=1e-6)
+
+
+def test_init_statistics_match_pytorch_default():
+    arch = wsnets.mlp(50, [40], 3)
+    p = init_params(arch, torch.arange(200), torch.full((200,), 2.0))
+    w = p["0.weight"]
+    bound = 2.0 / 50 ** 0.5
+    assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.99 * bound
+    assert abs(float(w.std()) - bound / 3 ** 0.5) < 0.01 * bound  # U(-b, b) has std b/sqrt(3)
+    assert not torch.equal(w[0], w[1])
+    u = hash_uniform(torch.tensor([7]), 3, torch.arange(100000))[0]
+    assert abs(float(u.mean()) - 0.5) < 0.01 and float(u.min()) >= 0 and float(u.max()) < 1
+
+
+def test_diverging_model_is_restored_and_frozen():
+    arch = wsnets.mlp(2, [8], 4)
+    runs = _runs(arch, [{"lr": 0.1}, {"lr": 1e30, "momentum": 0.0}])
+    bank = DataBank.build(["blobs2"])
+    ck = list(train_group(arch, runs, epochs=2, checkpoints=[0, 2], batch_size=64, bank=bank))
+    assert ck[-1].metrics["diverged"].tolist() == [0.0, 1.0]
+    assert all(torch.isfinite(v).all() for v in ck[-1].params.values())
+    for k, v in ck[0].params.items():  # frozen at the start of the epoch it diverged in
+        torch.testing.assert_close(ck[-1].params[k][1], v[1])

@@ -1,0 +1,241 @@
+"""Zoo recipes: a TOML file that names datasets, architectures, hyperparameter distributions, epochs,
+checkpoint epochs, population size and seed. The same recipe and seed give the same zoo.
+
+A recipe expands into one :class:`RunSpec` per model (``population`` of them). Every model draws its
+architecture and hyperparameters from its own random stream (seeded by the recipe seed and the
+model's index), so model ``i`` is the same whatever ``--limit`` or ``--shard`` builds it.
+
+Distributions (any hyperparameter or architecture field)
+--------------------------------------------------------
+``x = 3``                          fixed value
+``x = [8, 16, 32]``                uniform choice
+``x = {log_uniform = [1e-4, 1]}``  log-uniform on the interval
+``x = {uniform = [0, 0.5]}``       uniform on the interval
+``x = {log_uniform = [1e-6, 1e-2], zero = 0.3}``   exactly 0 with probability 0.3
+
+Example (``zoo/digits-mlp.toml``)::
+
+    name = "digits-mlp"
+    seed = 0
+    population = 1000
+    datasets = ["digits"]
+    epochs = 12
+    checkpoints = [1, 4, 12]
+    batch_size = 64
+    [architecture]
+    kind = "mlp"
+    depth = [1, 2, 3, 4]
+    width = [8, 16, 32, 64]
+    activation = ["relu", "tanh", "gelu"]
+    [hyperparameters]
+    optimizer = ["sgd", "adam"]
+    lr = {log_uniform = [1e-4, 0.5]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import tomllib
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..arch import Architecture, cnn, mlp
+from ..errors import ConfigError
+from . import datasets
+
+HYPER_DEFAULTS: dict[str, Any] = {
+    "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "init_scale": 1.0, "dropout": 0.0,
+    "label_noise": 0.0, "train_fraction": 1.0, "grad_clip": 5.0,
+}
+_TOP_KEYS = {"name", "seed", "population", "datasets", "epochs", "checkpoints", "batch_size", "group_size",
+             "description", "architecture", "hyperparameters", "pretrain"}
+_ARCH_KEYS = {"kind", "depth", "width", "activation", "channels", "kernel_size", "hidden", "batchnorm", "layernorm",
+              "stride"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One model of a zoo: its identity, architecture, dataset and hyperparameters."""
+
+    index: int
+    model_id: str
+    seed: int
+    arch: Architecture
+    dataset: str
+    hp: dict[str, Any]
+    base: int = -1
+    width: int = 0
+    depth: int = 0
+
+    @property
+    def structure(self) -> str:
+        """Models with equal structure train together (architecture JSON)."""
+        return self.arch.to_json()
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe (see the module docstring for the format)."""
+
+    name: str
+    seed: int
+    population: int
+    datasets: list[str]
+    epochs: int
+    checkpoints: list[int]
+    batch_size: int
+    group_size: int
+    architecture: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    pretrain: dict[str, Any] | None = None
+    description: str = ""
+    source: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """Hash of the recipe's content: a zoo directory is tied to one recipe."""
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def runs(self, limit: int | None = None) -> list[RunSpec]:
+        """The first ``limit`` (default all) models of the population, each drawn from its own stream."""
+        n = self.population if limit is None else min(limit, self.population)
+        return [self._run(i) for i in range(n)]
+
+    def _run(self, i: int) -> RunSpec:
+        rng = random.Random(f"{self.name}:{self.seed}:{i}")
+        a = {k: _draw(v, rng, f"architecture.{k}") for k, v in sorted(self.architecture.items())}
+        hp = dict(HYPER_DEFAULTS)
+        hp.update({k: _draw(v, rng, f"hyperparameters.{k}") for k, v in sorted(self.hyperparameters.items())})
+        dataset = self.datasets[rng.randrange(len(self.datasets))]
+        arch, width, depth = build_arch(a, dataset)
+        base = rng.randrange(int(self.pretrain.get("bases", 1))) if self.pretrain else -1
+        seed = zlib.crc32(f"{self.seed}:{i}".encode())
+        return RunSpec(i, f"{self.name}-{i:06d}", seed, arch, dataset, hp, base, width, depth)
+
+    def base_arch(self) -> Architecture:
+        """The architecture of a fine-tuning zoo (fixed: every model starts from a shared base)."""
+        a = {k: _draw(v, random.Random(0), k) for k, v in self.architecture.items()}
+        return build_arch(a, self.datasets[0])[0]
+
+
+def build_arch(a: dict[str, Any], dataset: str) -> tuple[Architecture, int, int]:
+    """An architecture from drawn fields; returns ``(arch, width, depth)`` (width = widest hidden layer)."""
+    inf = datasets.info(dataset)
+    shape, classes = inf["input_shape"], inf["num_classes"]
+    kind = a.get("kind", "mlp")
+    act = a.get("activation", "relu")
+    if kind == "mlp":
+        depth, width = int(a.get("depth", 2)), int(a.get("width", 32))
+        hidden = [width] * depth
+        n_in = math.prod(shape)
+        arch = mlp(n_in, hidden, classes, act, batchnorm=bool(a.get("batchnorm", False)),
+                   layernorm=bool(a.get("layernorm", False)), input_shape=shape if len(shape) > 1 else None)
+        if len(shape) == 1:
+            arch = Architecture(arch.layers, shape)
+        return arch, width, depth
+    if kind in ("cnn1d", "cnn2d"):
+        dims = 1 if kind == "cnn1d" else 2
+        if len(shape) != dims + 1:
+            raise ConfigError(f"architecture kind {kind!r} needs {dims}-d inputs; dataset {dataset!r} has shape {shape}")
+        depth, width = int(a.get("depth", 2)), int(a.get("width", 16))
+        channels = [width] * depth
+        arch = cnn(shape[0], channels, classes, act, kernel_size=int(a.get("kernel_size", 3)), dims=dims,
+                   stride=int(a.get("stride", 1)), batchnorm=bool(a.get("batchnorm", False)),
+                   hidden=[int(h) for h in a.get("hidden", [])], input_shape=shape)
+        return arch, width, depth
+    raise ConfigError(f"unknown architecture kind {kind!r} (use mlp, cnn1d, cnn2d)")
+
+
+def _draw(spec: Any, rng: random.Random, where: str) -> Any:
+    if isinstance(spec, list):
+        if not spec:
+            raise ConfigError(f"{where}: empty choice list")
+        return spec[rng.randrange(len(spec))]
+    if isinstance(spec, dict):
+        zero = float(spec.get("zero", 0.0))
+        kinds = [k for k in ("uniform", "log_uniform", "choice") if k in spec]
+        unknown = set(spec) - {"uniform", "log_uniform", "choice", "zero"}
+        if len(kinds) != 1 or unknown:
+            raise ConfigError(f"{where}: a distribution needs exactly one of uniform, log_uniform, choice "
+                              f"(optional zero); got {sorted(spec)}")
+        u, z = rng.random(), rng.random()
+        if kinds[0] == "choice":
+            v = _draw(list(spec["choice"]), rng, where)
+        else:
+            lo, hi = _interval(spec[kinds[0]], where)
+            if kinds[0] == "uniform":
+                v = lo + (hi - lo) * u
+            else:
+                if lo <= 0:
+                    raise ConfigError(f"{where}: log_uniform needs positive bounds, got {lo}")
+                v = math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u)
+        return 0.0 if z < zero else v
+    return spec
+
+
+def _interval(v: Any, where: str) -> tuple[float, float]:
+    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(t, (int, float)) for t in v) and v[0] <= v[1]):
+        raise ConfigError(f"{where}: interval must be [low, high] numbers, got {v!r}")
+    return float(v[0]), float(v[1])
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe file; a name without a path looks in the repository's ``zoo/``."""
+    p = Path(path)
+    if not p.exists() and not p.suffix:
+        cand = Path(__file__).resolve().parents[2] / "zoo" / f"{p.name}.toml"
+        p = cand if cand.exists() else p
+    if not p.exists():
+        raise ConfigError(f"recipe {path}: no such file")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {p}: invalid TOML ({e})") from None
+    return parse_recipe(raw, str(p))
+
+
+def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
+    """Validate a recipe given as a dict (the parsed TOML)."""
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"recipe {source}: unknown key(s) {sorted(unknown)} (known: {sorted(_TOP_KEYS)})")
+    for k in ("name", "population", "datasets", "epochs"):
+        if k not in raw:
+            raise ConfigError(f"recipe {source}: missing required key {k!r}")
+    ds = raw["datasets"] if isinstance(raw["datasets"], list) else [raw["datasets"]]
+    shapes = {(datasets.info(d)["input_shape"], datasets.info(d)["num_classes"]) for d in ds}
+    arch = dict(raw.get("architecture", {}))
+    bad = set(arch) - _ARCH_KEYS
+    if bad:
+        raise ConfigError(f"recipe {source}: unknown architecture key(s) {sorted(bad)}")
+    hyper = dict(raw.get("hyperparameters", {}))
+    bad = set(hyper) - set(HYPER_DEFAULTS)
+    if bad:
+        raise ConfigError(f"recipe {source}: unknown hyperparameter(s) {sorted(bad)} (known: {sorted(HYPER_DEFAULTS)})")
+    epochs = int(raw["epochs"])
+    ckpts = sorted({int(c) for c in raw.get("checkpoints", [epochs])})
+    if epochs < 1 or not ckpts or ckpts[0] < 0 or ckpts[-1] > epochs:
+        raise ConfigError(f"recipe {source}: checkpoints {ckpts} must lie in 0..epochs={epochs}")
+    pre = raw.get("pretrain")
+    if pre is not None:
+        if len(shapes) != 1:
+            raise ConfigError(f"recipe {source}: a fine-tuning zoo needs datasets of one input shape and class count")
+        if any(isinstance(v, (list, dict)) for v in arch.values()):
+            raise ConfigError(f"recipe {source}: a fine-tuning zoo has one fixed architecture (no choices)")
+        pre = dict(pre)
+        if "dataset" not in pre:
+            raise ConfigError(f"recipe {source}: [pretrain] needs a dataset")
+        datasets.info(pre["dataset"])
+    population = int(raw["population"])
+    if population < 1:
+        raise ConfigError(f"recipe {source}: population must be positive, got {population}")
+    return Recipe(name=str(raw["name"]), seed=int(raw.get("seed", 0)), population=population, datasets=list(ds),
+                  epochs=epochs, checkpoints=ckpts, batch_size=int(raw.get("batch_size", 64)),
+                  group_size=int(raw.get("group_size", 512)), architecture=arch, hyperparameters=hyper,
+                  pretrain=pre, description=str(raw.get("description", "")), source=source, raw=raw)

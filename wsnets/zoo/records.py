@@ -1,0 +1,166 @@
+"""Reading zoos: ``wsnets.zoo.open(DIR)`` -> :class:`Zoo`, a filterable list of checkpoint records.
+
+>>> zoo = wsnets.zoo.open("zoos/digits-mlp")              # doctest: +SKIP
+>>> last = zoo.filter(epoch=12, dataset="digits")          # doctest: +SKIP
+>>> last[0]["test_acc"], last[0].load(), last[0].to_module()  # doctest: +SKIP
+
+A directory with ``index.sqlite`` is a wsnets zoo; one with ``weights.npy`` and ``metrics.csv(.gz)``
+is read as the public Small CNN Zoo layout (:mod:`wsnets.zoo.cnnzoo`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..arch import Architecture
+from ..errors import CheckpointError, ConfigError, MissingKeyError
+from ..weights import WeightSpace, stack
+from .store import INDEX, connect, load_tensors, read_rows
+
+METRICS = ("train_acc", "test_acc", "train_loss", "test_loss", "gen_gap")
+
+
+class Record(dict):
+    """One checkpoint: its index row (a dict) plus :meth:`load` / :meth:`to_module`."""
+
+    def __init__(self, row: dict[str, Any], zoo: "Zoo") -> None:
+        super().__init__(row)
+        self.zoo = zoo
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Recorded metrics: accuracies, losses, gap, and any extra metrics recorded later."""
+        out = {k: self[k] for k in METRICS if self.get(k) is not None}
+        out.update(self.zoo.extra_metrics(self))
+        return out
+
+    def load(self) -> WeightSpace:
+        """The checkpoint as a single-network :class:`WeightSpace`."""
+        return self.zoo.weightspaces([self])[0]
+
+    def to_module(self) -> nn.Sequential:
+        """A plain ``nn.Sequential`` (eval mode) computing this checkpoint's function."""
+        return self.load().to_module()
+
+
+class Zoo:
+    """A list of checkpoint records from one zoo directory; :meth:`filter` returns sub-zoos."""
+
+    def __init__(self, root: Path, rows: Sequence[dict[str, Any]], loader: Callable[[Sequence[dict]], list[dict]],
+                 *, con=None, meta: dict[str, str] | None = None) -> None:
+        self.root = Path(root)
+        self._loader = loader
+        self._con = con
+        self.meta = meta or {}
+        self.rows: list[Record] = [r if isinstance(r, Record) and r.zoo is self else Record(dict(r), self) for r in rows]
+        self._arch_cache: dict[str, Architecture] = {}
+
+    # -- selection ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.rows[i]
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.rows)
+
+    def filter(self, fn: Callable[[Record], bool] | None = None, **equals: Any) -> "Zoo":
+        """Rows where every ``column == value`` (a list/tuple/set value means "one of") and ``fn(row)``.
+
+        >>> zoo.filter(epoch=12, width=[8, 16], fn=lambda r: r["test_acc"] > 0.5)  # doctest: +SKIP
+        """
+        for k in equals:
+            if self.rows and k not in self.rows[0]:
+                raise MissingKeyError(f"zoo {self.root} has no column {k!r} (columns: {', '.join(self.rows[0])})")
+
+        def ok(r: Record) -> bool:
+            for k, v in equals.items():
+                if isinstance(v, (list, tuple, set, frozenset)):
+                    if r.get(k) not in v:
+                        return False
+                elif r.get(k) != v:
+                    return False
+            return fn is None or bool(fn(r))
+        sub = Zoo(self.root, [], self._loader, con=self._con, meta=self.meta)
+        sub.rows = [r for r in self.rows if ok(r)]
+        sub._arch_cache = self._arch_cache
+        return sub
+
+    def column(self, name: str) -> list[Any]:
+        if self.rows and name not in self.rows[0]:
+            raise MissingKeyError(f"zoo {self.root} has no column {name!r}")
+        return [r.get(name) for r in self.rows]
+
+    @property
+    def epochs(self) -> list[int]:
+        return sorted({r["epoch"] for r in self.rows})
+
+    def last_epoch(self) -> "Zoo":
+        """The final checkpoint of every model."""
+        last: dict[str, int] = {}
+        for r in self.rows:
+            last[r["model_id"]] = max(last.get(r["model_id"], -1), r["epoch"])
+        return self.filter(lambda r: r["epoch"] == last[r["model_id"]])
+
+    # -- weights -----------------------------------------------------------------------------------
+    def arch_of(self, row: dict[str, Any]) -> Architecture:
+        s = row["arch"]
+        if s not in self._arch_cache:
+            self._arch_cache[s] = Architecture.from_json(s)
+        return self._arch_cache[s]
+
+    def weightspaces(self, rows: Sequence[dict[str, Any]] | None = None) -> list[WeightSpace]:
+        """Single-network WeightSpaces of ``rows`` (default: all rows of this zoo)."""
+        rows = self.rows if rows is None else rows
+        return [WeightSpace(self.arch_of(r), t) for r, t in zip(rows, self._loader(rows))]
+
+    def load(self, rows: Sequence[dict[str, Any]] | None = None) -> WeightSpace:
+        """A batched WeightSpace of ``rows`` (default all; they must share an architecture)."""
+        return stack(self.weightspaces(rows))
+
+    # -- extra metrics -----------------------------------------------------------------------------
+    def record(self, row: dict[str, Any], name: str, value: float) -> None:
+        """Store an extra metric for a checkpoint (e.g. a robustness score) in the index."""
+        if self._con is None:
+            raise ConfigError(f"{self.root}: this zoo is read-only (not a wsnets zoo directory)")
+        with self._con:
+            self._con.execute("INSERT OR REPLACE INTO extra VALUES (?, ?, ?, ?)",
+                              (row["model_id"], int(row["epoch"]), str(name), float(value)))
+
+    def extra_metrics(self, row: dict[str, Any]) -> dict[str, float]:
+        if self._con is None:
+            return {}
+        cur = self._con.execute("SELECT name, value FROM extra WHERE model_id = ? AND epoch = ?",
+                                (row["model_id"], int(row["epoch"])))
+        return {n: v for n, v in cur.fetchall()}
+
+    def __repr__(self) -> str:
+        return f"Zoo({str(self.root)!r}, rows={len(self)}, models={len({r['model_id'] for r in self.rows})})"
+
+
+def open(path: str | Path, where: str = "", params: Sequence[Any] = ()) -> Zoo:  # noqa: A001 - mirrors builtins.open
+    """Open a zoo directory (wsnets store or Small CNN Zoo layout); ``where`` is an optional SQL filter."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: no such zoo directory")
+    if (root / INDEX).exists():
+        con = connect(root / INDEX)
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        rows = read_rows(con, where, params)
+        return Zoo(root, rows, lambda rs: load_tensors(root, rs), con=con, meta=meta)
+    if (root / "weights.npy").exists():
+        from .cnnzoo import open_cnn_zoo
+        return open_cnn_zoo(root)
+    raise CheckpointError(f"{root}: not a zoo (neither {INDEX} nor the Small CNN Zoo's weights.npy)")
+
+
+def hyperparameters(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's hyperparameters as a dict (decoded from the JSON column)."""
+    h = row.get("hyperparameters")
+    return json.loads(h) if isinstance(h, str) else dict(h or {})
