@@ -31,8 +31,8 @@ NETWORKS = {
     "cnn1d 1-16-16-10 k5": wsnets.cnn(1, [16, 16], 10, dims=1, kernel_size=5),
 }
 ENCODERS = {
-    "graph (PNA)": {"name": "graph", "hidden": 64, "layers": 4, "out_dim": 64},
-    "transformer": {"name": "transformer", "hidden": 64, "layers": 4, "heads": 4, "out_dim": 64},
+    "graph (PNA)": {"name": "graph", "hidden": 32, "layers": 3, "out_dim": 64},
+    "transformer": {"name": "transformer", "hidden": 32, "layers": 3, "heads": 4, "out_dim": 64},
     "np": {"name": "np", "hidden": 16, "layers": 2, "out_dim": 64},
     "hnp": {"name": "hnp", "hidden": 16, "layers": 2, "out_dim": 64},
     "stats (StatNN)": {"name": "stats", "out_dim": 64, "hidden": [128]},

@@ -180,6 +180,9 @@ class NeuralGraphEncoder(nn.Module):
     edge_dim : largest kernel (taps) the encoder accepts; smaller kernels are zero-padded (9 = 3x3).
     dropout : dropout inside the MLPs.
 
+    Defaults are sized for CPU training on zoos (cost grows with ``hidden**2 x edges x layers``);
+    on a GPU, ``hidden=64..128`` and ``layers=4`` are affordable.
+
     Examples
     --------
     >>> import wsnets, torch
@@ -190,7 +193,7 @@ class NeuralGraphEncoder(nn.Module):
 
     representation = "graph"
 
-    def __init__(self, hidden: int = 64, layers: int = 4, out_dim: int = 64, edge_dim: int = 9,
+    def __init__(self, hidden: int = 32, layers: int = 3, out_dim: int = 64, edge_dim: int = 9,
                  dropout: float = 0.0, pos_dim: int = 16) -> None:
         super().__init__()
         self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim)

@@ -88,11 +88,14 @@ class NeuralGraphTransformer(nn.Module):
     out_dim : embedding size.
     edge_dim : largest kernel (taps) accepted; smaller are zero-padded.
     dropout : attention and MLP dropout.
+
+    Defaults are sized for CPU training on zoos (cost grows with ``hidden**2 x edges x layers``);
+    on a GPU, ``hidden=64..128`` and ``layers=4`` are affordable.
     """
 
     representation = "graph"
 
-    def __init__(self, hidden: int = 64, layers: int = 4, heads: int = 4, out_dim: int = 64, edge_dim: int = 9,
+    def __init__(self, hidden: int = 32, layers: int = 3, heads: int = 4, out_dim: int = 64, edge_dim: int = 9,
                  dropout: float = 0.0, pos_dim: int = 16) -> None:
         super().__init__()
         self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim)
