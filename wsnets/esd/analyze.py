@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .eigen import layer_spectrum, layout
 from .metrics import fit_columns, fit_mp, jensen_shannon_distance, norm_metrics, randomized_eigenvalues
-from .powerlaw import fit_powerlaw_ragged
+from .powerlaw import fit_powerlaw
 
 DEFAULT_MIN_EVALS = 8
 DEFAULT_MAX_EVALS = 15000
@@ -143,7 +143,7 @@ def run(model: Any, *, min_evals: int = DEFAULT_MIN_EVALS, max_evals: int = DEFA
     B = 1 if batch is None else batch
     gen = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
-    evals: dict[int, torch.Tensor] = {}
+    blocks: list[tuple[list[int], torch.Tensor]] = []  # (row ids, [len(ids), n] eigenvalues)
     todo: dict[tuple, list[int]] = {}  # shape -> row indices waiting for eigenvalues
     heads = []
     for layer_id, e in enumerate(entries):
@@ -176,22 +176,27 @@ def run(model: Any, *, min_evals: int = DEFAULT_MIN_EVALS, max_evals: int = DEFA
             ids = [i for n in chunk for i in idx if rows[i]["name"] == n]
             flat = w.flatten(1)
             finite = torch.isfinite(flat).all(1)
-            for i, ok, nan, inf in zip(ids, finite.tolist(), flat.isnan().sum(1).tolist(), flat.isinf().sum(1).tolist()):
-                if not ok:
-                    rows[i]["status"] = f"failed: {nan} NaN and {inf} Inf of {flat.shape[1]} weights"
-            good = [i for i, ok in zip(ids, finite.tolist()) if ok]
+            good = ids
+            if not bool(finite.all()):
+                counts = zip(ids, finite.tolist(), flat.isnan().sum(1).tolist(), flat.isinf().sum(1).tolist())
+                for i, ok, nan, inf in counts:
+                    if not ok:
+                        rows[i]["status"] = f"failed: {nan} NaN and {inf} Inf of {flat.shape[1]} weights"
+                good = [i for i, ok in zip(ids, finite.tolist()) if ok]
+                w = w[finite]
             if good:
-                wg = w[finite]
-                spec = layer_spectrum(wg, len(shape), conv2d_norm=conv2d_norm, method=method, device=device)
-                for j, i in enumerate(good):
-                    evals[i] = spec.evals[j].cpu()
-                    rows[i].update(sv_max=float(spec.sv_max[j]), sv_min=float(spec.sv_min[j]),
-                                   rank_loss=int(spec.rank_loss[j]))
+                spec = layer_spectrum(w, len(shape), conv2d_norm=conv2d_norm, method=method, device=device)
+                ev = spec.evals.cpu()
+                blocks.append((good, ev))
+                for i, sv_max, sv_min, loss in zip(good, spec.sv_max.tolist(), spec.sv_min.tolist(),
+                                                   spec.rank_loss.tolist()):
+                    rows[i].update(sv_max=sv_max, sv_min=sv_min, rank_loss=loss)
                 if randomize:
-                    _randomize(wg, shape, spec, good, randoms, method, gen, device)
+                    _randomize(w, shape, spec, good, randoms, method, gen, device)
             bar.update(len(ids))
     bar.close()
-    _fit_and_measure(rows, evals, method)
+    _fit_and_measure(rows, blocks, method)
+    evals = {i: ev[j] for ids, ev in blocks for j, i in enumerate(ids)}
     if mp_fit:
         _mp_columns(rows, evals, "")
     if randomize:
@@ -213,19 +218,20 @@ def _randomize(w, shape, spec, good, randoms, method, gen, device) -> None:
         randoms[i] = (many[j].cpu(), one[j].cpu())
 
 
-def _fit_and_measure(rows: list[dict[str, Any]], evals: dict[int, torch.Tensor], method: str) -> None:
-    ids = sorted(evals)
-    fit = fit_powerlaw_ragged([evals[i] for i in ids])
-    for j, i in enumerate(ids):
-        rows[i].update(lambda_max=float(evals[i][-1]), **fit_columns(fit, j))
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    for j, i in enumerate(ids):
-        groups.setdefault((evals[i].numel(), rows[i]["N"], rows[i]["M"]), []).append(j)
-    for (_, N, M), js in groups.items():
-        ev = torch.stack([evals[ids[j]] for j in js])
-        m = norm_metrics(ev, fit.alpha[js], N, M, method=method)
-        for k, j in enumerate(js):
-            rows[ids[j]].update({name: (int(v[k]) if v.dtype == torch.long else float(v[k])) for name, v in m.items()})
+def _fit_and_measure(rows: list[dict[str, Any]], blocks: list[tuple[list[int], torch.Tensor]], method: str) -> None:
+    """Power-law fit and norm metrics for all layers, one batched call per (length, N, M) group."""
+    groups: dict[tuple[int, int, int], list[tuple[list[int], torch.Tensor]]] = {}
+    for ids, ev in blocks:
+        groups.setdefault((ev.shape[1], rows[ids[0]]["N"], rows[ids[0]]["M"]), []).append((ids, ev))
+    for (_, N, M), parts in groups.items():
+        ids = [i for p in parts for i in p[0]]
+        ev = torch.cat([p[1] for p in parts])
+        fit = fit_powerlaw(ev)
+        cols = fit_columns(fit)
+        cols.update(norm_metrics(ev, fit.alpha, N, M, method=method))
+        lists = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in cols.items()}
+        for j, i in enumerate(ids):
+            rows[i].update({k: v[j] for k, v in lists.items()})
 
 
 def _mp_columns(rows, evals, prefix: str) -> None:

@@ -177,9 +177,9 @@ def jensen_shannon_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return ((kl(p, m) + kl(q, m)) / 2).sqrt()
 
 
-def fit_columns(fit: PowerLawFit, i: int) -> dict[str, object]:
-    """Row ``i`` of a fit as WeightWatcher columns (NaN where the fit failed)."""
-    alpha = float(fit.alpha[i])
-    return {"alpha": alpha, "xmin": float(fit.xmin[i]), "xmax": float(fit.xmax[i]), "D": float(fit.D[i]),
-            "sigma": float(fit.sigma[i]), "num_pl_spikes": int(fit.n_tail[i]), "status": fit.status(i),
-            "warning": training_warning(alpha)}
+def fit_columns(fit: PowerLawFit) -> dict[str, list]:
+    """A fit as WeightWatcher columns, one list entry per row (NaN where the fit failed)."""
+    alpha = fit.alpha.tolist()
+    return {"alpha": alpha, "xmin": fit.xmin.tolist(), "xmax": fit.xmax.tolist(), "D": fit.D.tolist(),
+            "sigma": fit.sigma.tolist(), "num_pl_spikes": fit.n_tail.tolist(),
+            "status": fit.statuses(), "warning": [training_warning(a) for a in alpha]}

@@ -55,9 +55,12 @@ class PowerLawFit:
 
     def status(self, i: int) -> str:
         """``"success"`` or ``"failed: <reason>"`` for row ``i``."""
-        if bool(self.ok[i]):
-            return "success"
-        return f"failed: {int(self.n_fit[i])} eigenvalue(s) above {EVALS_THRESH:g}, need at least 2"
+        return self.statuses()[i]
+
+    def statuses(self) -> list[str]:
+        """:meth:`status` of every row."""
+        return ["success" if ok else f"failed: {n} eigenvalue(s) above {EVALS_THRESH:g}, need at least 2"
+                for ok, n in zip(self.ok.tolist(), self.n_fit.tolist())]
 
 
 def _ks_distances(logx: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
