@@ -1,0 +1,158 @@
+"""Store: stored checkpoints reproduce their recorded accuracy; SIGKILL + resume equals one build; merge."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import wsnets
+from wsnets.errors import ConfigError
+from wsnets.zoo import build, datasets, merge, open as open_zoo, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _recipe(**kw):
+    raw = {"name": "t", "seed": 3, "population": 6, "datasets": ["digits"], "epochs": 2, "checkpoints": [0, 2],
+           "batch_size": 128, "group_size": 4,
+           "architecture": {"kind": "mlp", "depth": [1, 2], "width": [8], "activation": ["relu", "tanh"]},
+           "hyperparameters": {"optimizer": ["sgd", "adam"], "lr": {"log_uniform": [1e-3, 0.3]},
+                               "dropout": {"uniform": [0, 0.3], "zero": 0.5}, "train_fraction": {"uniform": [0.3, 1]},
+                               "label_noise": {"uniform": [0, 0.3], "zero": 0.5}}}
+    raw.update(kw)
+    return parse_recipe(raw)
+
+
+CASES = {
+    "mlp": {},
+    "conv2d": {"datasets": ["digits-img"], "architecture": {"kind": "cnn2d", "depth": [1, 2], "width": [4, 6],
+                                                           "batchnorm": True, "activation": "relu"}},
+    "conv1d": {"datasets": ["mnist1d-seq"], "population": 3, "batch_size": 500,
+               "architecture": {"kind": "cnn1d", "depth": 2, "width": [4], "kernel_size": 5, "stride": 2}},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_stored_checkpoint_reproduces_recorded_test_accuracy(tmp_path, case):
+    r = _recipe(**CASES[case])
+    build(r, tmp_path / "z", progress=False)
+    zoo = open_zoo(tmp_path / "z")
+    assert len(zoo) == r.population * 2 and zoo.epochs == [0, 2]
+    for rec in zoo.filter(epoch=2):
+        x, y, xt, yt = datasets.load(rec["dataset"])
+        m = rec.to_module()
+        assert type(m) is torch.nn.Sequential and not m.training
+        with torch.no_grad():
+            acc = (m(xt).argmax(1) == yt).sum().item() / len(yt)
+        assert acc == rec["test_acc"], (rec["model_id"], acc, rec["test_acc"])
+        assert rec["gen_gap"] == rec["train_acc"] - rec["test_acc"]
+        ws = rec.load()
+        assert ws.arch.describe() == rec["arch_desc"]
+        # shards are self-describing: plain wsnets.load of the shard file gives the architecture
+        tensors, meta = wsnets.io.read_safetensors(tmp_path / "z" / rec["shard"])
+        assert wsnets.Architecture.from_json(meta["wsnets.arch"]) == ws.arch
+
+
+def _table(path):
+    con = sqlite3.connect(str(path / "index.sqlite"))
+    con.row_factory = sqlite3.Row
+    rows = [dict(r) for r in con.execute("SELECT * FROM checkpoints ORDER BY model_id, epoch")]
+    con.close()
+    return rows
+
+
+RECIPE_TOML = """
+name = "kill"
+seed = 1
+population = 16
+datasets = ["digits"]
+epochs = 2
+checkpoints = [1, 2]
+batch_size = 64
+group_size = 2
+[architecture]
+kind = "mlp"
+depth = [1, 2]
+width = [8, 16]
+activation = ["relu", "tanh"]
+[hyperparameters]
+optimizer = ["sgd", "adam"]
+lr = {log_uniform = [1e-3, 0.3]}
+dropout = {uniform = [0.0, 0.3], zero = 0.5}
+"""
+
+
+def test_sigkill_then_resume_equals_uninterrupted_build(tmp_path):
+    recipe = tmp_path / "kill.toml"
+    recipe.write_text(RECIPE_TOML)
+    killed, ref = tmp_path / "killed", tmp_path / "ref"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "wsnets", "zoo", "build", str(recipe), "--out", str(killed), "--json"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    n_done, deadline = 0, time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            con = sqlite3.connect(f"file:{killed / 'index.sqlite'}?mode=ro", uri=True, timeout=1)
+            n_done = con.execute("SELECT count(*) FROM groups").fetchone()[0]
+            con.close()
+        except sqlite3.Error:
+            continue
+        if n_done >= 2:
+            break
+    assert proc.poll() is None, "build finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _table(killed)
+    assert 0 < len({r["model_id"] for r in partial}) < 16
+    summary = build(recipe, killed, progress=False)  # resume
+    assert summary["groups_skipped"] >= 2
+    build(recipe, ref, progress=False)
+    a, b = _table(killed), _table(ref)
+    assert len(a) == len(b) == 32
+    assert len({(r["model_id"], r["epoch"]) for r in a}) == 32  # no duplicates
+    assert [dict(r) for r in a] == [dict(r) for r in b]  # same rows, same metrics, same shard names
+    za, zb = open_zoo(killed), open_zoo(ref)
+    for ra, rb in zip(za, zb):
+        wa, wb = ra.load(), rb.load()
+        for k in wa.params:
+            assert torch.equal(wa.params[k], wb.params[k])
+    assert not list(killed.glob("shards/.*.tmp"))  # every shard in place, no temp files survive
+
+
+def test_shards_merge_to_the_full_zoo_and_resume_refuses_other_recipe(tmp_path):
+    r = _recipe(population=8, group_size=2, epochs=1, checkpoints=[1])
+    build(r, tmp_path / "p0", shard="0/2", progress=False)
+    build(r, tmp_path / "p1", shard="1/2", progress=False)
+    build(r, tmp_path / "full", progress=False)
+    p0, p1 = {x["model_id"] for x in _table(tmp_path / "p0")}, {x["model_id"] for x in _table(tmp_path / "p1")}
+    assert p0 and p1 and not p0 & p1
+    s = merge(tmp_path / "m", [tmp_path / "p0", tmp_path / "p1"])
+    assert s["rows"] == 8
+    assert merge(tmp_path / "m", [tmp_path / "p0"])["rows"] == 0  # idempotent
+    assert _table(tmp_path / "m") == sorted(_table(tmp_path / "full"), key=lambda x: (x["model_id"], x["epoch"]))
+    with pytest.raises(ConfigError):
+        build(_recipe(seed=99), tmp_path / "full", progress=False)
+
+
+def test_zoo_filter_record_and_errors(tmp_path):
+    build(_recipe(population=4, epochs=1, checkpoints=[1]), tmp_path / "z", progress=False)
+    zoo = open_zoo(tmp_path / "z")
+    sub = zoo.filter(activation="tanh")
+    assert all(r["activation"] == "tanh" for r in sub) and len(sub) + len(zoo.filter(activation="relu")) == 4
+    zoo.record(zoo[0], "robustness", 0.25)
+    assert open_zoo(tmp_path / "z")[0].metrics["robustness"] == 0.25
+    with pytest.raises(wsnets.MissingKeyError):
+        zoo.filter(colour="red")
+    with pytest.raises(wsnets.CheckpointError):
+        open_zoo(tmp_path / "nothing")
+    shard = tmp_path / "z" / zoo[0]["shard"]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(wsnets.CheckpointError, match="corrupt"):
+        open_zoo(tmp_path / "z")[0].load()

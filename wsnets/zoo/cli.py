@@ -1,0 +1,108 @@
+"""``wsnets zoo build|info|merge``."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import Counter
+from typing import Any
+
+from ..cli import add_common, add_parser, emit
+from ..errors import ConfigError
+
+
+def _build(args: argparse.Namespace) -> int:
+    import torch
+
+    from .build import build
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif str(args.device).startswith("cpu"):
+        torch.set_num_threads(1)  # small batched ops: one thread per process; use --shard for more cores
+    s = build(args.recipe, args.out, limit=args.limit, shard=args.shard, device=args.device, progress=not args.json)
+    emit(args, s, lambda: (f"{s['out']}: built {s['models_built']} models in {s['seconds']:.1f} s "
+                           f"({s['models_per_s'] or 0:.2f} models/s), {s['groups_skipped']} of {s['groups_total']} "
+                           f"groups already done (shard {s['shard']}, {s['device']})"))
+    return 0
+
+
+def summarize(zoo) -> dict[str, Any]:
+    """Counts per dataset / architecture / epoch and the test-accuracy spread at the last epoch."""
+    rows = zoo.rows
+    last = zoo.last_epoch().rows
+    acc = sorted(r["test_acc"] for r in last)
+
+    def q(p: float) -> float:
+        return acc[min(len(acc) - 1, int(p * (len(acc) - 1) + 0.5))] if acc else float("nan")
+    return {
+        "zoo": str(zoo.root), "recipe": zoo.meta.get("recipe"), "checkpoints": len(rows),
+        "models": len({r["model_id"] for r in rows}),
+        "per_dataset": dict(Counter(r["dataset"] for r in last)), "per_task": dict(Counter(r["task"] for r in last)),
+        "per_arch": dict(Counter(r["arch_desc"] for r in last).most_common()),
+        "per_epoch": dict(sorted(Counter(r["epoch"] for r in rows).items())),
+        "test_acc_last_epoch": {"min": q(0), "p10": q(0.1), "median": q(0.5), "p90": q(0.9), "max": q(1),
+                                "mean": statistics.fmean(acc) if acc else float("nan")},
+        "gen_gap_last_epoch_mean": statistics.fmean(r["gen_gap"] for r in last) if last else float("nan"),
+        "diverged": sum(int(r.get("diverged") or 0) for r in last),
+    }
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .records import open as open_zoo
+    zoo = open_zoo(args.dir)
+    if len(zoo) == 0:
+        raise ConfigError(f"{args.dir}: the zoo has no committed checkpoints yet")
+    s = summarize(zoo)
+    if args.plot:
+        from .plots import accuracy_histogram
+        s["plot"] = str(accuracy_histogram(zoo, args.plot))
+
+    def text() -> str:
+        a = s["test_acc_last_epoch"]
+        lines = [f"{s['zoo']}: recipe {s['recipe']}, {s['models']} models, {s['checkpoints']} checkpoints",
+                 f"  test accuracy (last epoch): min {a['min']:.3f}  p10 {a['p10']:.3f}  median {a['median']:.3f}  "
+                 f"p90 {a['p90']:.3f}  max {a['max']:.3f}  (mean gap {s['gen_gap_last_epoch_mean']:+.3f}, "
+                 f"{s['diverged']} diverged)",
+                 "  checkpoints per epoch: " + ", ".join(f"{e}: {n}" for e, n in s["per_epoch"].items()),
+                 "  models per dataset: " + ", ".join(f"{d} {n}" for d, n in s["per_dataset"].items()),
+                 "  models per task: " + ", ".join(f"{d} {n}" for d, n in s["per_task"].items()),
+                 f"  architectures ({len(s['per_arch'])}): " + ", ".join(f"{d} {n}" for d, n in list(s["per_arch"].items())[:8])
+                 + (" ..." if len(s["per_arch"]) > 8 else "")]
+        if args.plot:
+            lines.append(f"  histogram: {s['plot']}")
+        return "\n".join(lines)
+    emit(args, s, text)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .store import merge
+    s = merge(args.out, args.parts)
+    emit(args, s, f"{args.out}: merged {s['groups']} groups ({s['rows']} checkpoints) from {len(args.parts)} parts")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("zoo", help="build, inspect and merge model zoos",
+                       description="build, inspect and merge model zoos\n\nexample:\n  wsnets zoo build zoo/digits-mlp.toml --out zoos/digits-mlp",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    zsub = p.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND")
+    b = add_parser(zsub, "build", "train a zoo from a recipe (resumes an interrupted build)",
+                   "wsnets zoo build zoo/digits-mlp.toml --out zoos/digits-mlp --shard 0/2", _build)
+    b.add_argument("recipe", help="recipe TOML (or a name in zoo/, e.g. digits-mlp)")
+    b.add_argument("--out", required=True, help="zoo directory (created; an existing one is resumed)")
+    b.add_argument("--limit", type=int, default=None, help="build only the first N models of the population")
+    b.add_argument("--shard", default=None, help="build part I of N (0-based), e.g. 0/4; merge parts with 'zoo merge'")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 1 on CPU: shard across cores)")
+    add_common(b)
+    i = add_parser(zsub, "info", "counts, accuracy spread and an accuracy histogram of a zoo",
+                   "wsnets zoo info zoos/digits-mlp --plot zoo_acc.png", _info)
+    i.add_argument("dir", help="zoo directory (wsnets store or Small CNN Zoo layout)")
+    i.add_argument("--plot", default=None, help="write a test-accuracy histogram PNG here")
+    add_common(i, device=False)
+    m = add_parser(zsub, "merge", "union zoo parts built with --shard into one zoo",
+                   "wsnets zoo merge zoos/all zoos/part0 zoos/part1", _merge)
+    m.add_argument("out", help="output zoo directory")
+    m.add_argument("parts", nargs="+", help="zoo directories built as parts of one recipe")
+    add_common(m, device=False)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
