@@ -12,6 +12,11 @@ def _seed():
     torch.manual_seed(0)
 
 
+# The test machine is shared by several CPU-heavy jobs; intra-op threads then spin and slow
+# everything down several-fold. One thread keeps the suite fast and timings stable.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def ww():
     """The weightwatcher package, imported quietly (it logs and prints a lot)."""
