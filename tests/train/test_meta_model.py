@@ -74,7 +74,7 @@ def test_graph_meta_model_takes_unseen_architectures(tmp_path):
 
 
 def test_gbm_meta_model_round_trip(tmp_path):
-    cfg = _fakes.config("stat_gbm", encoder={"max_iter": 30})
+    cfg = _fakes.config("stat_gbm", encoder={"max_iter": 20})
     res = run_training(cfg, out=tmp_path, datasets=_fakes.splits("stats"), plots=False)
     mm = MetaModel.load(tmp_path)                       # refits from the stored training features
     test = _fakes.FakeZooDataset(24, seed=2)
