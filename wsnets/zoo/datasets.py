@@ -103,6 +103,11 @@ def info(name: str) -> dict[str, Any]:
     dict with ``dataset`` (the name), ``task`` (base family plus label transforms), ``base``,
     ``family``, ``input_shape`` (tuple, no batch dim), ``num_classes``, ``n_train``, ``n_test``.
     """
+    return dict(_info(name))
+
+
+@lru_cache(maxsize=256)
+def _info(name: str) -> dict[str, Any]:
     base, ms = _parse(name)
     b = _BASES[base]
     classes = b["num_classes"]
@@ -121,7 +126,7 @@ def info(name: str) -> dict[str, Any]:
 
 
 def _sizes(base: str, name: str) -> tuple[int, int]:
-    x, _, xt, _ = load(name) if "+classes" in name else _base(base)
+    x, _, xt, _ = _load(name) if "+classes" in name else _base(base)
     return int(x.shape[0]), int(xt.shape[0])
 
 
