@@ -5,7 +5,8 @@ Networks: MLP 64-32-32-10 (digits), CNN2d 1-8-16-16-10 3x3 (digits 8x8), CNN1d 1
 (MNIST-1D). Each encoder embeds a batch of ``--batch`` networks (input representation built
 beforehand and timed separately in ``represent_ms``), then a scalar loss is back-propagated.
 ``vs_nfn_hnp`` is graphs/s divided by that of nfn's HNP stack (HNPLinear x2 + HNPPool + MLP head)
-on the same networks: > 1 means faster.
+on the same networks: > 1 means faster. Our np/hnp use ``layers=1`` (lift + one residual block: two
+equivariant layers, as the nfn stacks), 16 channels each.
 
     python benchmarks/encoder_speed.py --quick --out benchmarks/out/encoder_speed.json
 """
@@ -33,8 +34,8 @@ NETWORKS = {
 ENCODERS = {
     "graph (PNA)": {"name": "graph", "hidden": 32, "layers": 3, "out_dim": 64},
     "transformer": {"name": "transformer", "hidden": 32, "layers": 3, "heads": 4, "out_dim": 64},
-    "np": {"name": "np", "hidden": 16, "layers": 2, "out_dim": 64},
-    "hnp": {"name": "hnp", "hidden": 16, "layers": 2, "out_dim": 64},
+    "np": {"name": "np", "hidden": 16, "layers": 1, "out_dim": 64},
+    "hnp": {"name": "hnp", "hidden": 16, "layers": 1, "out_dim": 64},
     "stats (StatNN)": {"name": "stats", "out_dim": 64, "hidden": [128]},
     "flat MLP": {"name": "flat", "out_dim": 64, "hidden": [256, 128]},
 }
