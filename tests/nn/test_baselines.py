@@ -6,7 +6,7 @@ import torch
 
 import wsnets
 from wsnets.errors import ArchitectureMismatchError, ConfigError, ShapeMismatchError
-from wsnets.nn import ESDFeatures, FlatMLP, StatFeatures, StatGBM, build_encoder
+from wsnets.nn import ESDFeatures, FlatMLP, StatGBM, build_encoder
 from wsnets.testing import assert_invariant, assert_same_function
 
 from .helpers import ARCHS, nets

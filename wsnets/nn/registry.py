@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 from typing import Any, Iterable, Mapping
 
-import torch
 from torch import nn
 
 from ..arch import Architecture
