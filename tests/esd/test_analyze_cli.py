@@ -77,6 +77,8 @@ def test_cli_text_json_plots_and_errors(tmp_path, capsys):
     assert main(["esd", str(path)]) == 0
     text = capsys.readouterr().out
     assert "skipped: 3 eigenvalue(s) < min_evals=8" in text and "failed: 400 NaN" in text
+    assert main(["esd", str(path), "--per-slice"]) == 0  # no conv layers: same rows
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"{path}: 9 layer row(s), 7 fitted")
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
     assert main(["esd", str(empty)]) == 2

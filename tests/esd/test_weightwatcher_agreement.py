@@ -66,3 +66,16 @@ def test_svd_method_gives_the_same_metrics_as_gram():
     np.testing.assert_allclose(a["alpha"], b["alpha"], rtol=1e-8)
     for c in COLUMNS:
         np.testing.assert_allclose(a[c], b[c], rtol=1e-8)
+
+
+def test_cnn_per_slice_mode(ww):
+    model = _heavy_tailed_(nn.Sequential(nn.Conv2d(8, 24, 3), nn.ReLU(), nn.Conv2d(24, 32, 2)), seed=3)
+    with quiet():
+        ref = ww.WeightWatcher(model=model).analyze(pool=False)
+    ours = analyze(model, pool=False)
+    assert len(ours) == len(ref) == 9 + 4
+    np.testing.assert_array_equal(ours["slice_id"], ref["slice_id"])
+    ok = ((ours["status"] == "success").to_numpy()) & (ref["alpha"].to_numpy() > 0)
+    np.testing.assert_allclose(ours["alpha"][ok], ref["alpha"][ok], atol=0.02)
+    for c in COLUMNS:
+        np.testing.assert_allclose(ours[c][ok], ref[c][ok].astype(float), rtol=1e-4, err_msg=c)

@@ -134,7 +134,7 @@ def _read_tensor(path: Path, key: str) -> torch.Tensor:
 def run(model: Any, *, min_evals: int = DEFAULT_MIN_EVALS, max_evals: int = DEFAULT_MAX_EVALS,
         max_N: int = DEFAULT_MAX_N, conv2d_norm: bool = True, mp_fit: bool = False, randomize: bool = False,
         method: str = "gram", device: str | torch.device = "cpu", layers: Iterable[str] | None = None,
-        progress: bool = False, memory_mb: float = 256.0, seed: int = 0) -> ESDResult:
+        progress: bool = False, memory_mb: float = 256.0, seed: int = 0, pool: bool = True) -> ESDResult:
     """The engine behind :func:`analyze`; also returns the eigenvalues (for plots)."""
     entries, skipped, batch = _entries(model)
     if layers is not None:
@@ -148,21 +148,25 @@ def run(model: Any, *, min_evals: int = DEFAULT_MIN_EVALS, max_evals: int = DEFA
     heads = []
     for layer_id, e in enumerate(entries):
         lay = layout(e.shape, conv2d_norm=conv2d_norm, name=e.name)
+        k = lay.rf if not pool else 1  # rows per tensor: one per slice without pooling
+        n_ev = lay.num_evals // k
         base = {"layer_id": layer_id, "name": e.name, "layer_type": LAYER_TYPES[lay.kind], "N": lay.N, "M": lay.M,
-                "rf": lay.rf, "Q": lay.N / lay.M if lay.M else float("nan"), "num_evals": lay.num_evals}
+                "rf": lay.rf, "Q": lay.N / lay.M if lay.M else float("nan"), "num_evals": n_ev}
         reason = ""
-        if lay.num_evals < min_evals:
-            reason = f"skipped: {lay.num_evals} eigenvalue(s) < min_evals={min_evals}"
-        elif max_evals and lay.num_evals > max_evals:
-            reason = f"skipped: {lay.num_evals} eigenvalues > max_evals={max_evals}"
+        if n_ev < min_evals:
+            reason = f"skipped: {n_ev} eigenvalue(s) < min_evals={min_evals}"
+        elif max_evals and n_ev > max_evals:
+            reason = f"skipped: {n_ev} eigenvalues > max_evals={max_evals}"
         elif max_N and lay.N > max_N:
             reason = f"skipped: N={lay.N} > max_N={max_N}"
-        heads.append((e, base, reason))
+        heads.append((e, base, reason, k))
     for b in range(B):  # rows model-major: all layers of model 0, then model 1, ...
-        for e, base, reason in heads:
-            rows.append(({"model": b} if batch is not None else {}) | base | {"status": reason})
-            if not reason:
-                todo.setdefault(e.shape, []).append(len(rows) - 1)
+        for e, base, reason, k in heads:
+            for sl in range(k):
+                rows.append(({"model": b} if batch is not None else {}) | base |
+                            ({"slice_id": sl} if not pool else {}) | {"status": reason})
+                if not reason:
+                    todo.setdefault(e.shape, []).append(len(rows) - 1)
     # eigenvalues: all tensors of one shape in memory-bounded batched calls
     by_name = {e.name: e for e in entries}
     bar = _progress(len(entries) * B, progress)
@@ -178,25 +182,27 @@ def run(model: Any, *, min_evals: int = DEFAULT_MIN_EVALS, max_evals: int = DEFA
             finite = torch.isfinite(flat).all(1)
             good = ids
             if not bool(finite.all()):
-                counts = zip(ids, finite.tolist(), flat.isnan().sum(1).tolist(), flat.isinf().sum(1).tolist())
+                k = len(ids) // len(flat)  # rows per tensor
+                per_row = lambda t: t.repeat_interleave(k).tolist()  # noqa: E731
+                counts = zip(ids, per_row(finite), per_row(flat.isnan().sum(1)), per_row(flat.isinf().sum(1)))
                 for i, ok, nan, inf in counts:
                     if not ok:
                         rows[i]["status"] = f"failed: {nan} NaN and {inf} Inf of {flat.shape[1]} weights"
-                good = [i for i, ok in zip(ids, finite.tolist()) if ok]
+                good = [i for i, ok in zip(ids, per_row(finite)) if ok]
                 w = w[finite]
             if good:
-                spec = layer_spectrum(w, len(shape), conv2d_norm=conv2d_norm, method=method, device=device)
-                ev = spec.evals.cpu()
-                blocks.append((good, ev))
+                spec = layer_spectrum(w, len(shape), conv2d_norm=conv2d_norm, method=method, device=device,
+                                      pool=pool)
+                blocks.append((good, spec.evals))  # stays on the device: fits run there too
                 for i, sv_max, sv_min, loss in zip(good, spec.sv_max.tolist(), spec.sv_min.tolist(),
                                                    spec.rank_loss.tolist()):
                     rows[i].update(sv_max=sv_max, sv_min=sv_min, rank_loss=loss)
                 if randomize:
-                    _randomize(w, shape, spec, good, randoms, method, gen, device)
+                    _randomize(w, shape, spec, good, randoms, method, gen, device, pool)
             bar.update(len(ids))
     bar.close()
     _fit_and_measure(rows, blocks, method)
-    evals = {i: ev[j] for ids, ev in blocks for j, i in enumerate(ids)}
+    evals = {i: ev[j] for ids, ev in ((ids, ev.cpu()) for ids, ev in blocks) for j, i in enumerate(ids)}
     if mp_fit:
         _mp_columns(rows, evals, "")
     if randomize:
@@ -209,11 +215,14 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="esd layers", unit="layer", disable=not enabled, leave=False)
 
 
-def _randomize(w, shape, spec, good, randoms, method, gen, device) -> None:
-    replicas = 5 if spec.layout.num_evals < 100 else 1  # WeightWatcher's hack for small layers
+def _randomize(w, shape, spec, good, randoms, method, gen, device, pool) -> None:
+    lay = spec.layout
+    replicas = 5 if lay.num_evals < 100 else 1  # WeightWatcher's hack for small layers
+    scale = lay.scale if pool else (lay.rf / 2 if lay.scale != 1.0 else 1.0)
     w = w.to(device)
-    many = randomized_eigenvalues(w, len(shape), replicas=replicas, scale=spec.layout.scale, method=method, generator=gen)
-    one = randomized_eigenvalues(w, len(shape), replicas=1, scale=spec.layout.scale, method=method, generator=gen)
+    kw = dict(scale=scale, method=method, generator=gen, pool=pool)
+    many = randomized_eigenvalues(w, len(shape), replicas=replicas, **kw)
+    one = randomized_eigenvalues(w, len(shape), replicas=1, **kw)
     for j, i in enumerate(good):
         randoms[i] = (many[j].cpu(), one[j].cpu())
 
@@ -270,9 +279,11 @@ def analyze(model: Any, **kwargs: Any):
     mp_fit : add Marchenko–Pastur columns (num_spikes, sigma_mp, mp_softrank, bulk_max, ...).
     randomize : add rand_distance, ww_softrank, num_traps, rand_* columns (seeded by ``seed``).
     method : ``"gram"`` (default, eigvalsh of XᵀX) or ``"svd"``.
-    device : where eigenvalues are computed (``"cuda"`` works); fits run in float64 on CPU tensors.
+    device : where eigenvalues and fits are computed (``"cuda"`` works), in float64.
     layers : only these keys (with or without ``.weight``).
     progress : show a progress bar over layers. memory_mb : streaming chunk size for files.
+    pool : False analyzes every conv slice (kernel position) as its own row with a ``slice_id``
+        column (WeightWatcher's ``pool=False``).
 
     Returns
     -------

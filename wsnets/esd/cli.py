@@ -21,7 +21,7 @@ def _esd(args: argparse.Namespace) -> int:
     from .analyze import run, summary, to_table
     res = run(args.path, min_evals=args.min_evals, max_evals=args.max_evals, mp_fit=args.mp_fit,
               randomize=args.randomize, method=args.method, device=args.device, progress=not args.json,
-              conv2d_norm=not args.no_conv2d_norm)
+              conv2d_norm=not args.no_conv2d_norm, pool=not args.per_slice)
     rows = res.rows
     summ = summary(rows)
     plots: list[str] = []
@@ -34,11 +34,12 @@ def _esd(args: argparse.Namespace) -> int:
         cols = [c for c in _TEXT_COLS] + (["num_spikes", "mp_softrank"] if args.mp_fit else []) + \
             (["rand_distance", "num_traps"] if args.randomize else [])
         width = max([len(r["name"]) for r in rows] + [5])
-        lines = [f"{args.path}: {len(rows)} weight tensor(s), {summ['num_fitted']} fitted, {summ['num_skipped']} "
+        lines = [f"{args.path}: {len(rows)} layer row(s), {summ['num_fitted']} fitted, {summ['num_skipped']} "
                  f"skipped or failed; {len(res.skipped)} other tensor(s) ignored (1-D or not floating point)",
                  f"  {'layer':<{width}}  {'shape':>14}  " + "  ".join(f"{c:>17}" for c in cols)]
         for r in rows:
-            shape = f"{r['N']}x{r['M']}" + (f"x{r['rf']}" if r["rf"] > 1 else "")
+            shape = f"{r['N']}x{r['M']}" + (f"x{r['rf']}" if r["rf"] > 1 else "") + \
+                (f" [{r['slice_id']}]" if "slice_id" in r else "")
             if r["status"] != "success":
                 lines.append(f"  {r['name']:<{width}}  {shape:>14}  {r['status']}")
                 continue
@@ -60,5 +61,6 @@ def register(sub) -> None:
     p.add_argument("--min-evals", type=int, default=8, help="layers with fewer eigenvalues are reported as skipped")
     p.add_argument("--max-evals", type=int, default=15000, help="layers with more eigenvalues are reported as skipped")
     p.add_argument("--method", choices=("gram", "svd"), default="gram", help="eigvalsh of the Gram matrix, or SVD")
+    p.add_argument("--per-slice", action="store_true", help="one row per conv kernel position (no pooling)")
     p.add_argument("--no-conv2d-norm", action="store_true", help="do not halve Conv2d eigenvalues (WeightWatcher does)")
     add_common(p)

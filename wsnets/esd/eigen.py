@@ -160,7 +160,7 @@ class LayerSpectrum:
 
 
 def layer_spectrum(w: torch.Tensor, ndim: int | None = None, *, conv2d_norm: bool = True, method: str = "gram",
-                   device: str | torch.device | None = None, name: str = "") -> LayerSpectrum:
+                   device: str | torch.device | None = None, name: str = "", pool: bool = True) -> LayerSpectrum:
     """Pooled eigenvalues of ``B`` weight tensors of one shape in one batched call.
 
     Parameters
@@ -168,6 +168,9 @@ def layer_spectrum(w: torch.Tensor, ndim: int | None = None, *, conv2d_norm: boo
     w : ``[B, out, in, *k]`` (``ndim`` given, or ``ndim = w.dim() - 1``), or one tensor ``[out, in, *k]``
         with ``ndim = w.dim()``.
     device : where to compute (``"cuda"`` works); results come back on that device.
+    pool : False gives one ESD per slice (WeightWatcher's ``pool=False``): rows ``[B * rf]`` in
+        (tensor, slice) order, each of ``M`` eigenvalues; Conv2d slices are then scaled by ``rf / 2``
+        (WeightWatcher's ``conv2d_norm`` with ``conv2d_count = rf``).
 
     Examples
     --------
@@ -183,9 +186,13 @@ def layer_spectrum(w: torch.Tensor, ndim: int | None = None, *, conv2d_norm: boo
     if device is not None:
         w = w.to(device)
     ev = matrix_eigenvalues(slices(w, ndim), method=method)  # [B, rf, M]
+    rank = numerical_rank(ev, lay.N, method=method)  # [B, rf] (scale-invariant)
+    if not pool:
+        scale = lay.rf / 2 if (lay.kind == "conv2d" and conv2d_norm) else 1.0
+        ev = ev.flatten(0, 1) * scale  # [B * rf, M]
+        return LayerSpectrum(ev, lay, ev[:, -1].sqrt(), ev[:, 0].sqrt(), (lay.M - rank).flatten())
     ev = ev * lay.scale
-    rank = numerical_rank(ev, lay.N, method=method)  # [B, rf]
-    sv_lo = ev[..., 0].sqrt() if lay.M > 0 else ev.new_zeros(ev.shape[:2])
+    sv_lo = ev[..., 0].sqrt()
     pooled = ev.flatten(1)
     if lay.rf > 1:
         pooled = pooled.sort(dim=1).values

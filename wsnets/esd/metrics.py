@@ -145,7 +145,7 @@ def fit_mp(evals: np.ndarray, N: int, M: int) -> dict[str, float]:
 
 # -- randomization --------------------------------------------------------------------------------
 def randomized_eigenvalues(w: torch.Tensor, ndim: int, *, replicas: int = 1, scale: float = 1.0, method: str = "gram",
-                           generator: torch.Generator | None = None) -> torch.Tensor:
+                           generator: torch.Generator | None = None, pool: bool = True) -> torch.Tensor:
     """Eigenvalues after shuffling the entries of every slice independently.
 
     Parameters
@@ -155,14 +155,17 @@ def randomized_eigenvalues(w: torch.Tensor, ndim: int, *, replicas: int = 1, sca
 
     Returns
     -------
-    ``[B, replicas * rf * M]`` float64 ascending (all shuffles of all slices in one batched call).
+    ``[B, replicas * rf * M]`` float64 ascending (all shuffles of all slices in one batched call), or
+    with ``pool=False`` ``[B * rf, replicas * M]`` (one row per slice).
     """
     mats = slices(w, ndim).to(torch.float64)  # [B, rf, N, M]
     B, rf, n, m = mats.shape
     flat = mats.reshape(B, 1, rf, n * m).expand(B, replicas, rf, n * m)
     keys = torch.rand(flat.shape, generator=generator, dtype=torch.float64).to(flat.device)
     shuffled = flat.gather(-1, keys.argsort(-1)).reshape(B, replicas * rf, n, m)
-    ev = matrix_eigenvalues(shuffled, method=method) * scale
+    ev = matrix_eigenvalues(shuffled, method=method) * scale  # [B, replicas * rf, M]
+    if not pool:
+        ev = ev.reshape(B, replicas, rf, m).transpose(1, 2).reshape(B * rf, replicas * m)
     return ev.flatten(1).sort(1).values
 
 

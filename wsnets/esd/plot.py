@@ -82,7 +82,7 @@ def plot_alpha(rows: list[dict[str, Any]], path: str | Path, *, title: str = "")
     """α per layer across depth; failed/skipped layers marked on the axis, 2 ≤ α ≤ 6 band shaded."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows) + 3), 4))
-    ids = [r["layer_id"] for r in rows]
+    ids = list(range(len(rows)))
     alpha = [r.get("alpha", float("nan")) if r.get("status") == "success" else float("nan") for r in rows]
     ax.axhspan(2, 6, color="tab:green", alpha=0.12, label="2 ≤ α ≤ 6 (well-trained range, WeightWatcher)")
     ax.plot(ids, alpha, "o-", color="tab:blue", label="α (power-law exponent)")
@@ -91,8 +91,9 @@ def plot_alpha(rows: list[dict[str, Any]], path: str | Path, *, title: str = "")
         ax.plot(bad, [0] * len(bad), "x", color="tab:red", label="no fit (skipped/failed)")
     ax.set_xticks(ids)
     if len(ids) <= 60:
-        ax.set_xticklabels([f"{i}: {r['name']}" for i, r in zip(ids, rows)], rotation=90, fontsize=7)
-    ax.set_xlabel("layer (index: key, in checkpoint order)")
+        ax.set_xticklabels([f"{r['layer_id']}: {r['name']}" + (f"[{r['slice_id']}]" if "slice_id" in r else "")
+                            for r in rows], rotation=90, fontsize=7)
+    ax.set_xlabel("layer (id: key, in checkpoint order)")
     ax.set_ylabel("α (dimensionless)")
     ax.set_title(f"{title}\npower-law exponent per layer", fontsize=9)
     ax.set_ylim(bottom=-0.3)
@@ -109,7 +110,8 @@ def plot_all(res, directory: str | Path, *, title: str = "", mp_fit: bool = Fals
     for i, ev in sorted(res.evals.items()):
         row = res.rows[i]
         tag = f"m{row['model']}_" if "model" in row else ""
-        out.append(plot_layer(ev.numpy(), row, d / f"esd_{tag}{row['layer_id']:03d}_{_safe(row['name'])}.png",
+        sl = f"_s{row['slice_id']}" if "slice_id" in row else ""
+        out.append(plot_layer(ev.numpy(), row, d / f"esd_{tag}{row['layer_id']:03d}_{_safe(row['name'])}{sl}.png",
                               title=title, mp_fit=mp_fit))
     out.append(plot_alpha([r for r in res.rows if r.get("model", 0) == 0], d / "alpha_per_layer.png", title=title))
     return out
