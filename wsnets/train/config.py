@@ -160,8 +160,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     for t in cfg.data.targets:
         if t not in known:
             raise ConfigError(f"{source}: unknown target {t!r} in data.targets (known: {', '.join(known)})")
-    if len(cfg.data.fractions) != 3 or any(f < 0 for f in cfg.data.fractions) or sum(cfg.data.fractions) <= 0:
-        raise ConfigError(f"{source}: data.fractions must be three non-negative numbers (train, val, test)")
+    fr = cfg.data.fractions
+    if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+        raise ConfigError(f"{source}: data.fractions must be three non-negative numbers summing to 1 "
+                          f"(train, val, test), got {fr}")
     for name, v in (("data.batch_size", cfg.data.batch_size), ("optim.epochs", cfg.optim.epochs)):
         if v < 1:
             raise ConfigError(f"{source}: {name} must be >= 1, got {v}")

@@ -94,7 +94,7 @@ def run_training(cfg: TrainConfig, *, zoo: str | Path | None = None, out: str | 
                            name=f"{cfg.name}", config=cfg.to_dict(), wandb_dir=out, active=dist.is_main)
         sizes = {s: len(datasets[s]) for s in SPLITS}
         logger.info(f"{cfg.name}: {cfg.encoder_name} on {sizes['train']}/{sizes['val']}/{sizes['test']} "
-                    f"train/val/test models, targets {', '.join(cfg.data.targets)}, {seeds} seed(s), "
+                    f"train/val/test checkpoints, targets {', '.join(cfg.data.targets)}, {seeds} seed(s), "
                     f"{dist.world_size} process(es) on {dev}")
         classes = {t: list(datasets["train"].classes(t)) for t in cfg.data.targets if is_classification(t)}
         norm = normalization(datasets["train"], list(cfg.data.targets))
@@ -133,16 +133,25 @@ def _train_seed(cfg: TrainConfig, s: int, datasets: dict, example: Any, classes:
     targets = list(cfg.data.targets)
     if is_gbm(cfg):
         mm = GBMMetaModel(cfg, targets, classes=classes, seed=s)
-        mm.example_arch = example.arch
+        mm.example_arch = _one(example).arch
         mm.fit(*features_and_targets(datasets["train"], targets))
         (xv, yv), (xt, yt) = (features_and_targets(datasets[p], targets) for p in ("val", "test"))
         real = mm.predict_features(xt)
         return mm, {}, target_metrics(mm, mm.predict_features(xv), yv), target_metrics(mm, real, yt), real, yt
-    encoder = build_encoder(cfg.encoder, example)
+    enc_cfg = dict(cfg.encoder)
+    train_ds = datasets["train"]
+    feats = train_ds.features() if getattr(train_ds, "representation", None) in ("stats", "esd") and \
+        hasattr(train_ds, "features") else None
+    if feats is not None:   # zero-padded to the deepest network by the zoo: size the encoder from the data
+        enc_cfg.setdefault("in_features", int(feats.shape[1]))
+        encoder = build_encoder(enc_cfg, None)
+        encoder.fit_normalization(feats)
+    else:
+        encoder = build_encoder(enc_cfg, example)
     rep = cfg.data.representation or getattr(encoder, "representation", "graph")
     mm = MetaModel(encoder, targets, classes=classes, normalization=norm, representation=rep,
                    head_hidden=cfg.head.hidden, head_dropout=cfg.head.dropout)
-    mm.config, mm.example_arch = cfg.to_dict() | {"seed": s}, _one(example).arch
+    mm.config, mm.example_arch = cfg.to_dict() | {"seed": s, "encoder": enc_cfg}, _one(example).arch
     res = fit(mm, datasets["train"], datasets["val"], _with_seed(cfg, s), device=dev, dist=dist, logger=logger)
     o, y = predict_dataset(mm, datasets["test"], device=dev, dist=dist)
     test = metrics_from_outputs(mm, o, y)

@@ -48,6 +48,8 @@ def target_values(ds: Any, target: str) -> torch.Tensor:
     """All values of one target in a dataset, ``[n]`` (from ``ds.targets`` when offered, else items)."""
     if hasattr(ds, "target_values"):
         return torch.as_tensor(ds.target_values(target), dtype=torch.float64)
+    if hasattr(ds, "rows") and hasattr(ds, "target"):       # ZooDataset: from the index, no weights read
+        return torch.tensor([float(ds.target(r, target)) for r in ds.rows], dtype=torch.float64)
     loader = DataLoader(ds, batch_size=256, shuffle=False, collate_fn=ds.collate)
     return torch.cat([y[target].double().flatten() for _, y in loader])
 

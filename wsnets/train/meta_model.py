@@ -124,15 +124,23 @@ class Predictor:
         for i in range(0, len(nets), batch_size):
             x = represent(nets[i:i + batch_size], self.representation)
             self._check_features(x)
-            results.extend(self._rows(self.predict_features(x)))
+            results.extend(self._rows(self.predict_features(self._pad(x))))
         return results
 
     def _check_features(self, x: Any) -> None:
         from ..errors import ArchitectureMismatchError
         if self.feature_dim is not None and isinstance(x, torch.Tensor) and x.shape[-1] != self.feature_dim:
+            if self.representation in ("stats", "esd") and x.shape[-1] < self.feature_dim:
+                return  # a shallower network: zero-padded like the zoo pads (see _pad)
             raise ArchitectureMismatchError(
                 f"the {self.representation} features have {x.shape[-1]} entries but this meta-model was trained on "
                 f"{self.feature_dim} (architecture {self.example_arch.describe() if self.example_arch else '?'})")
+
+    def _pad(self, x: Any) -> Any:
+        """Zero-pad ``[B, F]`` stats/ESD rows to the training width (ZooDataset pads mixed depths so)."""
+        if isinstance(x, torch.Tensor) and self.feature_dim is not None and x.shape[-1] < self.feature_dim:
+            return torch.nn.functional.pad(x, (0, self.feature_dim - x.shape[-1]))
+        return x
 
     def _rows(self, out: Mapping[str, torch.Tensor]) -> list[dict]:
         n = next(iter(out.values())).shape[0]
