@@ -16,7 +16,8 @@ Usage::
 
     python benchmarks/esd_speed.py [--quick] [--device cpu|cuda] [--threads 1] --out esd_speed.json
 
-Prints a Markdown table; writes JSON. Timings are best of ``--repeat`` runs (wall clock).
+Prints a Markdown table; writes JSON. Timings are best of ``--repeat`` runs (wall clock), the two
+sides alternating so that load changes on a shared machine affect both.
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ def best_of(fn, repeat: int) -> tuple[float, object]:
     return best, out
 
 
+def paired(fn_ref, fn_ours, repeat: int) -> tuple[float, object, float, object]:
+    """Best-of timings of two functions run alternately, so load changes on a shared machine hit both."""
+    t_ref = t_ours = float("inf")
+    out_ref = out_ours = None
+    for _ in range(repeat):
+        a, out_ref = best_of(fn_ref, 1)
+        b, out_ours = best_of(fn_ours, 1)
+        t_ref, t_ours = min(t_ref, a), min(t_ours, b)
+    return t_ref, out_ref, t_ours, out_ours
+
+
 def bert_mini(seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     t = torch.distributions.StudentT(3.0)
@@ -94,19 +106,18 @@ def alpha_gap(ours, ref) -> float:
 def bench_bert(ww, args) -> dict:
     model = bert_mini()
     n_mats = len(list(model.parameters()))
-    t_ww, ref = best_of(lambda: _ww_analyze(ww, model), args.repeat)
-    t_ours, df = best_of(lambda: analyze(model, device=args.device), args.repeat)
+    t_ww, ref, t_ours, df = paired(lambda: _ww_analyze(ww, model), lambda: analyze(model, device=args.device),
+                                   args.repeat)
     # eigenvalues alone
     mats = [p.detach() for p in model.parameters()]
     from weightwatcher.RMT_Util import svd_vals
-    t_ww_eig, _ = best_of(lambda: [svd_vals(m.numpy().astype(float)) for m in mats], args.repeat)
 
     def ours_eig():
         by_shape: dict = {}
         for m in mats:
             by_shape.setdefault(tuple(m.shape), []).append(m)
         return [layer_spectrum(torch.stack(v), 2, device=args.device).evals.cpu() for v in by_shape.values()]
-    t_eig, _ = best_of(ours_eig, args.repeat)
+    t_ww_eig, _, t_eig, _ = paired(lambda: [svd_vals(m.numpy().astype(float)) for m in mats], ours_eig, args.repeat)
     svd = analyze(model, method="svd", device=args.device)
     acc = {c: float(np.nanmax(np.abs(df[c] - svd[c]) / np.abs(svd[c])))
            for c in ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "entropy")}
@@ -127,8 +138,8 @@ def bench_zoo(ww, args) -> dict:
     arch = wsnets.mlp(64, [32, 32], 10)
     ws = wsnets.WeightSpace.random(arch, batch_size=n, generator=torch.Generator().manual_seed(0))
     modules = [ws[i].to_module() for i in range(n_ww)]
-    t_ww, refs = best_of(lambda: [_ww_analyze(ww, m) for m in modules], 1)
-    t_table, df = best_of(lambda: analyze(ws, device=args.device), args.repeat)
+    t_ww, refs, t_table, df = paired(lambda: [_ww_analyze(ww, m) for m in modules],
+                                     lambda: analyze(ws, device=args.device), args.repeat)
     t_feat, _ = best_of(lambda: esd_features(ws, device=args.device), args.repeat)
     ours_alpha = df[df["model"] < n_ww]["alpha"].to_numpy()
     ref_alpha = np.concatenate([r["alpha"].to_numpy() for r in refs])

@@ -37,3 +37,13 @@ def test_too_small_layer_is_flagged_and_filled():
     assert (f[:, names.index("layer0.fit_ok")] == 0).all()
     assert (f[:, names.index("layer0.alpha")] == 0).all()
     assert torch.isnan(esd_features(ws, fill=None)[:, names.index("layer0.alpha")]).all()
+
+
+def test_nonfinite_network_gets_no_features_and_others_are_unaffected():
+    ws = wsnets.WeightSpace.random(wsnets.mlp(16, [20], 12), batch_size=3)
+    clean = esd_features(ws)
+    ws.params["0.weight"][1, 2, 3] = float("nan")
+    names = esd_feature_names(ws.arch)
+    f = esd_features(ws, fill=None)
+    assert f[1, names.index("layer0.fit_ok")] == 0 and torch.isnan(f[1, names.index("layer0.log_norm")])
+    torch.testing.assert_close(torch.nan_to_num(f[[0, 2]], nan=0.0), clean[[0, 2]])

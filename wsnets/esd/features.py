@@ -4,7 +4,8 @@ For each weight layer of the architecture, in order, :data:`LAYER_FEATURES`; the
 means over layers (:data:`SUMMARY_FEATURES`, WeightWatcher's summary metrics). Everything is batched:
 one eigenvalue call and one power-law fit per layer for the whole zoo batch.
 
-Undefined values (a failed fit, a layer with fewer than ``min_evals`` eigenvalues) are replaced by
+Undefined values (a failed fit, a layer with fewer than ``min_evals`` eigenvalues, a network with
+NaN/Inf weights in that layer) are replaced by
 ``fill`` (0 by default) and flagged by the ``fit_ok`` feature, so linear heads see finite inputs;
 pass ``fill=None`` to keep NaN (for gradient-boosted heads that handle missing values).
 
@@ -52,13 +53,16 @@ def esd_features(ws, *, fill: float | None = 0.0, min_evals: int = DEFAULT_MIN_E
     per_layer, summary = [], {k: [] for k in SUMMARY_FEATURES}
     for layer in b.arch.weight_layers:
         w = b.params[f"{layer.name}.weight"]
+        finite = torch.isfinite(w.flatten(1)).all(1)
+        w = torch.where(finite.view(-1, *[1] * (w.dim() - 1)), w, torch.zeros_like(w))  # NaN nets: no features
         spec = layer_spectrum(w, w.dim() - 1, conv2d_norm=conv2d_norm, method=method, device=device)
         ev = spec.evals
         fit = fit_powerlaw(ev)
-        ok = fit.ok & (ev.shape[1] >= min_evals) & torch.isfinite(ev).all(1)
+        ok = fit.ok & (ev.shape[1] >= min_evals) & finite.to(ev.device)
         nan = torch.full_like(fit.alpha, float("nan"))
         alpha = torch.where(ok, fit.alpha, nan)
         m = norm_metrics(ev, alpha, spec.layout.N, spec.layout.M, method=method)
+        m = {k: torch.where(finite.to(v.device), v.double(), nan) for k, v in m.items()}
         cols = {
             "alpha": alpha, "alpha_weighted": m["alpha_weighted"], "log_norm": m["log_norm"],
             "log_spectral_norm": m["log_spectral_norm"], "log_alpha_norm": m["log_alpha_norm"],
