@@ -83,6 +83,10 @@ def test_cli_text_json_plots_and_errors(tmp_path, capsys):
     empty.write_bytes(b"")
     assert main(["esd", str(empty)]) == 2
     assert capsys.readouterr().err.strip() == f"wsnets esd: error: {empty}: file is empty"
+    only_biases = tmp_path / "b.safetensors"
+    save_file({"bias": torch.zeros(3)}, str(only_biases))
+    assert main(["esd", str(only_biases)]) == 2
+    assert "no 2-D, 3-D or 4-D floating-point weight tensor" in capsys.readouterr().err
     garbage = tmp_path / "g.safetensors"
     garbage.write_bytes(b"\x00\x01garbage")
     assert main(["esd", str(garbage)]) == 2
@@ -91,7 +95,7 @@ def test_cli_text_json_plots_and_errors(tmp_path, capsys):
 
 def test_pt_checkpoint_and_module_inputs(tmp_path):
     model = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 10))
-    torch.save(model.state_dict(), tmp_path / "m.pt")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "m.pt")
     a, b = analyze(tmp_path / "m.pt"), analyze(model)
     np.testing.assert_allclose(a["alpha"], b["alpha"])
     (tmp_path / "m.txt").write_text("x")

@@ -72,7 +72,10 @@ def _entries(model: Any) -> tuple[list[_Entry], list[str], int | None]:
     lead = 0 if batch is None else 1
     entries, skipped = [], []
     for k, t in tensors.items():
-        why = _skip_reason(k, tuple(t.shape[lead:]), t.dtype, t)
+        if not isinstance(t, torch.Tensor):
+            skipped.append(f"{k}: a {type(t).__name__}, not a tensor")
+            continue
+        why = _skip_reason(k, tuple(t.shape[lead:]), t.dtype)
         if why:
             skipped.append(why)
             continue
@@ -80,9 +83,7 @@ def _entries(model: Any) -> tuple[list[_Entry], list[str], int | None]:
     return entries, skipped, batch
 
 
-def _skip_reason(key: str, shape: tuple[int, ...], dtype: Any, t: Any = None) -> str:
-    if not isinstance(t, torch.Tensor) and t is not None:
-        return f"{key}: not a tensor"
+def _skip_reason(key: str, shape: tuple[int, ...], dtype: Any) -> str:
     if dtype is not None and not _is_float(dtype):
         return f"{key}: {dtype} tensor (not floating point)"
     if len(shape) not in (2, 3, 4):

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from ..cli import COMMANDS, add_common, add_parser, emit
+from ..errors import CheckpointError
 
 _TEXT_COLS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "num_pl_spikes")
 
@@ -23,6 +24,9 @@ def _esd(args: argparse.Namespace) -> int:
               randomize=args.randomize, method=args.method, device=args.device, progress=not args.json,
               conv2d_norm=not args.no_conv2d_norm, pool=not args.per_slice)
     rows = res.rows
+    if not rows:
+        raise CheckpointError(f"{args.path}: no 2-D, 3-D or 4-D floating-point weight tensor to analyze "
+                              f"({len(res.skipped)} other tensor(s))")
     summ = summary(rows)
     plots: list[str] = []
     if args.plot:
