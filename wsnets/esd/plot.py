@@ -67,7 +67,8 @@ def plot_layer(evals: np.ndarray, row: dict[str, Any], path: str | Path, *, titl
                     label=f"MP bulk σ={row['sigma_mp']:.2f}, spikes={row['num_spikes']}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("eigenvalue λ = σ(W)² (unnormalized)")
+    conv = " of each kernel slice, x1/2 (conv2d_norm)" if row.get("layer_type") == "CONV2D" else ""
+    ax.set_xlabel(f"eigenvalue λ = σ(W)²{conv} (no 1/N normalization)")
     ax.set_ylabel("density (1/λ)")
     status = "" if ok else f"  [{row.get('status')}]"
     ax.set_title(f"{title}\nlayer {row['layer_id']}: {row['name']} ({row['N']}x{row['M']}, rf={row['rf']}){status}",
