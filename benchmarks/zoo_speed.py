@@ -110,6 +110,16 @@ def sequential(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, int, list
     return time.perf_counter() - t, len(runs), accs
 
 
+def _compare(name: str, b: tuple[float, int, list[float]], s: tuple[float, int, list[float]]) -> dict:
+    """One result row from (seconds, models, accuracies) of the batched and the sequential run."""
+    (tb, nb, acc_b), (ts, ns, acc_s) = b, s
+    return {"workload": name, "batched_models_per_s": nb / tb, "sequential_models_per_s": ns / ts,
+            "speedup": (nb / tb) / (ns / ts), "batched_seconds": tb, "batched_models": nb,
+            "sequential_seconds": ts, "sequential_models": ns,
+            "batched_median_test_acc": float(torch.tensor(acc_b).median()),
+            "sequential_median_test_acc": float(torch.tensor(acc_s).median())}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="zoo/digits-mlp.toml")
@@ -134,14 +144,8 @@ def main(argv=None) -> int:
     groups = [(g.arch, list(g.runs)) for g in plan(recipe, n_rec)]
     all_runs = sorted((r for _, rs in groups for r in rs), key=lambda r: r.index)
     seq_runs = all_runs[:: max(1, len(all_runs) // n_seq)][:n_seq]
-    tb, nb, acc_b = batched(groups, recipe, bank, dev)
-    ts, ns, acc_s = sequential(seq_runs, recipe, bank, dev)
-    results.append({"workload": f"{recipe.name} recipe ({n_rec} models, {len(groups)} groups, {recipe.epochs} epochs)",
-                    "batched_models_per_s": nb / tb, "sequential_models_per_s": ns / ts,
-                    "speedup": (nb / tb) / (ns / ts), "batched_seconds": tb, "batched_models": nb,
-                    "sequential_seconds": ts, "sequential_models": ns,
-                    "batched_median_test_acc": float(torch.tensor(acc_b).median()),
-                    "sequential_median_test_acc": float(torch.tensor(acc_s).median())})
+    results.append(_compare(f"{recipe.name} recipe ({n_rec} models, {len(groups)} groups, {recipe.epochs} epochs)",
+                            batched(groups, recipe, bank, dev), sequential(seq_runs, recipe, bank, dev)))
 
     # workload 2: fixed MLP 64-32-32-10, SGD, 10 epochs on digits
     raw = {"name": "mlp64", "seed": 0, "population": n_mlp, "datasets": ["digits"], "epochs": 10, "checkpoints": [10],
@@ -150,14 +154,8 @@ def main(argv=None) -> int:
            "hyperparameters": {"optimizer": "sgd", "lr": {"log_uniform": [0.01, 0.2]}, "momentum": 0.9}}
     mr = parse_recipe(raw)
     runs = mr.runs()
-    tb, nb, acc_b = batched([(runs[0].arch, runs)], mr, bank, dev)
-    ts, ns, acc_s = sequential(runs[:n_seq], mr, bank, dev)
-    results.append({"workload": f"MLP 64-32-32-10, 10 epochs on digits (K={n_mlp})",
-                    "batched_models_per_s": nb / tb, "sequential_models_per_s": ns / ts,
-                    "speedup": (nb / tb) / (ns / ts), "batched_seconds": tb, "batched_models": nb,
-                    "sequential_seconds": ts, "sequential_models": ns,
-                    "batched_median_test_acc": float(torch.tensor(acc_b).median()),
-                    "sequential_median_test_acc": float(torch.tensor(acc_s).median())})
+    results.append(_compare(f"MLP 64-32-32-10, 10 epochs on digits (K={n_mlp})",
+                            batched([(runs[0].arch, runs)], mr, bank, dev), sequential(runs[:n_seq], mr, bank, dev)))
 
     env = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
            "threads": a.threads, "torch": torch.__version__, "python": platform.python_version(),

@@ -31,7 +31,7 @@ def accuracy_histogram(zoo, path: str | Path) -> Path:
     ax.set_ylabel("number of checkpoints")
     n_models = len({r["model_id"] for r in zoo.rows})
     ax.set_title(f"Zoo {zoo.meta.get('recipe') or zoo.root.name}: test accuracy of {n_models} models")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
