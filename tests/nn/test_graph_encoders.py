@@ -83,3 +83,24 @@ def test_learns_a_weight_property_across_architectures(name):
         loss.backward()
         opt.step()
     assert loss.item() < 0.1  # standardized MSE: 1.0 is the mean predictor
+
+
+@pytest.mark.parametrize("sort", [True, False])
+def test_pna_aggregate_matches_scatter_reference(sort):
+    from torch_geometric.utils import scatter
+
+    from wsnets.nn.graph_encoder import pna_aggregate, segments
+    g = torch.Generator().manual_seed(0)
+    n, E, H = 7, 40, 3
+    index = torch.randint(0, n - 1, (E,), generator=g)  # node n-1 receives nothing
+    index = index.sort().values if sort else index
+    m = torch.randn(E, H, generator=g, dtype=torch.float64)
+    got = pna_aggregate(m, segments(index, n), delta=2.0)
+    mean = scatter(m, index, 0, dim_size=n, reduce="mean")
+    std = (scatter(m * m, index, 0, dim_size=n, reduce="mean") - mean ** 2).clamp(min=0).add(1e-6).sqrt()
+    deg = torch.bincount(index, minlength=n).to(m.dtype)
+    std = std * (deg > 0).unsqueeze(1)
+    agg = torch.cat([mean, scatter(m, index, 0, dim_size=n, reduce="max"),
+                     scatter(m, index, 0, dim_size=n, reduce="min"), std], 1)
+    torch.testing.assert_close(got, torch.cat([agg, agg * ((deg + 1).log() / 2.0).unsqueeze(1)], 1))
+    assert (got[n - 1] == 0).all()

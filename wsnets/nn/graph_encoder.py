@@ -62,7 +62,6 @@ class GraphFeaturizer(nn.Module):
         node_batch = batch.batch if getattr(batch, "batch", None) is not None else x.new_zeros(N, dtype=torch.long)
         ones = x.new_ones(E)
         deg_in = scatter(ones, dst, 0, dim_size=N, reduce="sum")
-        deg_out = scatter(ones, src, 0, dim_size=N, reduce="sum")
         scale = deg_in.clamp(min=1).sqrt()
         # depth: absolute group index and fraction of this graph's number of groups
         layer = batch.node_layer
@@ -80,24 +79,39 @@ class GraphFeaturizer(nn.Module):
         wnorm = w.norm(dim=1, keepdim=True)
         efeats = torch.cat([w, signed_log(wnorm), lay[dst], frac[dst]], dim=1)
         e = self.edge_in(efeats) + self.edge_type(batch.edge_type)
-        aux = {"batch": node_batch, "deg_in": deg_in, "deg_out": deg_out}
+        aux = {"batch": node_batch, "seg_in": segments(dst, N), "seg_out": segments(src, N)}
         return h, e, aux
 
 
-def pna_aggregate(m: torch.Tensor, index: torch.Tensor, n: int, deg: torch.Tensor, delta: float) -> torch.Tensor:
-    """PNA aggregation of messages ``m [E, H]`` at ``index`` -> ``[n, 8H]`` (4 aggregators x 2 scalers).
+def segments(index: torch.Tensor, n: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """How to reduce edge values by ``index`` with ``torch.segment_reduce``: an ordering of the edges
+    that sorts ``index`` (None when it is sorted already, as targets of :func:`wsnets.to_batch` are)
+    and the number of edges per node ``[n]``."""
+    order = None
+    if index.numel() > 1 and not bool((index[1:] >= index[:-1]).all()):
+        order = index.argsort(stable=True)
+    return order, torch.bincount(index, minlength=n)
 
-    Nodes that receive nothing get zeros. ``delta`` is the fixed log-degree normalizer of the
-    amplification scaler ``log(d + 1) / delta`` (fixed, so a graph's embedding never depends on
-    what else is in the batch).
+
+def pna_aggregate(m: torch.Tensor, seg: tuple[torch.Tensor | None, torch.Tensor], delta: float) -> torch.Tensor:
+    """PNA aggregation of messages ``m [E, H]`` -> ``[n, 8H]`` (4 aggregators x 2 scalers).
+
+    ``seg`` comes from :func:`segments` (target of each message). Nodes that receive nothing get
+    zeros. ``delta`` is the fixed log-degree normalizer of the amplification scaler
+    ``log(d + 1) / delta`` (fixed, so a graph's embedding never depends on what else is in the batch).
+    Sorted segment reductions are used instead of scatters: several times faster for max/min.
     """
-    mean = scatter(m, index, 0, dim_size=n, reduce="mean")
-    sq = scatter(m * m, index, 0, dim_size=n, reduce="mean")
-    std = (sq - mean * mean).clamp(min=0).add(1e-6).sqrt() * (deg > 0).unsqueeze(1)
-    mx = scatter(m, index, 0, dim_size=n, reduce="max")
-    mn = scatter(m, index, 0, dim_size=n, reduce="min")
-    agg = torch.cat([mean, mx, mn, std], dim=1)
-    amp = ((deg + 1).log() / delta).unsqueeze(1)
+    order, lengths = seg
+    ms = m if order is None else m[order]
+    has = (lengths > 0).unsqueeze(1)
+
+    def red(x: torch.Tensor, how: str) -> torch.Tensor:
+        out = torch.segment_reduce(x, how, lengths=lengths, unsafe=True)
+        return torch.where(has, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    mean, sq = red(ms, "mean"), red(ms * ms, "mean")
+    std = torch.where(has, (sq - mean * mean).clamp(min=0).add(1e-6).sqrt(), torch.zeros((), dtype=m.dtype, device=m.device))
+    agg = torch.cat([mean, red(ms, "max"), red(ms, "min"), std], dim=1)
+    amp = ((lengths.to(m.dtype) + 1).log() / delta).unsqueeze(1)
     return torch.cat([agg, agg * amp], dim=1)
 
 
@@ -138,15 +152,15 @@ class EdgePNALayer(nn.Module):
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, edge_index: torch.Tensor, aux: dict) -> tuple[torch.Tensor, torch.Tensor]:
         src, dst = edge_index
-        n, H = h.shape
+        H = h.shape[1]
         hn = self.norm_h(h)
         e = self.edge(hn, self.norm_e(e), e, src, dst)
         node = self.msg_node(hn)
         me = self.msg_edge(self.norm_e(e))
         m_f = self.act(node[src, :H] + me[:, :H])
         m_b = self.act(node[dst, H:] + me[:, H:])
-        agg_f = self.post_f(pna_aggregate(m_f, dst, n, aux["deg_in"], self.delta))
-        agg_b = self.post_b(pna_aggregate(m_b, src, n, aux["deg_out"], self.delta))
+        agg_f = self.post_f(pna_aggregate(m_f, aux["seg_in"], self.delta))
+        agg_b = self.post_b(pna_aggregate(m_b, aux["seg_out"], self.delta))
         h = h + self.f_h(torch.cat([hn, agg_f, agg_b], dim=1))
         return h, e
 
