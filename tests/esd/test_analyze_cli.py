@@ -83,6 +83,9 @@ def test_cli_text_json_plots_and_errors(tmp_path, capsys):
     empty.write_bytes(b"")
     assert main(["esd", str(empty)]) == 2
     assert capsys.readouterr().err.strip() == f"wsnets esd: error: {empty}: file is empty"
+    if not torch.cuda.is_available():
+        assert main(["esd", str(path), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
     only_biases = tmp_path / "b.safetensors"
     save_file({"bias": torch.zeros(3)}, str(only_biases))
     assert main(["esd", str(only_biases)]) == 2

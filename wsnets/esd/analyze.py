@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .eigen import layer_spectrum, layout
+from .eigen import check_device, layer_spectrum, layout
 from .metrics import fit_columns, fit_mp, jensen_shannon_distance, norm_metrics, randomized_eigenvalues
 from .powerlaw import fit_powerlaw
 
@@ -137,6 +137,7 @@ def run(model: Any, *, min_evals: int = DEFAULT_MIN_EVALS, max_evals: int = DEFA
         method: str = "gram", device: str | torch.device = "cpu", layers: Iterable[str] | None = None,
         progress: bool = False, memory_mb: float = 256.0, seed: int = 0, pool: bool = True) -> ESDResult:
     """The engine behind :func:`analyze`; also returns the eigenvalues (for plots)."""
+    device = check_device(device)
     entries, skipped, batch = _entries(model)
     if layers is not None:
         wanted = set(layers)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ShapeMismatchError
+from ..errors import ConfigError, ShapeMismatchError
 
 CONV2D_NORM_FACTOR = 0.5  # WeightWatcher: W *= sqrt(conv2d_count / 2) with conv2d_count = 1 -> λ *= 1/2
 FLOAT64_EPS = float(torch.finfo(torch.float64).eps)
@@ -137,6 +137,21 @@ def numerical_rank(evals: torch.Tensor, N: int, *, method: str = "gram", M: int 
     if method == "gram":
         factor = max(factor, 8 * M * FLOAT64_EPS)
     return (evals > lmax * factor).sum(dim)
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device``; :class:`ConfigError` if it is malformed or not available here."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"bad device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} requested but CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {str(device)!r} requested but MPS is not available on this machine")
+    return dev
 
 
 @dataclass

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .eigen import layer_spectrum
+from .eigen import check_device, layer_spectrum
 from .metrics import norm_metrics
 from .powerlaw import fit_powerlaw
 
@@ -49,6 +49,7 @@ def esd_features(ws, *, fill: float | None = 0.0, min_evals: int = DEFAULT_MIN_E
     min_evals : layers with fewer eigenvalues get no power-law fit (as WeightWatcher skips them).
     device : where to compute the eigenvalues and fits (``"cuda"`` works).
     """
+    device = check_device(device)
     b = ws.batched()
     per_layer, summary = [], {k: [] for k in SUMMARY_FEATURES}
     for layer in b.arch.weight_layers:
