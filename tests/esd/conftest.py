@@ -23,9 +23,8 @@ def ww():
     warnings.simplefilter("ignore")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         import weightwatcher
-    for name in ("weightwatcher", "WW_powerlaw", "RMT_Util"):
+    for name in ("weightwatcher", "RMT_Util"):  # its loggers only; the root logger is left alone
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    logging.getLogger().setLevel(logging.CRITICAL)
     return weightwatcher
 
 
