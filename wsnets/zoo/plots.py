@@ -21,7 +21,7 @@ def accuracy_histogram(zoo, path: str | Path) -> Path:
     cmap = plt.get_cmap("viridis")
     for j, e in enumerate(epochs):
         acc = [r["test_acc"] for r in zoo.rows if r["epoch"] == e]
-        ax.hist(acc, bins=bins, histtype="step", linewidth=1.8, color=cmap(j / max(1, len(epochs) - 1)),
+        ax.hist(acc, bins=bins, histtype="step", linewidth=1.8, color=cmap(0.85 * j / max(1, len(epochs) - 1)),
                 label=f"epoch {e} ({len(acc)} models)")
     classes = {zds.info(d)["num_classes"] for d in {r["dataset"] for r in zoo.rows} if _known(d)}
     if len(classes) == 1:

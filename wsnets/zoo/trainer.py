@@ -57,7 +57,7 @@ def hash_uniform(seeds: torch.Tensor, stream: int, counters: torch.Tensor) -> to
     """
     k = _mix((seeds.long() ^ _mix(torch.tensor(stream, dtype=torch.long, device=seeds.device))) & _MASK)
     view = (-1,) + (1,) * counters.dim()
-    h = _mix(_mix((k.reshape(view) + counters.long().unsqueeze(0) * 0x9E3779B1) & _MASK) ^ k.reshape(view))
+    h = _mix((k.reshape(view) + (counters.long().unsqueeze(0) & _MASK) * 0x9E3779B1) & _MASK)  # one round per value
     return (h >> 8).float() * (1.0 / (1 << 24))
 
 
@@ -204,7 +204,8 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
                 yb = y_train.gather(1, idx)
                 logits = forward(arch, unflatten(theta), xb, train=True, dropout=drop if use_drop else None,
                                  generator=gen)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="sum") / batch_size
+                # class dim second ([K, C, B]): PyTorch's CPU kernel is ~5x faster than with [K*B, C]
+                loss = F.cross_entropy(logits.transpose(1, 2), yb, reduction="sum") / batch_size
                 (g,) = torch.autograd.grad(loss, [theta])
                 t += 1
                 with torch.no_grad():
@@ -274,7 +275,7 @@ def _epoch_order(seeds: torch.Tensor, member: torch.Tensor, n_sub: torch.Tensor,
     passes = p0[:, None] + torch.arange(J, device=dev)[None]  # [K, J]
     counters = passes[:, :, None] * Nmax + torch.arange(Nmax, device=dev)[None, None]  # [K, J, Nmax]
     k = _mix((seeds.long() ^ _STREAM["order"]) & _MASK)[:, None, None]
-    h = _mix(_mix((k + counters * 0x9E3779B1) & _MASK) ^ k)
+    h = _mix((k + counters * 0x9E3779B1) & _MASK)
     keys = torch.where(member[:, None, :], h.float(), torch.full((), 2.0 ** 33, device=dev))
     perms = keys.argsort(-1)  # [K, J, Nmax]: members first, in a random order
     return perms[torch.arange(K, device=dev)[:, None], p - p0[:, None], off]
