@@ -91,3 +91,12 @@ def test_cli_info_json_plot_and_errors(zoo_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cifar10" in err[0]
     assert main(["zoo", "build", str(bad), "--out", str(tmp_path / "o"), "--shard", "3/2"]) == 2
+
+
+def test_esd_representation_matches_esd_features(zoo_dir):
+    esd = pytest.importorskip("wsnets.esd")
+    ds = ZooDataset(zoo_dir, "esd", targets=["task"], split="all", filter={"arch_desc": "mlp:64-16-16-10:relu"})
+    assert len(ds) > 0
+    bx, by = ds.collate([ds[i] for i in range(len(ds))])
+    ref = esd.esd_features(wsnets.stack(ds.weightspaces())).float()
+    assert bx.shape == ref.shape and torch.allclose(bx, ref, equal_nan=True)
