@@ -39,6 +39,14 @@ def test_any_checkpoint_streamed_equals_in_memory(tmp_path):
         np.testing.assert_allclose(streamed[c], mem[c], rtol=1e-12)
 
 
+def test_half_precision_tensors_are_analyzed_in_float64(tmp_path):
+    w = torch.randn(64, 48)
+    save_file({"h.weight": w.to(torch.bfloat16), "f.weight": w.to(torch.bfloat16).float()}, str(tmp_path / "h.safetensors"))
+    df = analyze(tmp_path / "h.safetensors").set_index("name")
+    assert df.loc["h.weight", "status"] == "success"
+    assert df.loc["h.weight", "alpha"] == df.loc["f.weight", "alpha"]  # same values, same float64 computation
+
+
 def test_batched_weightspace_rows_equal_single_networks():
     ws = wsnets.WeightSpace.random(wsnets.mlp(20, [16], 12), batch_size=3)
     df = analyze(ws)

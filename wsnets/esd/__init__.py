@@ -7,7 +7,8 @@ or GPU with float64 fits. See :func:`analyze` for checkpoints and :func:`esd_fea
 from .analyze import analyze, summary
 from .eigen import layer_spectrum, layout, matrix_eigenvalues
 from .features import esd_feature_names, esd_features
+from .metrics import fit_mp
 from .powerlaw import PowerLawFit, fit_powerlaw
 
-__all__ = ["analyze", "summary", "esd_features", "esd_feature_names", "fit_powerlaw", "PowerLawFit", "layer_spectrum", "layout",
-           "matrix_eigenvalues"]
+__all__ = ["analyze", "summary", "esd_features", "esd_feature_names", "fit_powerlaw", "PowerLawFit", "fit_mp",
+           "layer_spectrum", "layout", "matrix_eigenvalues"]
