@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="zoo row filter (all methods)")
     p.add_argument("--ood", default=None, metavar="KEY:OP:VALUE", help="e.g. 'width:<=:32': train/val in-distribution, test the rest")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (all methods)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for all methods (encoder.X only where the encoder has option X)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="JSON results file")
     p.add_argument("--runs", default=None, help="keep run directories here (default: a temporary directory)")
@@ -82,7 +83,12 @@ def main(argv=None) -> int:
         cfg_path = ROOT / "train" / f"{m}.toml"
         t0 = time.perf_counter()
         try:
-            cfg = load_config(cfg_path, common)
+            base = load_config(cfg_path)
+            # encoder.* overrides only where the method's encoder has that option and of the same type
+            # (GBMs have no 'hidden'; FlatMLP's is a list)
+            ovr = [o for o in common if not o.startswith("encoder.") or (o.split("=")[0][8:] in base.encoder and type(
+                _value(o.split("=", 1)[1])) is type(base.encoder[o.split("=")[0][8:]]))]
+            cfg = load_config(cfg_path, ovr)
             res = run_training(cfg, zoo=a.zoo, out=runs / m, seeds=seeds, device=a.device, plots=not a.quick)
         except WSNetsError as e:
             print(f"{m}: skipped: {e}", file=sys.stderr)
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
 
     reg = [t for t in targets if t not in ("dataset", "task")]
     cls = [t for t in targets if t in ("dataset", "task")]
-    head = ["method"] + [f"τ {t}" for t in reg] + [f"R² {t}" for t in reg] + [f"acc {t}" for t in cls] + ["models (train/val/test)", "time (s)"]
+    head = ["method"] + [f"τ {t}" for t in reg] + [f"R² {t}" for t in reg] + [f"acc {t}" for t in cls] + ["checkpoints (train/val/test)", "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, r in results["methods"].items():
         if "error" in r:

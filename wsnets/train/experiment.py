@@ -142,9 +142,13 @@ def _train_seed(cfg: TrainConfig, s: int, datasets: dict, example: Any, classes:
     train_ds = datasets["train"]
     feats = train_ds.features() if getattr(train_ds, "representation", None) in ("stats", "esd") and \
         hasattr(train_ds, "features") else None
-    if feats is not None:   # zero-padded to the deepest network by the zoo: size the encoder from the data
-        enc_cfg.setdefault("in_features", int(feats.shape[1]))
-        encoder = build_encoder(enc_cfg, None)
+    if feats is not None:   # rows zero-padded to the deepest network by the zoo: build for the deepest
+        nets = example if isinstance(example, (list, tuple)) else [example]
+        example = max(nets, key=lambda w: len(w.arch.weight_layers))
+        encoder = build_encoder(enc_cfg, example)
+        if getattr(encoder, "in_features", feats.shape[1]) != feats.shape[1]:
+            raise ConfigError(f"encoder {cfg.encoder_name!r} takes {encoder.in_features} features, the zoo gives "
+                              f"{feats.shape[1]}")
         encoder.fit_normalization(feats)
     else:
         encoder = build_encoder(enc_cfg, example)

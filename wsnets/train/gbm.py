@@ -61,8 +61,11 @@ class GBMMetaModel(Predictor):
         opts = {k: v for k, v in self.cfg.encoder.items() if k != "name"}
         for t in self.targets:
             task = "classification" if is_classification(t) else "regression"
-            self.models[t] = build_gbm({"name": self.cfg.encoder_name, "task": task, "random_state": self.seed,
-                                        **opts}).fit(self.X, self.y[t])
+            try:
+                gbm = build_gbm({"name": self.cfg.encoder_name, "task": task, "random_state": self.seed, **opts})
+                self.models[t] = gbm.fit(self.X, self.y[t])
+            except TypeError as e:   # an option HistGradientBoosting does not know
+                raise ConfigError(f"[encoder] {self.cfg.encoder_name}: {e}") from None
         return self
 
     def predict_features(self, x: Any) -> dict[str, torch.Tensor]:
