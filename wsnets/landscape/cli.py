@@ -95,7 +95,7 @@ def _hessian(args: argparse.Namespace) -> int:
         dens = slq_density(op, args.slq_vectors, args.slq_steps, progress=not args.json)
         nodes, w = dens.flat()
         out["slq"] = {"vectors": args.slq_vectors, "steps": args.slq_steps, "min": float(nodes.min()), "max": float(nodes.max()),
-                      "negative_mass": float(w[nodes < 0].sum())}
+                      "negative_mass": float(w[nodes < -1e-3 * np.abs(nodes).max()].sum())}  # below -0.1% of the spectral radius
         if args.plot:
             out["plots"] = [str(plot.spectral_density(
                 dens, Path(args.plot) / "hessian_density.png",

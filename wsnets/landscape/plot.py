@@ -44,11 +44,11 @@ def contour(s: Surface, path: str | Path, *, levels: int = 15, log: bool = True,
     fig, ax = plt.subplots(figsize=(6, 5))
     lv = np.linspace(Z.min(), Z.max(), levels)
     cf = ax.contourf(X, Y, Z, levels=lv, cmap="viridis")
-    cs = ax.contour(X, Y, Z, levels=lv[::2], colors="white", linewidths=0.7)
+    cs = ax.contour(X, Y, Z, levels=lv[::2], colors="white", linewidths=0.7, linestyles="solid")
     ax.clabel(cs, fmt=(lambda v: f"{10 ** v:.2g}") if log else "%.2g", fontsize=7)
-    ax.plot([0], [0], marker="*", color="red", markersize=12, linestyle="none", label="trained model")
-    cb = fig.colorbar(cf, ax=ax)
-    cb.set_label("log10 loss (cross-entropy, nats)" if log else "loss (cross-entropy, nats)")
+    ax.plot([0], [0], marker="*", color="red", markersize=12, linestyle="none", label="model (origin)")
+    cb = fig.colorbar(cf, ax=ax, format=(lambda v, _: f"{10 ** v:.2g}") if log else None)
+    cb.set_label("loss (cross-entropy, nats; log colour scale)" if log else "loss (cross-entropy, nats)")
     ax.set_xlabel("direction 1 coordinate α (filter-normalized units)")
     ax.set_ylabel("direction 2 coordinate β (filter-normalized units)")
     ax.set_title(title or f"Loss surface\n{_subtitle(s)}", fontsize=10)
@@ -64,10 +64,16 @@ def surface3d(s: Surface, path: str | Path, *, log: bool = True, title: str | No
     fig = plt.figure(figsize=(7, 5.5))
     ax = fig.add_subplot(projection="3d")
     surf = ax.plot_surface(X, Y, Z, cmap="viridis", linewidth=0, antialiased=True)
-    ax.set_xlabel("α (filter-norm. units)")
-    ax.set_ylabel("β (filter-norm. units)")
-    ax.set_zlabel("log10 loss (nats)" if log else "loss (nats)")
-    fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.1, label="log10 loss" if log else "loss")
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
+    ax.set_xlabel("α (filter-normalized units)")
+    ax.set_ylabel("β (filter-normalized units)")
+    ax.set_zlabel("loss (nats, log scale)" if log else "loss (nats)")
+    if log:
+        ax.zaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{10 ** v:.2g}"))
+    fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.12, label="loss (nats)",
+                 format=FuncFormatter(lambda v, _: f"{10 ** v:.2g}") if log else None)
     ax.set_title(title or f"Loss surface (3D)\n{_subtitle(s)}", fontsize=10)
     return _save(fig, path)
 
@@ -83,8 +89,9 @@ def curve(s: Surface, path: str | Path, *, title: str | None = None) -> Path:
     l2 = ax2.plot(s.xs, 100 * s.acc, color="C1", linestyle="--", label="accuracy")
     ax2.set_ylabel("accuracy (%)", color="C1")
     ax2.set_ylim(0, 100)
-    ax.axvline(0, color="gray", linewidth=0.8)
-    ax.legend(l1 + l2, [l.get_label() for l in l1 + l2], loc="upper center", fontsize=8)
+    l3 = [ax.axvline(0, color="gray", linewidth=0.8, label="model (α = 0)")]
+    ax.legend(l1 + l2 + l3, [l.get_label() for l in l1 + l2 + l3], loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              ncol=3, fontsize=8, frameon=False)
     ax.set_title(title or f"Loss along a direction\n{_subtitle(s)}", fontsize=10)
     return _save(fig, path)
 
@@ -106,7 +113,7 @@ def spectral_density(d: SpectralDensity, path: str | Path, *, sigma: float | Non
             label="Ritz values (quadrature nodes)")
     if exact is not None:
         ax.plot(exact, np.full(len(exact), ax.get_ylim()[0] * 6), "|", color="C2", label="exact eigenvalues")
-    ax.set_xlabel("eigenvalue of the loss Hessian (nats per unit²)")
+    ax.set_xlabel("eigenvalue of the loss Hessian (nats / parameter unit²)")
     ax.set_ylabel("density (log scale)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
