@@ -18,6 +18,7 @@ Runs four experiments on small networks trained here with plain PyTorch loops (o
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -177,13 +178,57 @@ def barrier_experiment(quick: bool, widths: list[int], seeds: list[int], plots: 
     return rows, bez_rows
 
 
+def summarize(tables: dict[str, list[dict]]) -> list[dict]:
+    """Mean over seeds of each experiment's headline numbers (one row per comparison)."""
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+    out = []
+    if tables.get("swa"):
+        r = tables["swa"]
+        out += [{"comparison": "SWA vs SGD (mnist1d test acc)", "A": "final SGD iterate", "A value": mean(r, "final SGD iterate (same run)"),
+                 "B": "SWA", "B value": mean(r, "SWA"), "C": "SGD, decayed lr", "C value": mean(r, "SGD, decayed lr")}]
+    if tables.get("soup"):
+        r = tables["soup"]
+        for split in ("val", "test"):
+            out.append({"comparison": f"soups (mnist1d {split} acc)", "A": "best ingredient", "A value": mean(r, f"best ingredient ({split})"),
+                        "B": "greedy soup", "B value": mean(r, f"greedy soup ({split})"),
+                        "C": "uniform soup", "C value": mean(r, f"uniform soup ({split})")})
+    if tables.get("barrier"):
+        for w in sorted({r["width"] for r in tables["barrier"]}):
+            r = [x for x in tables["barrier"] if x["width"] == w]
+            out.append({"comparison": f"loss barrier, width {w} (digits test, nats)", "A": "naive", "A value": mean(r, "barrier naive"),
+                        "B": "weight matching", "B value": mean(r, "barrier weight matching"),
+                        "C": "activation matching", "C value": mean(r, "barrier activation matching")})
+    if tables.get("bezier"):
+        r = tables["bezier"]
+        out.append({"comparison": f"worst test loss on path, width {r[0]['width']} (nats)", "A": "straight line",
+                    "A value": mean(r, "line max loss"), "B": "Bezier curve", "B value": mean(r, "Bezier max loss"),
+                    "C": "endpoints (mean)", "C value": mean(r, "endpoint test loss")})
+    return out
+
+
+def report(tables: dict[str, list[dict]]) -> list[dict]:
+    for name, rows in tables.items():
+        if rows:
+            print(f"\n### {name}")
+            write(None, name, rows, list(rows[0]))
+    summary = summarize(tables)
+    print("\n### summary (mean over seeds)")
+    write(None, "summary", summary, ["comparison", "A", "A value", "B", "B value", "C", "C value"])
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer seeds, epochs and widths (a few minutes on 2 cores)")
     ap.add_argument("--out", default=None, help="JSON file to write")
     ap.add_argument("--plots", default=None, help="folder for PNG plots")
     ap.add_argument("--only", default=None, choices=["swa", "soup", "barrier"], help="run one experiment")
+    ap.add_argument("--summarize", default=None, metavar="JSON", help="reprint the tables of an earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.summarize:
+        report(json.loads(Path(args.summarize).read_text())["tables"])
+        return 0
     torch.set_num_threads(min(2, torch.get_num_threads()))
     seeds = [0, 1] if args.quick else [0, 1, 2]
     widths = [16, 64, 256] if args.quick else [8, 16, 64, 256, 512]
@@ -193,17 +238,14 @@ def main(argv=None) -> int:
     bar, bez = barrier_experiment(args.quick, widths, seeds, Path(args.plots) if args.plots else None, 64) \
         if args.only in (None, "barrier") else ([], [])
     tables = {"swa": swa, "soup": soup, "barrier": bar, "bezier": bez}
-    md = []
-    for name, rows in tables.items():
-        if rows:
-            cols = list(rows[0])
-            print(f"\n### {name}")
-            md.append(write(None, name, rows, cols))
-    rows = swa + soup + bar + bez
+    summary = report(tables)
     if args.out:
-        write(args.out, "merge_quality", rows, ["experiment", "seed"],
-              {"tables": tables, "quick": args.quick, "seconds": time.perf_counter() - t0,
-               "note": "timings under contention: 2 CPU cores shared by ~6 concurrent engineers; no GPU"})
+        from benchmarks.common import machine
+        from wsnets.io import atomic_write_json
+        atomic_write_json(args.out, {"benchmark": "merge_quality", "machine": machine(), "quick": args.quick,
+                                     "seconds": time.perf_counter() - t0, "tables": tables, "summary": summary,
+                                     "note": "timings under contention: 2 CPU cores shared by ~6 concurrent "
+                                             "engineers; no GPU"})
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     return 0
 

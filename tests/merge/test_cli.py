@@ -78,3 +78,9 @@ def test_greedy_soup_cli(ckpts, tmp_path, capsys):
     assert res["soup_score"] >= max(res["ingredient_scores"])
     _, meta = read_safetensors(out)
     assert meta["wsnets.merge.method"] == "greedy_soup"
+
+
+def test_missing_file_and_no_method(ckpts, tmp_path, capsys):
+    assert main(["merge", "average", ckpts["ft0"], str(tmp_path / "nope.safetensors"), "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert "nope.safetensors: no such file" in capsys.readouterr().err
+    assert main(["merge"]) == 2

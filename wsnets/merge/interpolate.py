@@ -3,8 +3,8 @@
 The straight line ``theta(t) = (1 - t) theta_A + t theta_B`` is evaluated at all ``t`` at once (the
 points form one batched WeightSpace). BatchNorm statistics of an interpolated network are not the
 interpolation of the endpoints' statistics, so for models with BatchNorm they are recomputed at
-every point on training inputs (``bn_data``), as in Ainsworth et al. 2023 ("REPAIR" aside) and
-Garipov et al. 2018; LayerNorm-only and normalization-free models need no data.
+every point on training inputs (``bn_data``), as Ainsworth et al. 2023 and Garipov et al. 2018 do;
+LayerNorm-only and normalization-free models need no data.
 
 Loss barrier (Frankle et al. 2020; Ainsworth et al. 2023):
 ``B = max_t L(theta(t)) - [(1 - t) L(theta_A) + t L(theta_B)]``.
