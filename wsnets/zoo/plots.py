@@ -27,6 +27,7 @@ def accuracy_histogram(zoo, path: str | Path) -> Path:
     if len(classes) == 1:
         ax.axvline(1 / classes.pop(), color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xlim(0, 1)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.35)  # headroom so the legend covers no bars
     ax.set_xlabel("test accuracy (fraction correct)")
     ax.set_ylabel("number of checkpoints")
     n_models = len({r["model_id"] for r in zoo.rows})
