@@ -94,3 +94,17 @@ def test_predict_plain_pytorch_checkpoint(zoo, tmp_path, capsys):
     assert true[0] > 0.8 and true[1] < 0.3
     assert pred[0] > pred[1]                              # ranks the two correctly
     assert all(abs(p - t) < 0.2 for p, t in zip(pred, true)), (pred, true)
+
+
+def test_statnn_mlp_on_zoo_round_trip(zoo, tmp_path):
+    """A gradient-trained encoder on zoo features: the saved run predicts what training measured."""
+    from wsnets.train import MetaModel, kendall_tau
+    from wsnets.zoo import ZooDataset
+    rc = main(["train", str(ROOT / "train" / "statnn-mlp.toml"), "--zoo", str(zoo), "--out", str(tmp_path / "r"),
+               "--no-progress", "--epochs", "3"])
+    assert rc == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    test = ZooDataset(zoo, "stats", ["test_acc"], split="test")
+    rows = MetaModel.load(tmp_path / "r").predict(test.weightspaces())
+    tau = kendall_tau(torch.tensor([r["test_acc"] for r in rows]), [r["test_acc"] for r in test.rows])
+    assert tau == pytest.approx(m["seeds"][0]["test"]["test_acc"]["kendall_tau"], abs=1e-6)
