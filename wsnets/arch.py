@@ -65,7 +65,7 @@ class Layer:
     bias: bool = True
     affine: bool = True
     eps: float = 1e-5
-    momentum: float = 0.1
+    momentum: float | None = 0.1   # None: cumulative average (as nn.BatchNorm)
     fn: str = ""
     slope: float = 0.01
     p: float = 0.0

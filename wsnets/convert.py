@@ -58,7 +58,7 @@ def _layer_from_module(name: str, m: nn.Module) -> Layer | None:
         if not m.track_running_stats:
             raise UnsupportedLayerError(f"{where}: track_running_stats=False (no eval-mode statistics)")
         return Layer("batchnorm", name, m.num_features, m.num_features, affine=m.affine, eps=m.eps,
-                     momentum=m.momentum if m.momentum is not None else 0.1,
+                     momentum=m.momentum,
                      dims=2 if isinstance(m, nn.BatchNorm2d) else 0)
     if isinstance(m, nn.LayerNorm):
         if len(m.normalized_shape) != 1:
@@ -202,8 +202,8 @@ def build_layer(l: Layer) -> nn.Module:
         return nn.Linear(l.in_features, l.out_features, bias=l.bias)
     if l.kind in ("conv1d", "conv2d"):
         cls = nn.Conv1d if l.kind == "conv1d" else nn.Conv2d
-        return cls(l.in_features, l.out_features, l.kernel_size, stride=l.stride, padding=l.padding,
-                   dilation=l.dilation, bias=l.bias)
+        return cls(l.in_features, l.out_features, l.kernel_size, stride=l.stride or 1, padding=l.padding or 0,
+                   dilation=l.dilation or 1, bias=l.bias)
     if l.kind == "batchnorm":
         cls = nn.BatchNorm2d if l.dims == 2 else nn.BatchNorm1d
         return cls(l.out_features, eps=l.eps, momentum=l.momentum, affine=l.affine)
@@ -218,7 +218,7 @@ def build_layer(l: Layer) -> nn.Module:
     if l.kind in ("maxpool", "avgpool"):
         cls = {("maxpool", 1): nn.MaxPool1d, ("maxpool", 2): nn.MaxPool2d,
                ("avgpool", 1): nn.AvgPool1d, ("avgpool", 2): nn.AvgPool2d}[(l.kind, l.dims)]
-        return cls(l.kernel_size, stride=l.stride, padding=l.padding)
+        return cls(l.kernel_size, stride=l.stride or None, padding=l.padding or 0)
     if l.kind == "flatten":
         return nn.Flatten()
     raise UnsupportedLayerError(f"cannot build layer {l!r}")  # pragma: no cover - Layer validates kinds

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .arch import Architecture, Layer
-from .errors import ShapeMismatchError, UnsupportedLayerError
+from .errors import ConfigError, ShapeMismatchError, UnsupportedLayerError
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,6 @@ class PermutationSpec:
 def permutation_spec(arch: Architecture) -> PermutationSpec:
     """The :class:`PermutationSpec` of a sequential architecture."""
     axes: list[tuple[str, tuple[int | None, ...]]] = []
-    group = 0
     for l, g in zip(arch.layers, arch.layer_group):
         if l.is_weight:
             k = (None,) * len(l.kernel_size)
@@ -77,7 +76,6 @@ def permutation_spec(arch: Architecture) -> PermutationSpec:
         elif l.is_norm:
             for key in l.param_shapes():
                 axes.append((f"{l.name}.{key}", (g,)))
-        group = g
     return PermutationSpec(arch.group_sizes, tuple(axes))
 
 
@@ -94,7 +92,7 @@ def _as_dict(spec: PermutationSpec, perms: PermLike, allow_fixed: bool) -> dict[
         d = dict(zip(spec.hidden, perms))
     for g, p in d.items():
         if g in spec.fixed and not allow_fixed:
-            raise ValueError(f"group {g} is an input/output group; pass allow_fixed=True to permute it")
+            raise ConfigError(f"group {g} is an input/output group; pass allow_fixed=True to permute it")
         if not 0 <= g < len(spec.group_sizes):
             raise ShapeMismatchError(f"no neuron group {g}")
         if p.shape[-1] != spec.group_sizes[g]:

@@ -37,7 +37,7 @@ def assert_same_function(a: nn.Module, b: nn.Module, x: torch.Tensor | None = No
     if x is None:
         shape = input_shape or _guess_input_shape(a)
         g = torch.Generator().manual_seed(seed)
-        dtype = next(a.parameters()).dtype
+        dtype = next(iter(a.parameters()), torch.empty(0)).dtype
         x = torch.randn((n, *shape), generator=g).to(dtype)
     was = a.training, b.training
     a.eval(), b.eval()

@@ -24,6 +24,22 @@ def test_module_roundtrip(name, arch, shape):
     assert_same_function(module, ws.to_module(), input_shape=shape)
 
 
+def test_local_pooling_with_default_stride_builds_and_runs():
+    from wsnets.arch import Architecture, Layer
+    arch = Architecture((Layer("conv2d", "0", 1, 4, kernel_size=(3, 3), padding=(1, 1), dims=2), Layer("act", fn="relu"),
+                         Layer("maxpool", kernel_size=(2, 2), dims=2), Layer("gap", dims=2), Layer("flatten"),
+                         Layer("linear", "5", 4, 3)))
+    ws = random_ws(arch)
+    assert ws.to_module()(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    assert_same_function(ws.to_module(), wsnets.load(ws.to_module()).to_module(), input_shape=(1, 8, 8))
+
+
+def test_batchnorm_cumulative_momentum_roundtrips():
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None), nn.ReLU(), nn.Linear(4, 2))
+    rebuilt = wsnets.load(m).to_module()
+    assert rebuilt[1].momentum is None
+
+
 def test_nested_sequential_and_original_key_names():
     m = nn.Sequential(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU()), nn.Dropout(0.1),
                       nn.Sequential(nn.Linear(6, 3)))

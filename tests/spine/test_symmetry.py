@@ -34,7 +34,7 @@ def test_permuting_inputs_changes_function(name, arch, shape):
     pw = permute(ws, {0: p}, allow_fixed=True)
     with pytest.raises(AssertionError):
         assert_same_function(ws.to_module(), pw.to_module(), input_shape=shape)
-    with pytest.raises(ValueError, match="input/output"):
+    with pytest.raises(wsnets.ConfigError, match="input/output"):
         permute(ws, {0: p})
 
 
