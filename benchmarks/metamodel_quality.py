@@ -97,6 +97,8 @@ def main(argv=None) -> int:
         results["methods"][m] = {"test": res["test"], "sizes": res["sizes"], "wall_s": time.perf_counter() - t0,
                                  "run": str(runs / m)}
         print(f"{m}: done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        if a.out:   # after every method, so a long run interrupted later keeps what it measured
+            atomic_write_json(a.out, results)
     if a.out:
         atomic_write_json(a.out, results)
 
