@@ -166,7 +166,7 @@ def register(sub) -> None:
     s.add_argument("--include-norm", action="store_true", help="also move normalization weights/biases")
     s.add_argument("--split", choices=("train", "test", "all"), default="train", help="which examples to evaluate")
     s.add_argument("--batch-size", type=int, default=0, help="examples per batch (0 = full batch)")
-    s.add_argument("--chunk-size", type=int, default=None, help="grid points per vmap call (default: 1 on CPU, 64 on GPU)")
+    s.add_argument("--chunk-size", type=int, default=None, help="grid points per vmap call (default: 32 on CPU, 256 on GPU)")
 
     h = add_parser(lsub, "hessian", "Hessian top eigenvalues, trace and spectral density (SLQ)",
                    "wsnets landscape hessian model.safetensors --dataset digits --top-k 5 --plot plots/", _hessian)

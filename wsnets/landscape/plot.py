@@ -132,7 +132,7 @@ def intrinsic_curve(results: IntrinsicResult | Sequence[IntrinsicResult], path: 
         ax.semilogx(r.dims, 100 * np.asarray(r.test_acc), "o-", color=c, label=f"{name}: subspace, test")
         ax.axhline(100 * r.full_test_acc, color=c, linestyle="--", linewidth=1,
                    label=f"full model, D={r.num_params:,}: {100 * r.full_test_acc:.1f}%")
-        ax.axhline(100 * r.threshold, color=c, linestyle=":", linewidth=1, label="90% of full")
+        ax.axhline(100 * r.threshold, color=c, linestyle=":", linewidth=1, label=f"90% of full: {100 * r.threshold:.1f}%")
         if r.d_int90 is not None:
             ax.axvline(r.d_int90, color=c, linestyle="-.", linewidth=1, label=f"d_int90 = {r.d_int90}")
     ax.set_xlabel("subspace dimension d (log scale)")

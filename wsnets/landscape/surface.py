@@ -6,10 +6,11 @@ chunk of ``G`` points is evaluated as one batched computation: the ``G`` paramet
 stacked and the network runs under ``torch.func.vmap`` (``functional_call``), so each layer is one
 batched matmul / convolution.
 
-On CPU the full-batch evaluation is compute-bound, and one GEMM per point on cache-resident
-activations beats a ``bmm`` over stacked points, so the default there is one point at a time
-(``chunk_size=1``, no ``vmap``); batching pays on GPUs, where a per-point loop is bound by kernel
-launches. The first weight layer is linear in the grid coordinates: ``W(c) x = W0 x + sum_j c_j D_j x``. Its
+On CPU the full-batch evaluation is compute-bound: stacking points saves little (measured 1.1-1.5x
+over the naive loop with 32 points per chunk, and large chunks are *slower* because the stacked
+activations leave the cache), so the CPU default is 32 points per chunk; ``chunk_size=1`` runs one
+plain forward per point without ``vmap``. Batching pays on GPUs, where a per-point loop is bound by
+kernel launches (default 256 there; not measured in this repository yet). The first weight layer is linear in the grid coordinates: ``W(c) x = W0 x + sum_j c_j D_j x``. Its
 ``k + 1`` outputs are computed once for the whole dataset and every grid point combines them with an
 einsum, which removes the first layer's cost from every point (``first_layer_trick=True``).
 
@@ -136,8 +137,8 @@ def evaluate_points(ws: WeightSpace, directions: Sequence[WeightSpace], coeffs: 
     data : ``(X, y)`` tensors (full batch) or an iterable of ``(x, y)`` batches; the loss is the
         mean over all examples (batches weighted by their size).
     chunk_size : grid points evaluated together under ``vmap`` (memory ~ ``chunk_size * batch * width``).
-        Default: 64 on GPUs, 1 on CPU, where stacked small matmuls (bmm) run slower than one
-        cache-resident GEMM per point (``benchmarks/landscape_speed.py`` measures both).
+        Default: 32 on CPU (larger chunks fall out of cache), 256 on GPUs
+        (``benchmarks/landscape_speed.py`` compares chunk sizes against the naive loop).
     first_layer_trick : reuse the first layer's outputs across points (exact up to rounding).
 
     Returns
@@ -154,7 +155,7 @@ def evaluate_points(ws: WeightSpace, directions: Sequence[WeightSpace], coeffs: 
     loss = torch.zeros(G, dtype=torch.float64, device=net.device)
     correct = torch.zeros(G, dtype=torch.float64, device=net.device)
     if chunk_size is None:
-        chunk_size = 1 if net.device.type == "cpu" else 64
+        chunk_size = 32 if net.device.type == "cpu" else 256
     fl = _FirstLayer(net, dirs) if first_layer_trick else None
     pres = [fl.precompute(x) for x, _ in data] if fl else None
     bar = tqdm(total=G, disable=not progress, desc="surface", unit="pt")
