@@ -139,7 +139,8 @@ def evaluate_points(ws: WeightSpace, directions: Sequence[WeightSpace], coeffs: 
     chunk_size : grid points evaluated together under ``vmap`` (memory ~ ``chunk_size * batch * width``).
         Default: 32 on CPU (larger chunks fall out of cache), 256 on GPUs
         (``benchmarks/landscape_speed.py`` compares chunk sizes against the naive loop).
-    first_layer_trick : reuse the first layer's outputs across points (exact up to rounding).
+    first_layer_trick : reuse the first layer's outputs across points (exact up to rounding); ignored
+        when a layer with parameters precedes the first weight layer.
 
     Returns
     -------
@@ -156,7 +157,9 @@ def evaluate_points(ws: WeightSpace, directions: Sequence[WeightSpace], coeffs: 
     correct = torch.zeros(G, dtype=torch.float64, device=net.device)
     if chunk_size is None:
         chunk_size = 32 if net.device.type == "cpu" else 256
-    fl = _FirstLayer(net, dirs) if first_layer_trick else None
+    first = next(i for i, l in enumerate(ws.arch.layers) if l.is_weight)
+    eligible = all(l.kind in _PRE_OK for l in ws.arch.layers[:first])  # else: plain batched evaluation
+    fl = _FirstLayer(net, dirs) if first_layer_trick and eligible else None
     pres = [fl.precompute(x) for x, _ in data] if fl else None
     bar = tqdm(total=G, disable=not progress, desc="surface", unit="pt")
     for sl in chunks(G, chunk_size):
