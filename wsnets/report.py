@@ -1,0 +1,174 @@
+"""The main job's report: one results table (Markdown + JSON) and the plots that go with it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import atomic_write_json, atomic_write_text
+
+REGRESSION = ("test_acc", "gen_gap")
+TARGET_LABEL = {"test_acc": "test accuracy", "gen_gap": "generalization gap (train − test accuracy)"}
+
+
+def _label(m: str) -> str:
+    from .run import LABELS
+    return LABELS.get(m, m)
+
+
+def _cell(ms: dict | None, digits: int = 3) -> str:
+    if not ms or ms.get("n", 1) == 0 or ms.get("mean") is None or math.isnan(ms["mean"]):
+        return "n/a"
+    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}" if ms.get("n", 1) > 1 else f"{ms['mean']:.{digits}f}"
+
+
+def results_table(res: dict) -> str:
+    """Markdown: one row per method; Kendall τ and R² per regression target, then time."""
+    t = res["timings"]
+    lines = ["| method | τ test acc | R² test acc | τ gen. gap | R² gen. gap | time (s) |", "|---|---|---|---|---|---|"]
+    for m, r in res["methods"].items():
+        test = r["test"]
+        cells = [_cell(test.get(tg, {}).get(k)) for tg in REGRESSION for k in ("kendall_tau", "r2")]
+        lines.append(f"| {_label(m)} | " + " | ".join(cells) + f" | {t.get(m, float('nan')):.0f} |")
+    out = "\n".join(lines)
+    if res.get("regions"):
+        out += "\n\n| region zoo | dataset accuracy | dataset macro-F1 | task accuracy | time (s) |\n|---|---|---|---|---|\n"
+        for m, r in res["regions"].items():
+            d, k = r["test"].get("dataset", {}), r["test"].get("task", {})
+            out += (f"| {_label(m)} | {_cell(d.get('accuracy'))} | {_cell(d.get('macro_f1'))} | "
+                    f"{_cell(k.get('accuracy'))} | {t.get('regions:' + m, float('nan')):.0f} |\n")
+    zoo_t = ", ".join(f"{k[4:]} {v:.0f} s" for k, v in t.items() if k.startswith("zoo:"))
+    out += f"\n\nZoo building: {zoo_t}. Total: {t.get('total', float('nan')):.0f} s."
+    return out
+
+
+def write_report(res: dict, out: str | Path) -> None:
+    """``out/results.md``, ``out/results.json`` and the plots (each plot failure is reported, not fatal)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    for name, fn in (("predicted_vs_true.png", _plot_predictions), ("esd_alpha_vs_test_acc.png", _plot_alpha),
+                     ("embeddings_regions.png", _plot_embeddings)):
+        try:
+            if fn(res, out / name):
+                plots[name] = str(out / name)
+        except Exception as e:  # a plot must never lose the table
+            plots[name] = f"not drawn: {type(e).__name__}: {e}"
+    res["plots"] = plots
+    summary = {k: v for k, v in res.items() if k != "methods"}
+    summary["methods"] = {m: {"test": r["test"]} for m, r in res["methods"].items()}
+    summary["regions"] = {m: {"test": {t: {k: v for k, v in ms.items() if k != "confusion"} for t, ms in r["test"].items()
+                                       if isinstance(ms, dict)}} for m, r in res.get("regions", {}).items()}
+    atomic_write_json(out / "results.json", summary)
+    md = ["# wsnets main job", "", f"Zoo: `{res['zoo']}` (recipe `{res['recipe']}`); held-out test split by model.", "",
+          results_table(res), "", "Plots: " + ", ".join(f"`{k}`" for k, v in plots.items() if not v.startswith("not"))]
+    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
+
+
+def _test_predictions(run_dir: Path, zoo: str, target: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    from .train.meta_model import MetaModel
+    from .zoo import ZooDataset
+    if not (run_dir / "config.json").is_file():
+        return None
+    mm = MetaModel.load(run_dir)
+    ds = ZooDataset(zoo, mm.representation, targets=[target], split="test", split_seed=0)
+    nets = ds.weightspaces()
+    pred = torch.empty(len(nets))
+    groups: dict[Any, list[int]] = {}
+    for i, w in enumerate(nets):  # one predict call per architecture (feature widths differ by depth)
+        groups.setdefault(w.arch, []).append(i)
+    for idx in groups.values():
+        pred[torch.tensor(idx)] = torch.tensor([p[target] for p in mm.predict([nets[i] for i in idx])])
+    true = torch.tensor([ds.target(r, target) for r in ds.rows])
+    return pred, true
+
+
+def _plot_predictions(res: dict, path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = Path(path).parent / "runs"
+    items = []
+    for m in res["methods"]:
+        if m == "esd-alpha":
+            continue
+        got = _test_predictions(runs / m, res["zoo"], "test_acc")
+        if got is not None:
+            items.append((m, *got))
+    if not items:
+        return False
+    n = len(items)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
+    for ax, (m, pred, true) in zip(axes.flat, items):
+        tau = res["methods"][m]["test"]["test_acc"]["kendall_tau"]["mean"]
+        ax.scatter(true, pred, s=6, alpha=0.5)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="ideal")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="true test accuracy", ylabel="predicted test accuracy",
+               title=f"{_label(m)}\nKendall τ = {tau:.3f}")
+        ax.legend(loc="upper left", fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"Predicted vs true test accuracy on held-out models ({res['recipe']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_alpha(res: dict, path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    a = res["methods"].get("esd-alpha", {}).get("alpha")
+    if not a:
+        return False
+    alpha, acc, gap = (torch.tensor(a[k]) for k in ("test_alpha", "test_acc", "gen_gap"))
+    ok = torch.isfinite(alpha)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, y, name in ((axes[0], acc, "test_acc"), (axes[1], gap, "gen_gap")):
+        tau = res["methods"]["esd-alpha"]["test"][name]["kendall_tau_raw_alpha"]["mean"]
+        ax.scatter(alpha[ok], y[ok], s=6, alpha=0.5)
+        ax.set(xlabel="mean power-law exponent α over layers (ESD)", ylabel=TARGET_LABEL[name],
+               title=f"Kendall τ(α, {name}) = {tau:.3f}  (n = {int(ok.sum())})")
+    fig.suptitle("Heavy-tailed ESD metric vs generalization (Martin & Mahoney): held-out models")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_embeddings(res: dict, path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .graph import to_batch
+    from .train.meta_model import MetaModel
+    from .zoo import ZooDataset
+    run_dir = Path(path).parent / "runs" / "regions-graph"
+    if not res.get("regions_zoo") or not (run_dir / "config.json").is_file():
+        return False
+    mm = MetaModel.load(run_dir)
+    ds = ZooDataset(res["regions_zoo"], "graph", targets=["dataset", "task"], split="test", split_seed=0)
+    with torch.no_grad():
+        z = mm.encoder(to_batch(ds.weightspaces())).double()
+    z = z - z.mean(0)
+    _, _, v = torch.linalg.svd(z, full_matrices=False)
+    xy = z @ v[:2].T
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, target in zip(axes, ("dataset", "task")):
+        labels = [r[target] for r in ds.rows]
+        for name in sorted(set(labels)):
+            idx = [i for i, l in enumerate(labels) if l == name]
+            ax.scatter(xy[idx, 0], xy[idx, 1], s=8, alpha=0.7, label=name)
+        ax.set(xlabel="PC 1 of graph-encoder embedding", ylabel="PC 2", title=f"coloured by {target}")
+        ax.legend(fontsize=7, markerscale=2, loc="best")
+    fig.suptitle("Meta-model embeddings of held-out fine-tuned models (region zoo, PCA)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,179 @@
+"""The main job: ``wsnets run [RECIPE]``.
+
+1. Builds the default zoo (``zoo/digits-mlp.toml``) and the region zoo (``zoo/regions.toml``) into the
+   cache (``~/.cache/wsnets/zoos`` or ``--cache``) unless they are there already; a killed build resumes.
+2. Trains the neural-graph encoder and the baselines on one split by model: StatNN (weight statistics
+   with gradient-boosted trees and with an MLP; Unterthiner et al. 2020), FlatMLP (flat weights), ESD
+   features (Martin & Mahoney) with a linear head, and mean ESD alpha alone as a zero-training ranker.
+3. On the region zoo, trains the graph encoder and StatNN-GBM to predict the fine-tuning dataset and task
+   (Gueta et al. 2023).
+4. Prints one table (Kendall tau / R^2 for test accuracy and generalization gap, dataset/task accuracy,
+   time per method) and writes ``report/`` with ``results.md``, ``results.json`` and plots.
+
+Recipes and configs are read from the repository's ``zoo/`` and ``train/`` folders (an editable
+install, as the README's command makes) or from paths given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+REGRESSION = ("test_acc", "gen_gap")
+DEFAULT_METHODS = ("graph", "statnn-gbm", "statnn-mlp", "flatmlp", "esd", "esd-alpha")
+REGION_METHODS = ("graph", "statnn-gbm")
+LABELS = {"graph": "Neural-graph encoder (PNA)", "transformer": "Neural-graph transformer",
+          "statnn-gbm": "StatNN (GBM)", "statnn-mlp": "StatNN (MLP)", "flatmlp": "FlatMLP",
+          "esd": "ESD features (linear)", "esd-gbm": "ESD features (GBM)", "esd-alpha": "ESD mean α (no training)",
+          "np": "NP", "hnp": "HNP"}
+
+
+def resource(kind: str, name: str) -> Path:
+    """A recipe (``kind="zoo"``) or config (``kind="train"``) by path or by name in the repository."""
+    p = Path(name)
+    if p.suffix == ".toml" and p.is_file():
+        return p
+    q = ROOT / kind / f"{name}.toml"
+    if q.is_file():
+        return q
+    raise ConfigError(f"no {kind} file {name!r} (looked for {p} and {q}); pass a path to a .toml file")
+
+
+def default_cache() -> Path:
+    import os
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "wsnets" / "zoos"
+
+
+def ensure_zoo(recipe_name: str, cache: Path, device: str, progress: bool = True, limit: int | None = None) -> Path:
+    """Build (or resume, or reuse) a zoo in the cache; returns its directory."""
+    from .zoo import build, load_recipe
+    recipe = load_recipe(resource("zoo", recipe_name))
+    out = cache / (f"{recipe.name}-{recipe.digest[:10]}" + (f"-limit{limit}" if limit else ""))
+    build(recipe, out, device=device, progress=progress, limit=limit)
+    return out
+
+
+def _train(method: str, zoo: Path, out: Path, targets: list[str], *, seeds: int, device: str, epochs: int | None,
+           progress: bool) -> dict:
+    from .train.config import apply_overrides, load_config
+    from .train.experiment import run_training
+    cfg = load_config(resource("train", method))
+    sets = [f"data.targets={targets!r}".replace("'", '"'), f"log.progress={'true' if progress else 'false'}"]
+    if epochs is not None:
+        sets += [f"optim.epochs={epochs}", f"optim.patience={max(3, epochs // 3)}"]
+    cfg = apply_overrides(cfg, sets)
+    return run_training(cfg, zoo=zoo, out=out, seeds=seeds, device=device)
+
+
+def alpha_ranker(zoo: Path, split_seed: int = 0) -> dict:
+    """Mean ESD alpha of each network as a predictor, with no training: Kendall tau on the test split;
+    R^2 of a 1-D linear fit of the target on alpha made on the training split."""
+    from .train.metrics import mean_std, regression_metrics
+    from .zoo import ZooDataset
+    out: dict[str, Any] = {"test": {}, "alpha": {}}
+    sets = {s: ZooDataset(zoo, "esd", targets=list(REGRESSION), split=s, split_seed=split_seed) for s in ("train", "test")}
+    alphas, ys = {}, {}
+    for s, ds in sets.items():
+        alphas[s] = mean_alpha(ds.weightspaces())
+        ys[s] = {t: torch.tensor([ds.target(r, t) for r in ds.rows], dtype=torch.float64) for t in REGRESSION}
+    ok = {s: torch.isfinite(a) for s, a in alphas.items()}
+    for t in REGRESSION:
+        a, y = alphas["train"][ok["train"]], ys["train"][t][ok["train"]]
+        A = torch.stack([a, torch.ones_like(a)], 1)
+        coef = torch.linalg.lstsq(A, y.unsqueeze(1)).solution.squeeze(1)
+        at, yt = alphas["test"][ok["test"]], ys["test"][t][ok["test"]]
+        pred = coef[0] * at + coef[1]
+        out["test"][t] = {k: mean_std([v]) for k, v in regression_metrics(pred, yt).items()}
+        out["test"][t]["kendall_tau_raw_alpha"] = mean_std([regression_metrics(at, yt)["kendall_tau"]])
+    out["alpha"] = {"test_alpha": alphas["test"].tolist(), "test_acc": ys["test"]["test_acc"].tolist(),
+                    "gen_gap": ys["test"]["gen_gap"].tolist(), "valid": int(ok["test"].sum())}
+    return out
+
+
+def mean_alpha(networks: list) -> torch.Tensor:
+    """Mean power-law alpha over layers with a valid fit, per network (NaN if none); batched per architecture."""
+    from .esd import esd_feature_names, esd_features
+    from .weights import stack
+    res = torch.full((len(networks),), float("nan"), dtype=torch.float64)
+    groups: dict[Any, list[int]] = {}
+    for i, w in enumerate(networks):
+        groups.setdefault(w.arch, []).append(i)
+    for arch, idx in groups.items():
+        f = esd_features(stack([networks[i] for i in idx]), fill=None)
+        res[torch.tensor(idx)] = f[:, esd_feature_names(arch).index("model.mean_alpha")].double()
+    return res
+
+
+def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: str | Path | None = None,
+        out: str | Path = "report", device: str = "cpu", seeds: int = 1, methods: tuple[str, ...] = DEFAULT_METHODS,
+        epochs: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
+    """Run the main job (see module docstring); returns what ``report/results.json`` holds."""
+    from .report import write_report
+    for m in methods:
+        if m != "esd-alpha":
+            resource("train", m)  # fail fast on a typo, before minutes of zoo building
+    cache = Path(cache) if cache else default_cache()
+    out = Path(out)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    zoo = ensure_zoo(recipe, cache, device, progress, limit)
+    timings["zoo:" + recipe] = time.perf_counter() - t
+    results: dict[str, Any] = {"recipe": recipe, "zoo": str(zoo), "methods": {}, "regions": {}, "timings": timings}
+    for m in methods:
+        t = time.perf_counter()
+        if m == "esd-alpha":
+            results["methods"][m] = alpha_ranker(zoo)
+        else:
+            results["methods"][m] = _train(m, zoo, out / "runs" / m, list(REGRESSION), seeds=seeds, device=device,
+                                           epochs=epochs, progress=progress)
+        timings[m] = time.perf_counter() - t
+    if regions:
+        t = time.perf_counter()
+        rzoo = ensure_zoo(regions, cache, device, progress, limit)
+        timings["zoo:" + regions] = time.perf_counter() - t
+        results["regions_zoo"] = str(rzoo)
+        for m in REGION_METHODS:
+            t = time.perf_counter()
+            results["regions"][m] = _train(m, rzoo, out / "runs" / f"regions-{m}", ["dataset", "task"], seeds=seeds,
+                                           device=device, epochs=epochs, progress=progress)
+            timings["regions:" + m] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    write_report(results, out)
+    return results
+
+
+def _run(args: argparse.Namespace) -> int:
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    res = run(args.recipe, regions=None if args.no_regions else args.regions, cache=args.cache, out=args.out,
+              device=args.device, seeds=args.seeds, methods=methods, epochs=args.epochs, limit=args.limit, progress=not args.json)
+    from .cli import emit
+    from .report import results_table
+    emit(args, res, lambda: results_table(res) + f"\n\nreport written to {args.out}/ "
+         f"(results.md, results.json, plots); total {res['timings']['total']:.0f} s")
+    return 0
+
+
+def register(sub) -> None:
+    from .cli import add_common, add_parser
+    p = add_parser(sub, "run", "the main job: build the default zoo, train meta-models and baselines, write report/",
+                   "wsnets run                       # digits-mlp + regions, ~10 min on 2 CPU cores", _run)
+    p.add_argument("recipe", nargs="?", default="digits-mlp", help="zoo recipe name in zoo/ or a .toml path")
+    p.add_argument("--regions", default="regions", help="fine-tuning zoo recipe for dataset/task prediction")
+    p.add_argument("--no-regions", action="store_true", help="skip the region zoo")
+    p.add_argument("--cache", default=None, help="zoo cache directory (default ~/.cache/wsnets/zoos)")
+    p.add_argument("--out", default="report", help="report directory")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per method (mean ± std reported)")
+    p.add_argument("--epochs", type=int, default=None, help="override training epochs of every neural method")
+    p.add_argument("--limit", type=int, default=None, help="train only the first N models of each zoo (a quick look)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated train/*.toml names, plus esd-alpha")
+    add_common(p)
