@@ -68,13 +68,14 @@ def write_report(res: dict, out: str | Path) -> None:
     atomic_write_text(out / "results.md", "\n".join(md) + "\n")
 
 
-def _test_predictions(run_dir: Path, zoo: str, target: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _test_predictions(run_dir: Path, zoo: str, target: str, filter: dict | None = None  # noqa: A002
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
     from .train.meta_model import MetaModel
     from .zoo import ZooDataset
     if not (run_dir / "config.json").is_file():
         return None
     mm = MetaModel.load(run_dir)
-    ds = ZooDataset(zoo, mm.representation, targets=[target], split="test", split_seed=0)
+    ds = ZooDataset(zoo, mm.representation, targets=[target], split="test", split_seed=0, filter=filter)
     nets = ds.weightspaces()
     pred = torch.empty(len(nets))
     groups: dict[Any, list[int]] = {}
@@ -95,7 +96,7 @@ def _plot_predictions(res: dict, path: Path) -> bool:
     for m in res["methods"]:
         if m == "esd-alpha":
             continue
-        got = _test_predictions(runs / m, res["zoo"], "test_acc")
+        got = _test_predictions(runs / m, res["zoo"], "test_acc", res.get("filter"))
         if got is not None:
             items.append((m, *got))
     if not items:
@@ -153,7 +154,10 @@ def _plot_embeddings(res: dict, path: Path) -> bool:
     if not res.get("regions_zoo") or not (run_dir / "config.json").is_file():
         return False
     mm = MetaModel.load(run_dir)
-    ds = ZooDataset(res["regions_zoo"], "graph", targets=["dataset", "task"], split="test", split_seed=0)
+    from .zoo import open as open_zoo
+    last = open_zoo(res["regions_zoo"]).epochs[-1]
+    ds = ZooDataset(res["regions_zoo"], "graph", targets=["dataset", "task"], split="test", split_seed=0,
+                    filter={"epoch": last})
     with torch.no_grad():
         z = mm.encoder(to_batch(ds.weightspaces())).double()
     z = z - z.mean(0)

@@ -29,6 +29,15 @@ ROOT = Path(__file__).resolve().parent.parent
 REGRESSION = ("test_acc", "gen_gap")
 DEFAULT_METHODS = ("graph", "statnn-gbm", "statnn-mlp", "flatmlp", "esd", "esd-alpha")
 REGION_METHODS = ("graph", "statnn-gbm")
+# Sizes for the main job's 10-minute budget on 2 CPU cores (``--full-configs`` uses train/*.toml as written).
+# Every method sees the same rows: the last checkpoint of each model, split by model.
+MAIN_OVERRIDES: dict[str, list[str]] = {
+    "graph": ["encoder.hidden=16", "encoder.layers=2", "optim.epochs=15", "optim.patience=5", "optim.lr=0.003"],
+    "transformer": ["optim.epochs=15", "optim.patience=5"],
+    "statnn-mlp": ["optim.epochs=60", "optim.patience=10"],
+    "flatmlp": ["optim.epochs=40", "optim.patience=8"],
+    "esd": ["optim.epochs=60", "optim.patience=10"],
+}
 LABELS = {"graph": "Neural-graph encoder (PNA)", "transformer": "Neural-graph transformer",
           "statnn-gbm": "StatNN (GBM)", "statnn-mlp": "StatNN (MLP)", "flatmlp": "FlatMLP",
           "esd": "ESD features (linear)", "esd-gbm": "ESD features (GBM)", "esd-alpha": "ESD mean α (no training)",
@@ -62,24 +71,30 @@ def ensure_zoo(recipe_name: str, cache: Path, device: str, progress: bool = True
 
 
 def _train(method: str, zoo: Path, out: Path, targets: list[str], *, seeds: int, device: str, epochs: int | None,
-           progress: bool) -> dict:
+           progress: bool, full_configs: bool = False) -> dict:
     from .train.config import apply_overrides, load_config
     from .train.experiment import run_training
+    from .zoo import open as open_zoo
     cfg = load_config(resource("train", method))
-    sets = [f"data.targets={targets!r}".replace("'", '"'), f"log.progress={'true' if progress else 'false'}"]
+    last = open_zoo(zoo).epochs[-1]
+    sets = [f"data.targets={targets!r}".replace("'", '"'), f"log.progress={'true' if progress else 'false'}",
+            f"data.filter={{epoch = {last}}}"]
+    if not full_configs:
+        sets += MAIN_OVERRIDES.get(method, [])
     if epochs is not None:
         sets += [f"optim.epochs={epochs}", f"optim.patience={max(3, epochs // 3)}"]
     cfg = apply_overrides(cfg, sets)
     return run_training(cfg, zoo=zoo, out=out, seeds=seeds, device=device)
 
 
-def alpha_ranker(zoo: Path, split_seed: int = 0) -> dict:
+def alpha_ranker(zoo: Path, split_seed: int = 0, filter: dict | None = None) -> dict:  # noqa: A002
     """Mean ESD alpha of each network as a predictor, with no training: Kendall tau on the test split;
     R^2 of a 1-D linear fit of the target on alpha made on the training split."""
     from .train.metrics import mean_std, regression_metrics
     from .zoo import ZooDataset
     out: dict[str, Any] = {"test": {}, "alpha": {}}
-    sets = {s: ZooDataset(zoo, "esd", targets=list(REGRESSION), split=s, split_seed=split_seed) for s in ("train", "test")}
+    sets = {s: ZooDataset(zoo, "esd", targets=list(REGRESSION), split=s, split_seed=split_seed, filter=filter)
+            for s in ("train", "test")}
     alphas, ys = {}, {}
     for s, ds in sets.items():
         alphas[s] = mean_alpha(ds.weightspaces())
@@ -114,7 +129,7 @@ def mean_alpha(networks: list) -> torch.Tensor:
 
 def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: str | Path | None = None,
         out: str | Path = "report", device: str = "cpu", seeds: int = 1, methods: tuple[str, ...] = DEFAULT_METHODS,
-        epochs: int | None = None, limit: int | None = None, progress: bool = True) -> dict:
+        epochs: int | None = None, limit: int | None = None, progress: bool = True, full_configs: bool = False) -> dict:
     """Run the main job (see module docstring); returns what ``report/results.json`` holds."""
     from .report import write_report
     for m in methods:
@@ -127,14 +142,16 @@ def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: s
     t = time.perf_counter()
     zoo = ensure_zoo(recipe, cache, device, progress, limit)
     timings["zoo:" + recipe] = time.perf_counter() - t
-    results: dict[str, Any] = {"recipe": recipe, "zoo": str(zoo), "methods": {}, "regions": {}, "timings": timings}
+    from .zoo import open as open_zoo
+    results: dict[str, Any] = {"recipe": recipe, "zoo": str(zoo), "methods": {}, "regions": {}, "timings": timings,
+                               "filter": {"epoch": open_zoo(zoo).epochs[-1]}}
     for m in methods:
         t = time.perf_counter()
         if m == "esd-alpha":
-            results["methods"][m] = alpha_ranker(zoo)
+            results["methods"][m] = alpha_ranker(zoo, filter=results["filter"])
         else:
             results["methods"][m] = _train(m, zoo, out / "runs" / m, list(REGRESSION), seeds=seeds, device=device,
-                                           epochs=epochs, progress=progress)
+                                           epochs=epochs, progress=progress, full_configs=full_configs)
         timings[m] = time.perf_counter() - t
     if regions:
         t = time.perf_counter()
@@ -144,7 +161,7 @@ def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: s
         for m in REGION_METHODS:
             t = time.perf_counter()
             results["regions"][m] = _train(m, rzoo, out / "runs" / f"regions-{m}", ["dataset", "task"], seeds=seeds,
-                                           device=device, epochs=epochs, progress=progress)
+                                           device=device, epochs=epochs, progress=progress, full_configs=full_configs)
             timings["regions:" + m] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     write_report(results, out)
@@ -154,7 +171,8 @@ def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: s
 def _run(args: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     res = run(args.recipe, regions=None if args.no_regions else args.regions, cache=args.cache, out=args.out,
-              device=args.device, seeds=args.seeds, methods=methods, epochs=args.epochs, limit=args.limit, progress=not args.json)
+              device=args.device, seeds=args.seeds, methods=methods, epochs=args.epochs, limit=args.limit, progress=not args.json,
+              full_configs=args.full_configs)
     from .cli import emit
     from .report import results_table
     emit(args, res, lambda: results_table(res) + f"\n\nreport written to {args.out}/ "
@@ -173,6 +191,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="report", help="report directory")
     p.add_argument("--seeds", type=int, default=1, help="seeds per method (mean ± std reported)")
     p.add_argument("--epochs", type=int, default=None, help="override training epochs of every neural method")
+    p.add_argument("--full-configs", action="store_true",
+                   help="train with train/*.toml as written (bigger encoders, more epochs) instead of the 10-minute sizes")
     p.add_argument("--limit", type=int, default=None, help="train only the first N models of each zoo (a quick look)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated train/*.toml names, plus esd-alpha")

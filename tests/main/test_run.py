@@ -9,7 +9,7 @@ from wsnets.cli import main
 
 def test_run_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "report"
-    rc = main(["run", "--limit", "60", "--epochs", "1", "--methods", "graph,statnn-gbm,esd-alpha",
+    rc = main(["run", "--limit", "120", "--epochs", "1", "--methods", "graph,statnn-gbm,esd-alpha",
                "--cache", str(tmp_path / "cache"), "--out", str(out), "--json"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
