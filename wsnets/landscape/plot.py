@@ -139,5 +139,5 @@ def intrinsic_curve(results: IntrinsicResult | Sequence[IntrinsicResult], path: 
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # outside: never hides the curves
     return _save(fig, path)
