@@ -191,7 +191,7 @@ def _plots(mm: Any, real: dict, y: dict, test: dict, out: Path) -> None:
             confusion(test[t]["confusion"], mm.classes[t], t, out / f"confusion_{t}.png")
         else:
             scatter(real[t], y[t], t, out / f"scatter_{t}.png",
-                    title=f"{mm.config.get('name', 'meta-model')}: {t} on held-out test models")
+                    title=f"{mm.config.get('name', 'meta-model')}: {t} on held-out test models' checkpoints")
 
 
 def _encoder_representation(cfg: TrainConfig, zoo: str | Path) -> str:

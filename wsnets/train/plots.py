@@ -30,7 +30,7 @@ def scatter(pred, true, target: str, path: str | Path, *, title: str = "") -> Pa
     t = torch.as_tensor(true).double().flatten().numpy()
     label, unit = LABELS.get(target, target), UNITS.get(target, "")
     fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=120)
-    ax.scatter(t, p, s=12, alpha=0.6, label=f"test models (n={len(t)})\nKendall τ={kendall_tau(p, t):.3f}, "
+    ax.scatter(t, p, s=12, alpha=0.6, label=f"test checkpoints (n={len(t)})\nKendall τ={kendall_tau(p, t):.3f}, "
                                             f"R²={r2(p, t):.3f}")
     lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
     pad = 0.03 * (hi - lo or 1.0)
