@@ -129,8 +129,16 @@ def mean_alpha(networks: list) -> torch.Tensor:
 
 def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: str | Path | None = None,
         out: str | Path = "report", device: str = "cpu", seeds: int = 1, methods: tuple[str, ...] = DEFAULT_METHODS,
-        epochs: int | None = None, limit: int | None = None, progress: bool = True, full_configs: bool = False) -> dict:
-    """Run the main job (see module docstring); returns what ``report/results.json`` holds."""
+        epochs: int | None = None, limit: int | None = None, progress: bool = True, full_configs: bool = False,
+        threads: int | None = 1) -> dict:
+    """Run the main job (see module docstring); returns what ``report/results.json`` holds.
+
+    ``threads`` sets torch's CPU threads for the whole job (default 1: the zoo trainer's and the
+    encoders' many small ops lose more to thread synchronization than they gain, and on a busy
+    machine oversubscribed threads slow them down by an order of magnitude); None keeps torch's.
+    """
+    if threads:
+        torch.set_num_threads(threads)
     from .report import write_report
     for m in methods:
         if m != "esd-alpha":
@@ -172,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     res = run(args.recipe, regions=None if args.no_regions else args.regions, cache=args.cache, out=args.out,
               device=args.device, seeds=args.seeds, methods=methods, epochs=args.epochs, limit=args.limit, progress=not args.json,
-              full_configs=args.full_configs)
+              full_configs=args.full_configs, threads=args.threads or None)
     from .cli import emit
     from .report import results_table
     emit(args, res, lambda: results_table(res) + f"\n\nreport written to {args.out}/ "
@@ -191,6 +199,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="report", help="report directory")
     p.add_argument("--seeds", type=int, default=1, help="seeds per method (mean ± std reported)")
     p.add_argument("--epochs", type=int, default=None, help="override training epochs of every neural method")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--full-configs", action="store_true",
                    help="train with train/*.toml as written (bigger encoders, more epochs) instead of the 10-minute sizes")
     p.add_argument("--limit", type=int, default=None, help="train only the first N models of each zoo (a quick look)")
