@@ -109,7 +109,13 @@ def arch_from_module(module: nn.Module, input_shape: tuple[int, ...] | None = No
         if layer is not None:
             layers.append(layer)
     layers = _insert_pooling(layers)
-    return Architecture(tuple(layers), input_shape), custom
+    return Architecture(tuple(layers), input_shape or _mlp_input(layers)), custom
+
+
+def _mlp_input(layers: list[Layer]) -> tuple[int, ...] | None:
+    """``(in_features,)`` for a network that starts with a Linear layer (as :func:`wsnets.arch.mlp` records)."""
+    first = next((l for l in layers if l.is_weight or l.kind == "flatten"), None)
+    return (first.in_features,) if first is not None and first.kind == "linear" else None
 
 
 def _insert_pooling(layers: list[Layer]) -> list[Layer]:
@@ -180,7 +186,7 @@ def arch_from_state_dict(sd: Mapping[str, torch.Tensor], activation: str = "relu
         a, b = layers[i - 1], layers[i]
         if a.kind == "linear" and b.kind in ("conv1d", "conv2d"):
             raise ShapeMismatchError(f"layer {b.name!r} is a convolution after dense layer {a.name!r}")
-    return Architecture(tuple(layers), input_shape)
+    return Architecture(tuple(layers), input_shape or _mlp_input(layers))
 
 
 def _next_is_weight(groups, prefix) -> bool:

@@ -40,6 +40,13 @@ def test_batchnorm_cumulative_momentum_roundtrips():
     assert rebuilt[1].momentum is None
 
 
+def test_loaded_mlp_equals_builder_architecture():
+    arch = wsnets.mlp(12, [16, 8], 5, "relu")
+    module = random_ws(arch).to_module()
+    assert wsnets.load(module).arch == arch
+    assert wsnets.load(module.state_dict()).arch == arch
+
+
 def test_nested_sequential_and_original_key_names():
     m = nn.Sequential(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU()), nn.Dropout(0.1),
                       nn.Sequential(nn.Linear(6, 3)))
