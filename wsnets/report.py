@@ -32,8 +32,16 @@ def results_table(res: dict) -> str:
     for m, r in res["methods"].items():
         test = r["test"]
         cells = [_cell(test.get(tg, {}).get(k)) for tg in REGRESSION for k in ("kendall_tau", "r2")]
-        lines.append(f"| {_label(m)} | " + " | ".join(cells) + f" | {t.get(m, float('nan')):.0f} |")
+        name = _label(m) + (f" †" if r.get("only_architecture") else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t.get(m, float('nan')):.0f} |")
     out = "\n".join(lines)
+    for m, r in res["methods"].items():
+        if r.get("error"):
+            out += f"\n\n{_label(m)}: not trained: {r['error']}"
+    only = {r["only_architecture"] for r in res["methods"].values() if r.get("only_architecture")}
+    if only:
+        out += (f"\n\n† fixed-architecture encoder: trained and tested only on the zoo's most common architecture "
+                f"({', '.join(sorted(only))}), so its test set is a subset of the others'.")
     if res.get("regions"):
         out += "\n\n| region zoo | dataset accuracy | dataset macro-F1 | task accuracy | time (s) |\n|---|---|---|---|---|\n"
         for m, r in res["regions"].items():
@@ -94,9 +102,12 @@ def _plot_predictions(res: dict, path: Path) -> bool:
     runs = Path(path).parent / "runs"
     items = []
     for m in res["methods"]:
-        if m == "esd-alpha":
+        if m == "esd-alpha" or res["methods"][m].get("error"):
             continue
-        got = _test_predictions(runs / m, res["zoo"], "test_acc", res.get("filter"))
+        flt = dict(res.get("filter") or {})
+        if res["methods"][m].get("only_architecture"):
+            flt["arch_desc"] = res["methods"][m]["only_architecture"]
+        got = _test_predictions(runs / m, res["zoo"], "test_acc", flt)
         if got is not None:
             items.append((m, *got))
     if not items:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, WSNetsError
 
 ROOT = Path(__file__).resolve().parent.parent
 REGRESSION = ("test_acc", "gen_gap")
@@ -38,6 +38,8 @@ MAIN_OVERRIDES: dict[str, list[str]] = {
     "flatmlp": ["optim.epochs=40", "optim.patience=8"],
     "esd": ["optim.epochs=60", "optim.patience=10"],
 }
+# encoders that read one architecture's weights: trained and tested on the zoo's most common architecture
+FIXED_ARCH = ("flatmlp", "np", "hnp", "nfn-hnp")
 LABELS = {"graph": "Neural-graph encoder (PNA)", "transformer": "Neural-graph transformer",
           "statnn-gbm": "StatNN (GBM)", "statnn-mlp": "StatNN (MLP)", "flatmlp": "FlatMLP",
           "esd": "ESD features (linear)", "esd-gbm": "ESD features (GBM)", "esd-alpha": "ESD mean α (no training)",
@@ -72,19 +74,30 @@ def ensure_zoo(recipe_name: str, cache: Path, device: str, progress: bool = True
 
 def _train(method: str, zoo: Path, out: Path, targets: list[str], *, seeds: int, device: str, epochs: int | None,
            progress: bool, full_configs: bool = False) -> dict:
+    from collections import Counter
+
     from .train.config import apply_overrides, load_config
     from .train.experiment import run_training
     from .zoo import open as open_zoo
     cfg = load_config(resource("train", method))
-    last = open_zoo(zoo).epochs[-1]
+    z = open_zoo(zoo)
+    last = z.epochs[-1]
+    where = f"epoch = {last}"
+    arch = None
+    if method in FIXED_ARCH:
+        arch = Counter(z.column("arch_desc")).most_common(1)[0][0]
+        where += f', arch_desc = "{arch}"'
     sets = [f"data.targets={targets!r}".replace("'", '"'), f"log.progress={'true' if progress else 'false'}",
-            f"data.filter={{epoch = {last}}}"]
+            f"data.filter={{{where}}}"]
     if not full_configs:
         sets += MAIN_OVERRIDES.get(method, [])
     if epochs is not None:
         sets += [f"optim.epochs={epochs}", f"optim.patience={max(3, epochs // 3)}"]
     cfg = apply_overrides(cfg, sets)
-    return run_training(cfg, zoo=zoo, out=out, seeds=seeds, device=device)
+    res = run_training(cfg, zoo=zoo, out=out, seeds=seeds, device=device)
+    if arch:
+        res["only_architecture"] = arch
+    return res
 
 
 def alpha_ranker(zoo: Path, split_seed: int = 0, filter: dict | None = None) -> dict:  # noqa: A002
@@ -155,11 +168,14 @@ def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: s
                                "filter": {"epoch": open_zoo(zoo).epochs[-1]}}
     for m in methods:
         t = time.perf_counter()
-        if m == "esd-alpha":
-            results["methods"][m] = alpha_ranker(zoo, filter=results["filter"])
-        else:
-            results["methods"][m] = _train(m, zoo, out / "runs" / m, list(REGRESSION), seeds=seeds, device=device,
-                                           epochs=epochs, progress=progress, full_configs=full_configs)
+        try:
+            if m == "esd-alpha":
+                results["methods"][m] = alpha_ranker(zoo, filter=results["filter"])
+            else:
+                results["methods"][m] = _train(m, zoo, out / "runs" / m, list(REGRESSION), seeds=seeds, device=device,
+                                               epochs=epochs, progress=progress, full_configs=full_configs)
+        except WSNetsError as e:  # one method's failure (e.g. too few models of one architecture) is reported
+            results["methods"][m] = {"test": {}, "error": str(e)}
         timings[m] = time.perf_counter() - t
     if regions:
         t = time.perf_counter()
