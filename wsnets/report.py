@@ -28,12 +28,14 @@ def _cell(ms: dict | None, digits: int = 3) -> str:
 def results_table(res: dict) -> str:
     """Markdown: one row per method; Kendall τ and R² per regression target, then time."""
     t = res["timings"]
-    lines = ["| method | τ test acc | R² test acc | τ gen. gap | R² gen. gap | time (s) |", "|---|---|---|---|---|---|"]
+    lines = ["| method | τ test acc | R² test acc | τ gen. gap | R² gen. gap | test models | time (s) |",
+             "|---|---|---|---|---|---|---|"]
     for m, r in res["methods"].items():
         test = r["test"]
         cells = [_cell(test.get(tg, {}).get(k)) for tg in REGRESSION for k in ("kendall_tau", "r2")]
         name = _label(m) + (f" †" if r.get("only_architecture") else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t.get(m, float('nan')):.0f} |")
+        n_test = r.get("sizes", {}).get("test", r.get("alpha", {}).get("valid", ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {n_test} | {t.get(m, float('nan')):.0f} |")
     out = "\n".join(lines)
     for m, r in res["methods"].items():
         if r.get("error"):
@@ -67,7 +69,8 @@ def write_report(res: dict, out: str | Path) -> None:
             plots[name] = f"not drawn: {type(e).__name__}: {e}"
     res["plots"] = plots
     summary = {k: v for k, v in res.items() if k != "methods"}
-    summary["methods"] = {m: {"test": r["test"]} for m, r in res["methods"].items()}
+    summary["methods"] = {m: {k: r[k] for k in ("test", "sizes", "only_architecture", "error") if k in r}
+                          for m, r in res["methods"].items()}
     summary["regions"] = {m: {"test": {t: {k: v for k, v in ms.items() if k != "confusion"} for t, ms in r["test"].items()
                                        if isinstance(ms, dict)}} for m, r in res.get("regions", {}).items()}
     atomic_write_json(out / "results.json", summary)
@@ -121,7 +124,8 @@ def _plot_predictions(res: dict, path: Path) -> bool:
         ax.scatter(true, pred, s=6, alpha=0.5)
         ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="ideal")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="true test accuracy", ylabel="predicted test accuracy",
-               title=f"{_label(m)}\nKendall τ = {tau:.3f}")
+               title=f"{_label(m)}{' †' if res['methods'][m].get('only_architecture') else ''}\n"
+                     f"Kendall τ = {tau:.3f}, n = {len(true)}")
         ax.legend(loc="upper left", fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
