@@ -179,6 +179,20 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def read_toml(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """Parse a TOML file; a missing file or bad TOML is a one-line :class:`ConfigError` naming it."""
+    import tomllib
+
+    from .errors import ConfigError
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what} file")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML in {what} ({e})") from None
+
+
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:200] if s else type(e).__name__

@@ -173,14 +173,9 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a TOML config and apply ``key=value`` overrides."""
+    from ..io import read_toml
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        d = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML ({e})") from None
-    cfg = from_dict(d, str(path))
+    cfg = from_dict(read_toml(path, "config"), str(path))
     return apply_overrides(cfg, overrides, str(path))
 
 

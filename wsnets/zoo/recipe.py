@@ -191,13 +191,8 @@ def load_recipe(path: str | Path) -> Recipe:
     if not p.exists() and not p.suffix:
         cand = Path(__file__).resolve().parents[2] / "zoo" / f"{p.name}.toml"
         p = cand if cand.exists() else p
-    if not p.exists():
-        raise ConfigError(f"recipe {path}: no such file")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"recipe {p}: invalid TOML ({e})") from None
-    return parse_recipe(raw, str(p))
+    from ..io import read_toml
+    return parse_recipe(read_toml(p, "recipe"), str(p))
 
 
 def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
