@@ -3,8 +3,10 @@
 1. Builds the default zoo (``zoo/digits-mlp.toml``) and the region zoo (``zoo/regions.toml``) into the
    cache (``~/.cache/wsnets/zoos`` or ``--cache``) unless they are there already; a killed build resumes.
 2. Trains the neural-graph encoder and the baselines on one split by model: StatNN (weight statistics
-   with gradient-boosted trees and with an MLP; Unterthiner et al. 2020), FlatMLP (flat weights), ESD
+   with gradient-boosted trees and with an MLP; Unterthiner et al. 2020), FlatMLP (flat weights; a
+   fixed-architecture encoder, so trained and tested on the zoo's most common architecture only), ESD
    features (Martin & Mahoney) with a linear head, and mean ESD alpha alone as a zero-training ranker.
+   Every method reads the last checkpoint of each model; a method that cannot train is reported, not fatal.
 3. On the region zoo, trains the graph encoder and StatNN-GBM to predict the fine-tuning dataset and task
    (Gueta et al. 2023).
 4. Prints one table (Kendall tau / R^2 for test accuracy and generalization gap, dataset/task accuracy,
