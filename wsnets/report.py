@@ -79,6 +79,23 @@ def write_report(res: dict, out: str | Path) -> None:
     atomic_write_text(out / "results.md", "\n".join(md) + "\n")
 
 
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (reports never need a display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(plt, fig, path: Path, title: str) -> bool:
+    """Title, lay out, write and close a report figure."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _test_predictions(run_dir: Path, zoo: str, target: str, filter: dict | None = None  # noqa: A002
                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
     from .train.meta_model import MetaModel
@@ -99,9 +116,7 @@ def _test_predictions(run_dir: Path, zoo: str, target: str, filter: dict | None 
 
 
 def _plot_predictions(res: dict, path: Path) -> bool:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     runs = Path(path).parent / "runs"
     items = []
     for m in res["methods"]:
@@ -129,17 +144,11 @@ def _plot_predictions(res: dict, path: Path) -> bool:
         ax.legend(loc="upper left", fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"Predicted vs true test accuracy on held-out models ({res['recipe']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path, f"Predicted vs true test accuracy on held-out models ({res['recipe']})")
 
 
 def _plot_alpha(res: dict, path: Path) -> bool:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     a = res["methods"].get("esd-alpha", {}).get("alpha")
     if not a:
         return False
@@ -151,17 +160,11 @@ def _plot_alpha(res: dict, path: Path) -> bool:
         ax.scatter(alpha[ok], y[ok], s=6, alpha=0.5)
         ax.set(xlabel="mean power-law exponent α over layers (ESD)", ylabel=TARGET_LABEL[name],
                title=f"Kendall τ(α, {name}) = {tau:.3f}  (n = {int(ok.sum())})")
-    fig.suptitle("Heavy-tailed ESD metric vs generalization (Martin & Mahoney): held-out models")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path, "Heavy-tailed ESD metric vs generalization (Martin & Mahoney): held-out models")
 
 
 def _plot_embeddings(res: dict, path: Path) -> bool:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from .graph import to_batch
     from .train.meta_model import MetaModel
     from .zoo import ZooDataset
@@ -186,8 +189,4 @@ def _plot_embeddings(res: dict, path: Path) -> bool:
             ax.scatter(xy[idx, 0], xy[idx, 1], s=8, alpha=0.7, label=name)
         ax.set(xlabel="PC 1 of graph-encoder embedding", ylabel="PC 2", title=f"coloured by {target}")
         ax.legend(fontsize=7, markerscale=2, loc="best")
-    fig.suptitle("Meta-model embeddings of held-out fine-tuned models (region zoo, PCA)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path, "Meta-model embeddings of held-out fine-tuned models (region zoo, PCA)")
