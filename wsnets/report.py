@@ -50,6 +50,9 @@ def results_table(res: dict) -> str:
             d, k = r["test"].get("dataset", {}), r["test"].get("task", {})
             out += (f"| {_label(m)} | {_cell(d.get('accuracy'))} | {_cell(d.get('macro_f1'))} | "
                     f"{_cell(k.get('accuracy'))} | {t.get('regions:' + m, float('nan')):.0f} |\n")
+        for m, r in res["regions"].items():
+            if r.get("error"):
+                out += f"\n{_label(m)} (region zoo): not trained: {r['error']}\n"
     zoo_t = ", ".join(f"{k[4:]} {v:.0f} s" for k, v in t.items() if k.startswith("zoo:"))
     out += f"\n\nZoo building: {zoo_t}. Total: {t.get('total', float('nan')):.0f} s."
     return out
@@ -164,20 +167,24 @@ def _plot_alpha(res: dict, path: Path) -> bool:
 
 
 def _plot_embeddings(res: dict, path: Path) -> bool:
+    """PCA of the encoder embeddings of held-out region-zoo models, from the first region method (in
+    the order trained) that has a neural encoder: HNP by default."""
     plt = _pyplot()
-    from .graph import to_batch
+    from .nn.registry import represent
     from .train.meta_model import MetaModel
     from .zoo import ZooDataset
-    run_dir = Path(path).parent / "runs" / "regions-graph"
-    if not res.get("regions_zoo") or not (run_dir / "config.json").is_file():
-        return False
-    mm = MetaModel.load(run_dir)
     from .zoo import open as open_zoo
+    runs = [Path(path).parent / "runs" / f"regions-{m}" for m in res.get("regions", {})]
+    runs = [r for r in runs if (r / "model.safetensors").is_file()]
+    if not res.get("regions_zoo") or not runs:
+        return False
+    mm = MetaModel.load(runs[0])
+    method = runs[0].name[len("regions-"):]
     last = open_zoo(res["regions_zoo"]).epochs[-1]
-    ds = ZooDataset(res["regions_zoo"], "graph", targets=["dataset", "task"], split="test", split_seed=0,
+    ds = ZooDataset(res["regions_zoo"], "tensors", targets=["dataset", "task"], split="test", split_seed=0,
                     filter={"epoch": last})
     with torch.no_grad():
-        z = mm.encoder(to_batch(ds.weightspaces())).double()
+        z = mm.encoder(represent(mm.encoder, ds.weightspaces())).double()
     z = z - z.mean(0)
     _, _, v = torch.linalg.svd(z, full_matrices=False)
     xy = z @ v[:2].T
@@ -187,6 +194,6 @@ def _plot_embeddings(res: dict, path: Path) -> bool:
         for name in sorted(set(labels)):
             idx = [i for i, l in enumerate(labels) if l == name]
             ax.scatter(xy[idx, 0], xy[idx, 1], s=8, alpha=0.7, label=name)
-        ax.set(xlabel="PC 1 of graph-encoder embedding", ylabel="PC 2", title=f"coloured by {target}")
+        ax.set(xlabel=f"PC 1 of {_label(method)} embedding", ylabel="PC 2", title=f"coloured by {target}")
         ax.legend(fontsize=7, markerscale=2, loc="best")
     return _save(plt, fig, path, "Meta-model embeddings of held-out fine-tuned models (region zoo, PCA)")

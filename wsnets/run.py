@@ -7,8 +7,8 @@
    fixed-architecture encoder, so trained and tested on the zoo's most common architecture only), ESD
    features (Martin & Mahoney) with a linear head, and mean ESD alpha alone as a zero-training ranker.
    Every method reads the last checkpoint of each model; a method that cannot train is reported, not fatal.
-3. On the region zoo, trains the graph encoder and StatNN-GBM to predict the fine-tuning dataset and task
-   (Gueta et al. 2023).
+3. On the region zoo (one architecture), trains the HNP equivariant encoder, the graph encoder and
+   StatNN-GBM to predict the fine-tuning dataset and task (Gueta et al. 2023).
 4. Prints one table (Kendall tau / R^2 for test accuracy and generalization gap, dataset/task accuracy,
    time per method) and writes ``report/`` with ``results.md``, ``results.json`` and plots.
 
@@ -30,7 +30,7 @@ from .errors import ConfigError, WSNetsError
 ROOT = Path(__file__).resolve().parent.parent
 REGRESSION = ("test_acc", "gen_gap")
 DEFAULT_METHODS = ("graph", "statnn-gbm", "statnn-mlp", "flatmlp", "esd", "esd-alpha")
-REGION_METHODS = ("graph", "statnn-gbm")
+REGION_METHODS = ("hnp", "graph", "statnn-gbm")
 # Sizes for the main job's 10-minute budget on 2 CPU cores (``--full-configs`` uses train/*.toml as written).
 # Every method sees the same rows: the last checkpoint of each model, split by model.
 MAIN_OVERRIDES: dict[str, list[str]] = {
@@ -39,13 +39,14 @@ MAIN_OVERRIDES: dict[str, list[str]] = {
     "statnn-mlp": ["optim.epochs=60", "optim.patience=10"],
     "flatmlp": ["optim.epochs=40", "optim.patience=8"],
     "esd": ["optim.epochs=60", "optim.patience=10"],
+    "hnp": ["optim.epochs=25", "optim.patience=8"],
 }
 # encoders that read one architecture's weights: trained and tested on the zoo's most common architecture
 FIXED_ARCH = ("flatmlp", "np", "hnp", "nfn-hnp")
 LABELS = {"graph": "Neural-graph encoder (PNA)", "transformer": "Neural-graph transformer",
           "statnn-gbm": "StatNN (GBM)", "statnn-mlp": "StatNN (MLP)", "flatmlp": "FlatMLP",
           "esd": "ESD features (linear)", "esd-gbm": "ESD features (GBM)", "esd-alpha": "ESD mean α (no training)",
-          "np": "NP", "hnp": "HNP"}
+          "np": "NP (equivariant)", "hnp": "HNP (equivariant)"}
 
 
 def resource(kind: str, name: str) -> Path:
@@ -145,7 +146,7 @@ def mean_alpha(networks: list) -> torch.Tensor:
 def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: str | Path | None = None,
         out: str | Path = "report", device: str = "cpu", seeds: int = 1, methods: tuple[str, ...] = DEFAULT_METHODS,
         epochs: int | None = None, limit: int | None = None, progress: bool = True, full_configs: bool = False,
-        threads: int | None = 1) -> dict:
+        threads: int | None = 1, region_methods: tuple[str, ...] = REGION_METHODS) -> dict:
     """Run the main job (see module docstring); returns what ``report/results.json`` holds.
 
     ``threads`` sets torch's CPU threads for the whole job (default 1: the zoo trainer's and the
@@ -155,7 +156,7 @@ def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: s
     if threads:
         torch.set_num_threads(threads)
     from .report import write_report
-    for m in methods:
+    for m in methods + region_methods:
         if m != "esd-alpha":
             resource("train", m)  # fail fast on a typo, before minutes of zoo building
     cache = Path(cache) if cache else default_cache()
@@ -184,10 +185,14 @@ def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: s
         rzoo = ensure_zoo(regions, cache, device, progress, limit)
         timings["zoo:" + regions] = time.perf_counter() - t
         results["regions_zoo"] = str(rzoo)
-        for m in REGION_METHODS:
+        for m in region_methods:
             t = time.perf_counter()
-            results["regions"][m] = _train(m, rzoo, out / "runs" / f"regions-{m}", ["dataset", "task"], seeds=seeds,
-                                           device=device, epochs=epochs, progress=progress, full_configs=full_configs)
+            try:
+                results["regions"][m] = _train(m, rzoo, out / "runs" / f"regions-{m}", ["dataset", "task"],
+                                               seeds=seeds, device=device, epochs=epochs, progress=progress,
+                                               full_configs=full_configs)
+            except WSNetsError as e:
+                results["regions"][m] = {"test": {}, "error": str(e)}
             timings["regions:" + m] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     write_report(results, out)
@@ -196,9 +201,11 @@ def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: s
 
 def _run(args: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    region_methods = tuple(m.strip() for m in args.region_methods.split(",") if m.strip())
     res = run(args.recipe, regions=None if args.no_regions else args.regions, cache=args.cache, out=args.out,
               device=args.device, seeds=args.seeds, methods=methods, epochs=args.epochs, limit=args.limit, progress=not args.json,
-              full_configs=args.full_configs, threads=args.threads or None)
+              full_configs=args.full_configs, threads=args.threads or None,
+              region_methods=region_methods)
     from .cli import emit
     from .report import results_table
     emit(args, res, lambda: results_table(res) + f"\n\nreport written to {args.out}/ "
@@ -223,4 +230,6 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="train only the first N models of each zoo (a quick look)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated train/*.toml names, plus esd-alpha")
+    p.add_argument("--region-methods", default=",".join(REGION_METHODS),
+                   help="comma-separated train/*.toml names trained on the region zoo")
     add_common(p)
