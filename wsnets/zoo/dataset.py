@@ -7,7 +7,8 @@ the same hash, fractions renormalized) and gives the rows that violate any condi
 
 Representations
 ---------------
-``graph``    a ``torch_geometric`` ``Data`` per item; ``collate`` -> ``Batch`` (mixed architectures fine)
+``graph``    the network's :class:`~wsnets.WeightSpace` per item; ``collate`` -> a ``torch_geometric``
+             ``Batch`` built by :func:`wsnets.to_batch` in one batched conversion (mixed architectures fine)
 ``tensors``  a single-network :class:`~wsnets.WeightSpace`; ``collate`` -> a batched WeightSpace
              (all rows must share one architecture, else :class:`ArchitectureMismatchError`)
 ``flat``     all parameters concatenated ``[P]``, zero-padded to the longest network of the dataset
@@ -134,8 +135,7 @@ class ZooDataset(torch.utils.data.Dataset):
         rep = self.representation
         if rep in ("flat", "stats", "esd"):
             return self.features()[i], y
-        ws = self.weightspaces()[i]
-        return (ws.to_graph() if rep == "graph" else ws), y
+        return self.weightspaces()[i], y
 
     def features(self) -> torch.Tensor:
         """``[len, F]`` vector features of every row (flat / stats / esd), zero-padded to one width."""
@@ -169,6 +169,9 @@ class ZooDataset(torch.utils.data.Dataset):
              for t in self.targets}
         rep = self.representation
         if rep == "graph":
+            if all(isinstance(x, WeightSpace) for x in xs):
+                from ..graph import to_batch
+                return to_batch(xs), y
             from torch_geometric.data import Batch
             return Batch.from_data_list(xs), y
         if rep == "tensors":
