@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import wsnets
 from wsnets.zoo.recipe import RunSpec
-from wsnets.zoo.trainer import DataBank, _epoch_order, hash_uniform, init_params, train_group
+from wsnets.zoo.trainer import DataBank, _argmax_is, _epoch_order, _members, _mix, hash_uniform, init_params, train_group
 
 
 def _runs(arch, hps, dataset="blobs2"):
@@ -48,7 +48,7 @@ def test_matches_torch_optim_reference(batchnorm):
         yk = torch.where(flip, rnd, y)
         steps = -(-n // B)
         for e in range(E):
-            order = _epoch_order(seeds[k:k + 1], member[None], torch.tensor([n_sub]), e, steps * B)[0]
+            order = _epoch_order(seeds[k:k + 1], _members(member[None]), torch.tensor([n_sub]), e, steps * B, n)[0]
             assert bool(member[order].all())
             for s in range(steps):
                 idx = order[s * B:(s + 1) * B]
@@ -98,3 +98,48 @@ def test_diverging_model_is_restored_and_frozen():
     assert all(torch.isfinite(v).all() for v in ck[-1].params.values())
     for k, v in ck[0].params.items():  # frozen at the start of the epoch it diverged in
         torch.testing.assert_close(ck[-1].params[k][1], v[1])
+
+
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_epoch_order_is_hash_sorted_passes(use_numpy):
+    """Each model's stream is its reshuffled passes over its subset, pass p ordered by hash(seed, p*N + pos),
+    whatever the chunking of the sort and whichever backend (NumPy on CPU, torch on devices)."""
+    N, total = 50, 64
+    seeds = torch.tensor([11, 2 ** 32 - 5, 777, 3])
+    member = torch.zeros(4, N, dtype=torch.bool)
+    member[0] = True
+    member[1, ::7] = True
+    member[2, 5] = True  # a single member: every pass is the same
+    member[3, 10:40] = True
+    n_sub = member.sum(1)
+    memb = _members(member)
+    for epoch in (0, 1, 7):
+        got = _epoch_order(seeds, memb, n_sub, epoch, total, N, use_numpy=use_numpy)
+        for k in range(4):
+            pos = member[k].nonzero().flatten().tolist()
+            key = lambda p, i: int(_mix(torch.tensor(((int(_mix(torch.tensor((int(seeds[k]) ^ 4))))) + (p * N + i) * 0x9E3779B1) & 0xFFFFFFFF)))
+            stream = []
+            for p in range((epoch * total) // len(pos), (epoch * total + total) // len(pos) + 1):
+                stream += sorted(pos, key=lambda i: key(p, i))
+            off = epoch * total - ((epoch * total) // len(pos)) * len(pos)
+            assert got[k].tolist() == stream[off:off + total], (epoch, k)
+    both = _epoch_order(seeds, memb, n_sub, 3, total, N, use_numpy=use_numpy, epochs=2)
+    assert torch.equal(both, torch.cat([_epoch_order(seeds, memb, n_sub, e, total, N) for e in (3, 4)], 1))
+
+
+def test_argmax_is_matches_argmax_with_ties_and_nan():
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randint(0, 3, (4, 5, 300), generator=g).float()  # many ties
+    lg[0, 2, :50] = float("nan")
+    lg[1, :, 60:] = float("-inf")
+    y = torch.randint(0, 5, (4, 300), generator=g)
+    assert torch.equal(_argmax_is(lg, y), lg.argmax(1) == y)
+
+
+def test_hash_uniform_numpy_path_is_bit_identical():
+    from wsnets.zoo import trainer as T
+    seeds, ctr = torch.tensor([0, 5, 2 ** 32 - 1, 123456789]), torch.arange(3000).reshape(30, 100)
+    got = hash_uniform(seeds, 7, ctr)
+    k = T._mix((seeds ^ T._mix(torch.tensor(7))) & T._MASK)
+    ref = (T._mix((k[:, None, None] + ctr[None] * T._GOLD) & T._MASK) >> 8).float() * (1.0 / (1 << 24))
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
