@@ -2,21 +2,26 @@
 
 Two workloads, each timed both ways in one run:
 
-* ``recipe``: the first models of a recipe (default ``zoo/digits-mlp.toml``: mixed depths, widths,
-  activations, optimizers, dropout, label noise, train fractions). Batched = the zoo builder's groups;
-  sequential = one ``nn.Module`` + ``torch.optim`` (SGD or AdamW) per model, same epochs, batch size,
-  steps, gradient clipping and checkpoint evaluation.
+* ``recipe``: a recipe (default ``zoo/digits-mlp.toml``: mixed depths, widths, activations,
+  optimizers, dropout, label noise, train fractions) planned at its real population (1000 models:
+  48 groups of 11-30 models), so groups have their real sizes; the batched trainer trains every
+  ``--recipe-every``-th group of that plan (all groups without ``--quick``). Sequential = one
+  ``nn.Module`` + ``torch.optim`` (SGD or AdamW) per model, same epochs, batch size, steps, gradient
+  clipping and checkpoint evaluation, on models drawn from the same groups.
 * ``mlp``: the fixed MLP 64-32-32-10 (ReLU, SGD) trained 10 epochs on digits, ``K`` models in one
-  group (the issue's GPU target: >= 50,000 models/s on an H100).
+  group (the issue's GPU target: >= 50,000 models/s on an H100), plus a naive ``torch.func.vmap``
+  reference (``vmap(grad(loss))`` over stacked parameters, one SGD update per parameter tensor).
 
-The sequential loop is slow, so it runs on a subset (``--seq-models``) and its models/s is
-extrapolated per model (each model's cost is independent of the others). Timings on a shared CPU
-are noisy; ratios come from the same run.
+Both methods run with the same torch thread count (``--threads``). The sequential loop is slow, so it
+runs on a subset (``--seq-models``) and its models/s is extrapolated per model (each model's cost is
+independent of the others). Timings on a shared CPU are noisy: ratios come from the same run, the
+JSON records the load average before and after, and the speedup is also given in CPU time.
 
 Usage::
 
     python benchmarks/zoo_speed.py --quick --out benchmarks/out/zoo_speed.json
-    python benchmarks/zoo_speed.py --device cuda --mlp-models 50000 --out zoo_speed_gpu.json
+    python benchmarks/zoo_speed.py --threads 2 --out benchmarks/out/zoo_speed_2t.json
+    python benchmarks/zoo_speed.py --device cuda --mlp-models 50000 --seq-models 20 --out zoo_speed_gpu.json
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -110,6 +116,39 @@ def sequential(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, int, list
     return time.perf_counter() - t, time.process_time() - c, len(runs), accs
 
 
+def vmap_loop(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, float, int, list[float]]:
+    """A naive ``torch.func`` reference: ``vmap(grad(loss))`` over the stacked parameters of all models,
+    one SGD-with-momentum update per parameter tensor, random batches, test accuracy at the end."""
+    from torch.func import functional_call, grad, vmap
+    arch = runs[0].arch
+    K, B = len(runs), recipe.batch_size
+    x, y, xt, yt = bank.x[0], bank.y[0], bank.xt[0], bank.yt[0]
+    n = int(bank.n[0])
+    steps = math.ceil(n / B)
+    base = WeightSpace(arch, {k: v[0] for k, v in init_params(arch, torch.zeros(1, dtype=torch.long, device=dev),
+                                                             torch.ones(1, device=dev)).items()}).to_module().to(dev)
+    _sync(dev)
+    t, c = time.perf_counter(), time.process_time()
+    p = init_params(arch, torch.tensor([r.seed for r in runs], device=dev), torch.ones(K, device=dev))
+    p = dict(zip(base.state_dict().keys(), p.values()))  # module keys, in the architecture's order
+    buf = {k: torch.zeros_like(v) for k, v in p.items()}
+    lr = torch.tensor([r.hp["lr"] for r in runs], device=dev)
+    g_fn = vmap(grad(lambda q, xb, yb: F.cross_entropy(functional_call(base, q, (xb,)), yb)))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for _ in range(recipe.epochs):
+        order = torch.rand(K, n, generator=gen, device=dev).argsort(1)
+        for s in range(steps):
+            idx = order[:, (s * B) % n:(s * B) % n + B]
+            grads = g_fn(p, x[idx], y[idx])
+            for k in p:
+                buf[k].mul_(0.9).add_(grads[k])
+                p[k].sub_(lr.view((-1,) + (1,) * (p[k].dim() - 1)) * buf[k])
+    with torch.no_grad():
+        accs = (vmap(lambda q: functional_call(base, q, (xt,)))(p).argmax(-1) == yt).float().mean(1).tolist()
+    _sync(dev)
+    return time.perf_counter() - t, time.process_time() - c, K, accs
+
+
 def _compare(name: str, b: tuple, s: tuple) -> dict:
     """One result row from (wall s, CPU s, models, accuracies) of the batched and the sequential run."""
     (tb, cb, nb, acc_b), (ts, cs, ns, acc_s) = b, s
@@ -124,28 +163,36 @@ def _compare(name: str, b: tuple, s: tuple) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="zoo/digits-mlp.toml")
-    ap.add_argument("--quick", action="store_true", help="small sizes (about a minute on a shared CPU)")
+    ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes on a shared 2-core CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (both methods)")
-    ap.add_argument("--recipe-models", type=int, default=None, help="models of the recipe for the batched trainer")
+    ap.add_argument("--recipe-models", type=int, default=None, help="population the recipe is planned at (default: its own)")
+    ap.add_argument("--recipe-every", type=int, default=None, help="train every N-th group of the plan (default 6 with --quick, else 1)")
     ap.add_argument("--mlp-models", type=int, default=None, help="K for the fixed 64-32-32-10 MLP workload")
-    ap.add_argument("--seq-models", type=int, default=None, help="models timed in the sequential loop")
+    ap.add_argument("--seq-models", type=int, default=None, help="models timed in the sequential loop (per workload)")
+    ap.add_argument("--vmap-models", type=int, default=None, help="K of the torch.func.vmap reference (0: skip)")
     ap.add_argument("--out", required=True, help="JSON file to write")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    n_rec = a.recipe_models or (96 if a.quick else 1000)
-    n_mlp = a.mlp_models or (512 if a.quick else 4096)
-    n_seq = a.seq_models or (6 if a.quick else 24)
     recipe = load_recipe(a.recipe)
+    n_rec = a.recipe_models or recipe.population
+    every = a.recipe_every or (6 if a.quick else 1)
+    n_mlp = a.mlp_models or (512 if a.quick else 4096)
+    n_seq = a.seq_models or (8 if a.quick else 24)
+    n_vmap = a.vmap_models if a.vmap_models is not None else min(n_mlp, 256 if dev.type == "cpu" else n_mlp)
     bank = DataBank.build(recipe.datasets, dev)
+    load0 = os.getloadavg()
     results = []
 
-    # workload 1: the recipe's first n_rec models, in the builder's groups
-    groups = [(g.arch, list(g.runs)) for g in plan(recipe, n_rec)]
+    # workload 1: every `every`-th group of the recipe planned at its real size
+    full = plan(recipe, n_rec)
+    groups = [(g.arch, list(g.runs)) for g in full[::every]]
     all_runs = sorted((r for _, rs in groups for r in rs), key=lambda r: r.index)
     seq_runs = all_runs[:: max(1, len(all_runs) // n_seq)][:n_seq]
-    results.append(_compare(f"{recipe.name} recipe ({n_rec} models, {len(groups)} groups, {recipe.epochs} epochs)",
+    sizes = sorted(len(rs) for _, rs in groups)
+    results.append(_compare(f"{recipe.name} recipe planned at {n_rec} models: {len(all_runs)} models in {len(groups)} of "
+                            f"{len(full)} groups (sizes {sizes[0]}-{sizes[-1]}), {recipe.epochs} epochs, batch {recipe.batch_size}",
                             batched(groups, recipe, bank, dev), sequential(seq_runs, recipe, bank, dev)))
 
     # workload 2: fixed MLP 64-32-32-10, SGD, 10 epochs on digits
@@ -155,16 +202,24 @@ def main(argv=None) -> int:
            "hyperparameters": {"optimizer": "sgd", "lr": {"log_uniform": [0.01, 0.2]}, "momentum": 0.9}}
     mr = parse_recipe(raw)
     runs = mr.runs()
-    results.append(_compare(f"MLP 64-32-32-10, 10 epochs on digits (K={n_mlp})",
-                            batched([(runs[0].arch, runs)], mr, bank, dev), sequential(runs[:n_seq], mr, bank, dev)))
+    mbank = bank if recipe.datasets == ["digits"] else DataBank.build(["digits"], dev)
+    seq = sequential(runs[:n_seq], mr, mbank, dev)
+    results.append(_compare(f"MLP 64-32-32-10, 10 epochs on digits, batch 64 (K={n_mlp})",
+                            batched([(runs[0].arch, runs)], mr, mbank, dev), seq))
+    if n_vmap:
+        results.append(_compare(f"naive torch.func.vmap loop, same MLP (K={n_vmap})",
+                                vmap_loop(runs[:n_vmap], mr, mbank, dev), seq))
 
     env = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
            "threads": a.threads, "torch": torch.__version__, "python": platform.python_version(),
-           "cpu": platform.processor() or platform.machine(), "quick": a.quick,
+           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "quick": a.quick,
+           "load_average_before": [round(v, 2) for v in load0],
+           "load_average_after": [round(v, 2) for v in os.getloadavg()],
            "note": "timed on a shared machine; ratios are from the same run"}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out, {"env": env, "results": results})
-    print(f"device {env['device']}{' (' + env['gpu'] + ')' if env['gpu'] else ''}, {a.threads} thread(s)\n")
+    print(f"device {env['device']}{' (' + env['gpu'] + ')' if env['gpu'] else ''}, {a.threads} torch thread(s) for both "
+          f"methods, {env['cores']} cores, load average {load0[0]:.2f} before / {os.getloadavg()[0]:.2f} after\n")
     print("| workload | batched models/s | sequential models/s | speedup (wall) | speedup (CPU time) "
           "| median test acc (batched / seq) |")
     print("|---|---:|---:|---:|---:|---|")

@@ -143,3 +143,75 @@ def test_hash_uniform_numpy_path_is_bit_identical():
     k = T._mix((seeds ^ T._mix(torch.tensor(7))) & T._MASK)
     ref = (T._mix((k[:, None, None] + ctr[None] * T._GOLD) & T._MASK) >> 8).float() * (1.0 / (1 << 24))
     assert got.dtype == torch.float32 and torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "sigmoid", "silu", "elu", "softplus", "leaky_relu"])
+def test_mlp_engine_gradients_match_autograd_with_chunks_and_dropout(act, monkeypatch):
+    """The hand-written MLP forward/backward (in chunks of 2 models, dropout on the last 2 rows) gives
+    autograd's gradients of the same loss with the same dropout masks."""
+    from wsnets.zoo import trainer as T
+    arch = wsnets.mlp(4, [7, 6], 3, act)
+    K, B = 5, 8
+    bank = DataBank.build(["blobs2"])
+    bank = DataBank(["x"], torch.randn(1, 50, 4), torch.randint(0, 3, (1, 50)), torch.tensor([50]), bank.xt[:, :, :2].repeat(1, 1, 2),
+                    bank.yt.clamp_max(2), bank.nt, 3)
+    params = init_params(arch, torch.arange(K), torch.full((K,), 1.5))
+    drop = torch.tensor([0.0, 0.0, 0.0, 0.3, 0.5])
+    masks = []
+    real_rand = torch.rand
+
+    def rand(*a, **k):
+        u = real_rand(*a, **k)
+        masks.append(u)
+        return u
+    monkeypatch.setattr(T.torch, "rand", rand)
+    eng = T._MLPEngine(arch, params, bank, B, drop, 2, torch.Generator().manual_seed(0), chunk=2)
+    idx = torch.randint(0, 50, (K, B))
+    yb = bank.y[0][idx]
+    got = torch.cat([torch.cat([g.clone() for g in [t.flatten(1) for t in eng._grads(a, min(a + 2, K), idx[a:a + 2], yb[a:a + 2])]], 1)
+                     for a in range(0, K, 2)])
+    # reference: autograd through per-model modules with the recorded masks ([rows, out, B] per chunk and layer)
+    it = iter(masks)
+    chunk_masks = {3: [next(it), next(it)], 4: [next(it), next(it)]}  # chunk 1 holds row 3, chunk 2 row 4
+    ref = []
+    for k in range(K):
+        ws = {n: v[k].clone().requires_grad_(True) for n, v in params.items()}
+        h = bank.x[0][idx[k]]
+        for i, l in enumerate([l for l in arch.layers if l.kind == "linear"]):
+            h = h @ ws[f"{l.name}.weight"].T + ws[f"{l.name}.bias"]
+            if i < 2:
+                h = wsnets.functional.activation(act, h)
+                if drop[k] > 0:
+                    keep = 1 - drop[k]
+                    h = h * ((chunk_masks[k][i][0].T < keep) / keep)
+        loss = F.cross_entropy(h, yb[k])
+        gr = torch.autograd.grad(loss, list(ws.values()))
+        gd = dict(zip(ws, gr))
+        ref.append(torch.cat([torch.cat([gd[f"{l.name}.weight"], gd[f"{l.name}.bias"][:, None]], 1).flatten()
+                              for l in arch.layers if l.kind == "linear"]))
+    torch.testing.assert_close(got, torch.stack(ref), rtol=1e-4, atol=1e-6)
+
+
+def test_engines_agree_without_dropout():
+    """MLP engine (chunks of 2) and autograd engine train a mixed SGD/AdamW group to the same weights."""
+    arch = wsnets.mlp(2, [6, 5], 4, "gelu")
+    hps = [{"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.01}, {"optimizer": "adam", "lr": 0.01},
+           {"optimizer": "sgd", "lr": 0.03, "momentum": 0.0, "label_noise": 0.3, "grad_clip": 0.5},
+           {"optimizer": "adam", "lr": 0.02, "weight_decay": 0.1, "train_fraction": 0.4}, {"optimizer": "sgd", "lr": 0.2}]
+    runs = _runs(arch, hps)
+    bank = DataBank.build(["blobs2"])
+    from wsnets.zoo import trainer as T
+    real = T._MLPEngine.__init__
+
+    def small_chunks(self, *a, **k):
+        real(self, *a, chunk=2)
+    T._MLPEngine.__init__, saved = small_chunks, T._MLPEngine.__init__
+    try:
+        a = list(train_group(arch, runs, epochs=2, checkpoints=[2], batch_size=128, bank=bank, engine="mlp"))[-1]
+    finally:
+        T._MLPEngine.__init__ = saved
+    b = list(train_group(arch, runs, epochs=2, checkpoints=[2], batch_size=128, bank=bank, engine="autograd"))[-1]
+    for k in a.params:
+        torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-5)
+    for k in ("test_acc", "train_loss"):
+        torch.testing.assert_close(a.metrics[k], b.metrics[k], rtol=1e-4, atol=1e-5)
