@@ -1,5 +1,7 @@
 """Both graph encoders: invariance, identity of inputs/outputs, mixed batches, and that they can learn."""
 
+import math
+
 import pytest
 import torch
 
@@ -13,6 +15,10 @@ from .helpers import ARCHS, mixed, nets
 ENCODERS = {
     "pna": lambda: NeuralGraphEncoder(hidden=16, layers=2, out_dim=8, edge_dim=9),
     "transformer": lambda: NeuralGraphTransformer(hidden=16, layers=2, heads=4, out_dim=8, edge_dim=9),
+    # per-layer weight/bias scale features and the edge-group readout (the settings of train/*.toml)
+    "pna-scaled": lambda: NeuralGraphEncoder(hidden=16, layers=2, out_dim=8, layer_scale=True, edge_readout=True),
+    "transformer-scaled": lambda: NeuralGraphTransformer(hidden=16, layers=2, heads=4, out_dim=8, layer_scale=True,
+                                                         edge_readout=True),
 }
 
 
@@ -104,3 +110,26 @@ def test_pna_aggregate_matches_scatter_reference(sort):
                      scatter(m, index, 0, dim_size=n, reduce="min"), std], 1)
     torch.testing.assert_close(got, torch.cat([agg, agg * ((deg + 1).log() / 2.0).unsqueeze(1)], 1))
     assert (got[n - 1] == 0).all()
+
+
+def test_layer_rms_matches_a_loop_and_layer_scale_keeps_the_scale():
+    from wsnets.nn.graph_encoder import GraphFeaturizer, layer_rms
+    g = torch.Generator().manual_seed(0)
+    sq = torch.rand(30, generator=g, dtype=torch.float64)
+    group = torch.randint(0, 5, (30,), generator=g)            # group 5 is empty
+    got = layer_rms(sq, group, 6, eps=1e-3)
+    for k in range(6):
+        ref = (sq[group == k].mean() if (group == k).any() else torch.zeros((), dtype=sq.dtype)) + 1e-6
+        torch.testing.assert_close(got[k], ref.sqrt())
+    # with layer_scale: 2x weights and biases leave the scale-free columns alone and shift the log RMS by log 2
+    feat = GraphFeaturizer(8, layer_scale=True).double()
+    ws = _double(list(nets(ARCHS["mlp"], 1)))[0]
+    n1, e1, _ = feat.inputs(wsnets.to_batch([ws]))
+    n2, e2, _ = feat.inputs(wsnets.to_batch([ws.map(lambda t: 2 * t)]))
+    D = feat.edge_dim
+    torch.testing.assert_close(e2[:, -D - 1:-1], e1[:, -D - 1:-1], atol=1e-4, rtol=0)   # up to the eps floor
+    torch.testing.assert_close(e2[:, -1], e1[:, -1] + math.log(2), atol=1e-4, rtol=0)
+    hidden = wsnets.to_batch([ws]).node_type > 0             # input neurons have no bias nor incoming weights
+    torch.testing.assert_close(n2[:, -3], n1[:, -3], atol=1e-4, rtol=0)
+    torch.testing.assert_close(n2[hidden, -2:], n1[hidden, -2:] + math.log(2), atol=1e-4, rtol=0)
+    assert (e2[:, :D] - e1[:, :D]).abs().max() > 1e-3      # the raw weights still carry the scale

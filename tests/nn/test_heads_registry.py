@@ -79,3 +79,22 @@ def test_bad_configs_are_config_errors():
     with pytest.raises(ConfigError, match="unknown representation"):
         represent("pixels", ws)
     assert build_gbm({"name": "esd_gbm", "max_iter": 5}).representation == "esd"
+
+
+@pytest.mark.parametrize("name", ["stats", "esd"])
+def test_feature_encoders_take_an_explicit_in_features_when_it_matches(name):
+    ws = nets(ARCHS["mlp"], 4)
+    derived = build_encoder({"name": name, "out_dim": 3}, ws).in_features
+    enc = build_encoder({"name": name, "out_dim": 3, "in_features": derived}, ws)
+    assert enc.in_features == derived
+    assert enc(represent(enc, ws)).shape == (4, 3)
+    assert float(enc.std.sub(1).abs().sum()) > 0        # the example still fits the standardization
+    bare = build_encoder({"name": name, "in_features": derived})   # no example needed
+    assert bare.in_features == derived and float(bare.std.sub(1).abs().sum()) == 0
+    with pytest.raises(ConfigError, match=f"in_features={derived + 1} but the example networks give {derived}"):
+        build_encoder({"name": name, "in_features": derived + 1}, ws)
+    for bad in (0, "7", 2.5, True):
+        with pytest.raises(ConfigError, match="positive integer"):
+            build_encoder({"name": name, "in_features": bad})
+    with pytest.raises(ConfigError, match="needs 'in_features'"):
+        build_encoder({"name": name})

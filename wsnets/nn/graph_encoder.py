@@ -41,16 +41,31 @@ PNA_AGGREGATORS = ("mean", "max", "min", "std")
 class GraphFeaturizer(nn.Module):
     """Initial node ``[N, hidden]`` and edge ``[E, hidden]`` embeddings of a neural-graph batch."""
 
-    def __init__(self, hidden: int, edge_dim: int = 9, pos_dim: int = 16) -> None:
+    def __init__(self, hidden: int, edge_dim: int = 9, pos_dim: int = 16, layer_scale: bool = False) -> None:
         super().__init__()
-        self.hidden, self.edge_dim, self.pos_dim = hidden, edge_dim, pos_dim
-        self.node_in = make_mlp([5 + 2 * pos_dim + pos_dim + 1, hidden, hidden])
+        self.hidden, self.edge_dim, self.pos_dim, self.layer_scale = hidden, edge_dim, pos_dim, layer_scale
+        extra = 3 if layer_scale else 0     # value / layer RMS and log layer RMS (see layer_rms)
+        self.node_in = make_mlp([5 + 2 * pos_dim + pos_dim + 1 + extra, hidden, hidden])
         self.node_type = nn.Embedding(3, hidden)
         self.node_act = nn.Embedding(len(ACTIVATIONS), hidden)
-        self.edge_in = make_mlp([edge_dim + 1 + pos_dim + 1, hidden, hidden])
+        self.edge_in = make_mlp([edge_dim + 1 + pos_dim + 1 + (edge_dim + 1 if layer_scale else 0), hidden, hidden])
         self.edge_type = nn.Embedding(3, hidden)
 
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        nfeats, efeats, node_batch = self.inputs(batch)
+        h = self.node_in(nfeats) + self.node_type(batch.node_type) + self.node_act(batch.node_act)
+        e = self.edge_in(efeats) + self.edge_type(batch.edge_type)
+        src, dst = batch.edge_index
+        N = nfeats.shape[0]
+        aux = {"batch": node_batch, "seg_in": segments(dst, N), "seg_out": segments(src, N)}
+        return h, e, aux
+
+    def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw node ``[N, F_n]`` and edge ``[E, F_e]`` features before the input MLPs, and the batch vector.
+
+        With ``layer_scale`` the last node columns are bias / bias RMS, log bias RMS, log incoming-weight
+        RMS, and the last edge columns weight / weight RMS (``edge_dim``) and log weight RMS.
+        """
         x, ea, (src, dst) = batch.x, batch.edge_attr, batch.edge_index
         dev, dt = x.device, x.dtype
         N, E, D = x.shape[0], ea.shape[0], ea.shape[1]
@@ -72,15 +87,28 @@ class GraphFeaturizer(nn.Module):
         code = sinusoidal(pos.clamp(min=0).to(dt), self.pos_dim, max_period=1000.0).to(dt)
         is_in = (batch.node_type == 0).to(dt).unsqueeze(1)
         is_out = (batch.node_type == 2).to(dt).unsqueeze(1)
-        feats = torch.cat([x[:, :1] * scale.unsqueeze(1), x[:, 1:4], x[:, 4:5].clamp(min=1e-8).log(),
-                           code * is_in, code * is_out, lay, frac], dim=1)
-        h = self.node_in(feats) + self.node_type(batch.node_type) + self.node_act(batch.node_act)
+        bias = x[:, :1] * scale.unsqueeze(1)
         w = ea * scale[dst].unsqueeze(1)
         wnorm = w.norm(dim=1, keepdim=True)
-        efeats = torch.cat([w, signed_log(wnorm), lay[dst], frac[dst]], dim=1)
-        e = self.edge_in(efeats) + self.edge_type(batch.edge_type)
-        aux = {"batch": node_batch, "seg_in": segments(dst, N), "seg_out": segments(src, N)}
-        return h, e, aux
+        nfeats = [bias, x[:, 1:4], x[:, 4:5].clamp(min=1e-8).log(), code * is_in, code * is_out, lay, frac]
+        efeats = [w, signed_log(wnorm), lay[dst], frac[dst]]
+        if self.layer_scale:
+            # per network and neuron layer: RMS of the incoming weights and of the biases, so the MLPs see
+            # each value relative to its layer (scale-free shape) and the layer's scale on a log axis
+            n_layers = int(layer.max()) + 1 if N else 1
+            group = node_batch * n_layers + layer
+            G = (int(node_batch.max()) + 1 if N else 1) * n_layers
+            w_rms = layer_rms(wnorm.squeeze(1) ** 2, group[dst], G)[group]      # [N]
+            b_rms = layer_rms(bias.squeeze(1) ** 2, group, G)[group]
+            nfeats += [bias / b_rms.unsqueeze(1), b_rms.log().unsqueeze(1), w_rms.log().unsqueeze(1)]
+            efeats += [w / w_rms[dst].unsqueeze(1), w_rms[dst].log().unsqueeze(1)]
+        return torch.cat(nfeats, dim=1), torch.cat(efeats, dim=1), node_batch
+
+
+def layer_rms(sq: torch.Tensor, group: torch.Tensor, n_groups: int, eps: float = 1e-3) -> torch.Tensor:
+    """``sqrt(mean(sq) + eps²)`` over the entries of each group ``[n_groups]`` (``group``: index of each
+    entry of ``sq``); empty groups give ``eps``."""
+    return scatter(sq, group, 0, dim_size=n_groups, reduce="mean").add(eps * eps).sqrt()
 
 
 def segments(index: torch.Tensor, n: int) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -168,19 +196,31 @@ class EdgePNALayer(nn.Module):
         return f"hidden={self.hidden}, aggregators={PNA_AGGREGATORS}, delta={self.delta}"
 
 
-def graph_readout(h: torch.Tensor, e: torch.Tensor, batch, aux: dict) -> torch.Tensor:
+def graph_readout(h: torch.Tensor, e: torch.Tensor, batch, aux: dict, edge_groups: bool = False) -> torch.Tensor:
     """Invariant per-graph readout ``[B, 7H]``: mean over input / hidden / output nodes, max and
-    signed-log sum over all nodes, mean and max over edges."""
+    signed-log sum over all nodes, mean and max over edges; with ``edge_groups`` also the mean over
+    first-layer, middle and last-layer edges (``[B, 10H]``; a group a network lacks gives zeros)."""
     nb = aux["batch"]
     B = int(batch.num_graphs) if hasattr(batch, "num_graphs") else int(nb.max()) + 1
     H = h.shape[1]
     by_type = scatter(h, nb * 3 + batch.node_type, 0, dim_size=3 * B, reduce="mean").reshape(B, 3 * H)
     mx = scatter(h, nb, 0, dim_size=B, reduce="max")
     sm = signed_log(scatter(h, nb, 0, dim_size=B, reduce="sum"))
-    eb = nb[batch.edge_index[0]]
+    src, dst = batch.edge_index
+    eb = nb[src]
     emean = scatter(e, eb, 0, dim_size=B, reduce="mean")
     emax = scatter(e, eb, 0, dim_size=B, reduce="max")
-    return torch.cat([by_type, mx, sm, emean, emax], dim=1)
+    parts = [by_type, mx, sm, emean, emax]
+    if edge_groups:
+        nt = batch.node_type
+        pos = torch.where(nt[src] == 0, 0, torch.where(nt[dst] == 2, 2, 1))
+        parts.append(scatter(e, eb * 3 + pos, 0, dim_size=3 * B, reduce="mean").reshape(B, 3 * H))
+    return torch.cat(parts, dim=1)
+
+
+def readout_dim(hidden: int, edge_groups: bool) -> int:
+    """Width of :func:`graph_readout`'s output."""
+    return (10 if edge_groups else 7) * hidden
 
 
 class NeuralGraphEncoder(nn.Module):
@@ -193,6 +233,9 @@ class NeuralGraphEncoder(nn.Module):
     out_dim : embedding size.
     edge_dim : largest kernel (taps) the encoder accepts; smaller kernels are zero-padded (9 = 3x3).
     dropout : dropout inside the MLPs.
+    layer_scale : also give every weight and bias relative to the RMS of its layer (per network) and
+        that RMS on a log axis (see :class:`GraphFeaturizer`).
+    edge_readout : add the mean over first-layer / middle / last-layer edges to the readout.
 
     Defaults are sized for CPU training on zoos (cost grows with ``hidden**2 x edges x layers``);
     on a GPU, ``hidden=64..128`` and ``layers=4`` are affordable.
@@ -208,16 +251,16 @@ class NeuralGraphEncoder(nn.Module):
     representation = "graph"
 
     def __init__(self, hidden: int = 32, layers: int = 3, out_dim: int = 64, edge_dim: int = 9,
-                 dropout: float = 0.0, pos_dim: int = 16) -> None:
+                 dropout: float = 0.0, pos_dim: int = 16, layer_scale: bool = False, edge_readout: bool = False) -> None:
         super().__init__()
-        self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim)
+        self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale)
         self.layers = nn.ModuleList(EdgePNALayer(hidden, dropout) for _ in range(layers))
         self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.head = make_mlp([7 * hidden, 2 * hidden, out_dim], dropout=dropout, norm=True)
-        self.out_dim, self.hidden = out_dim, hidden
+        self.head = make_mlp([readout_dim(hidden, edge_readout), 2 * hidden, out_dim], dropout=dropout, norm=True)
+        self.out_dim, self.hidden, self.edge_readout = out_dim, hidden, edge_readout
 
     def forward(self, batch) -> torch.Tensor:
         h, e, aux = self.featurizer(batch)
         for layer in self.layers:
             h, e = layer(h, e, batch.edge_index, aux)
-        return self.head(graph_readout(self.norm_h(h), self.norm_e(e), batch, aux))
+        return self.head(graph_readout(self.norm_h(h), self.norm_e(e), batch, aux, self.edge_readout))

@@ -87,25 +87,37 @@ def build_encoder(config: Mapping[str, Any], example: Any = None) -> nn.Module:
             raise ConfigError(f"encoder {name!r} is built for one architecture: pass an example Architecture or WeightSpace")
         enc = cls(arch, **kw)
     elif name in _NEEDS_FEATURES:
-        _check_kwargs(cls, kw, name, ("in_features",))
-        if "in_features" in config:
-            enc = cls(int(config["in_features"]), **{k: v for k, v in kw.items() if k != "in_features"})
-        elif name == "stats" and _first_arch(example, single=False) is not None:
-            enc = cls(14 * len(_first_arch(example, single=False).weight_layers), **kw)
-        elif name == "esd" and _first_arch(example, single=False) is not None:
-            from ..esd import esd_feature_names
-            enc = cls(len(esd_feature_names(_first_arch(example, single=False))), **kw)
-        elif isinstance(example, (WeightSpace, list, tuple)):
-            f = represent(name, example)
-            enc = cls(f.shape[1], **kw)
-        else:
+        _check_kwargs(cls, kw, name, ())
+        kw.pop("in_features", None)
+        derived = _feature_count(name, example)
+        given = config.get("in_features")
+        if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 1):
+            raise ConfigError(f"encoder {name!r}: 'in_features' must be a positive integer, got {given!r}")
+        if given is not None and derived is not None and given != derived:
+            raise ConfigError(f"encoder {name!r}: in_features={given} but the example networks give {derived} features")
+        n = given if given is not None else derived
+        if n is None:
             raise ConfigError(f"encoder {name!r} needs 'in_features' or an example WeightSpace")
+        enc = cls(n, **kw)
     else:
         _check_kwargs(cls, kw, name, ())
         enc = cls(**kw)
     if name in ("stats", "esd", "flat") and isinstance(example, (WeightSpace, list, tuple)) and _batch_size(example) > 1:
         enc.fit_normalization(represent(enc, example))
     return enc
+
+
+def _feature_count(name: str, example: Any) -> int | None:
+    """How many ``stats``/``esd`` features the example networks have (None without an example)."""
+    arch = _first_arch(example, single=False)
+    if name == "stats" and arch is not None:
+        return 14 * len(arch.weight_layers)
+    if name == "esd" and arch is not None:
+        from ..esd import esd_feature_names
+        return len(esd_feature_names(arch))
+    if isinstance(example, (WeightSpace, list, tuple)):
+        return int(represent(name, example).shape[1])
+    return None
 
 
 def _batch_size(example: Any) -> int:
