@@ -124,9 +124,8 @@ def _prepare_input(arch: Architecture, x: torch.Tensor, K: int) -> tuple[torch.T
 def _linear(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, shared: bool) -> torch.Tensor:
     w = params[f"{l.name}.weight"]  # [K, out, in]
     b = params.get(f"{l.name}.bias")  # [K, out]
-    if shared:  # h [N, in]: one product against all K weight matrices
-        out = torch.einsum("ni,koi->kno", h, w)
-        return out if b is None else out + b[:, None, :]
+    if shared:  # h [N, in]: the same batch for all K weight matrices (a stride-0 batch dim, no copy;
+        h = h.expand(w.shape[0], *h.shape)  # ~2x faster on CPU than einsum + a bias add on its permuted output)
     if b is None:
         return torch.bmm(h, w.transpose(1, 2))
     return torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))  # [K, N, out]

@@ -192,25 +192,19 @@ def test_mlp_engine_gradients_match_autograd_with_chunks_and_dropout(act, monkey
     torch.testing.assert_close(got, torch.stack(ref), rtol=1e-4, atol=1e-6)
 
 
-def test_engines_agree_without_dropout():
+def test_engines_agree_without_dropout(monkeypatch):
     """MLP engine (chunks of 2) and autograd engine train a mixed SGD/AdamW group to the same weights."""
+    from wsnets.zoo import trainer as T
     arch = wsnets.mlp(2, [6, 5], 4, "gelu")
     hps = [{"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.01}, {"optimizer": "adam", "lr": 0.01},
            {"optimizer": "sgd", "lr": 0.03, "momentum": 0.0, "label_noise": 0.3, "grad_clip": 0.5},
            {"optimizer": "adam", "lr": 0.02, "weight_decay": 0.1, "train_fraction": 0.4}, {"optimizer": "sgd", "lr": 0.2}]
     runs = _runs(arch, hps)
     bank = DataBank.build(["blobs2"])
-    from wsnets.zoo import trainer as T
-    real = T._MLPEngine.__init__
-
-    def small_chunks(self, *a, **k):
-        real(self, *a, chunk=2)
-    T._MLPEngine.__init__, saved = small_chunks, T._MLPEngine.__init__
-    try:
-        a = list(train_group(arch, runs, epochs=2, checkpoints=[2], batch_size=128, bank=bank, engine="mlp"))[-1]
-    finally:
-        T._MLPEngine.__init__ = saved
     b = list(train_group(arch, runs, epochs=2, checkpoints=[2], batch_size=128, bank=bank, engine="autograd"))[-1]
+    real = T._MLPEngine.__init__
+    monkeypatch.setattr(T._MLPEngine, "__init__", lambda self, *a: real(self, *a, chunk=2))
+    a = list(train_group(arch, runs, epochs=2, checkpoints=[2], batch_size=128, bank=bank, engine="mlp"))[-1]
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-5)
     for k in ("test_acc", "train_loss"):

@@ -1,9 +1,19 @@
 """The batched trainer: a population of ``K`` models of one architecture trains as ONE computation.
 
-Weights are stacked ``[K, ...]`` and run through :func:`wsnets.functional.forward` (batched matrix
-products, grouped convolutions); the loss is the sum over models of each model's mean cross-entropy,
-so one backward pass gives every model its own gradient. Everything else is per model and vectorized
-over ``K``:
+Two engines compute the gradients of all ``K`` models at once; the loss is the sum over models of
+each model's mean cross-entropy, so every model gets exactly its own gradient:
+
+* ``mlp`` (Linear + activation stacks, the zoo's MLPs): a hand-written forward and backward with
+  batched matrix products and no autograd graph. Activations are feature-major ``[K, features, B]``
+  and every layer is one contiguous block ``[K, out, in+1]`` (weight and bias), so a layer costs one
+  ``bmm`` forward and two backward, into preallocated buffers. On CPU the models are processed in
+  chunks of ~100 (a chunk's forward, backward and update run back to back, so its tensors stay in
+  cache);
+* ``autograd`` (any architecture: convolutions, BatchNorm, ...): :func:`wsnets.functional.forward`
+  (batched matrix products, grouped convolutions) on a flat leaf ``theta [K, P]``, then
+  ``torch.autograd.grad``.
+
+Everything else is per model and vectorized over ``K``:
 
 * learning rate, momentum, weight decay, optimizer (SGD with momentum, or AdamW, selected per model
   inside the same update), gradient-norm clipping;
@@ -14,8 +24,9 @@ over ``K``:
 * dataset: models of one group may train on different datasets of the same shape (fine-tuning zoos).
 
 Randomness that defines a model (init, subset, label noise, data order) comes from a counter-based
-hash of the model's own seed, so a model is identical whichever other models share its group;
-dropout masks come from a generator seeded by the group (groups are fixed by the recipe).
+hash of the model's own seed, so a model is identical whichever other models share its group (the
+CPU computes these hashes and sorts with NumPy, other devices with torch: same numbers); dropout
+masks come from a generator seeded by the group (groups are fixed by the recipe).
 
 Every model takes the same number of optimizer steps per epoch, ``ceil(n_train / batch_size)``,
 cycling through reshuffled passes of its own training subset (a fixed compute budget per model).
@@ -352,7 +363,8 @@ class _MLPEngine:
         inputs = [xb.view(n, B, -1).transpose(1, 2)] + [h[:n] for h in self.h]  # [n, in+1, B]
         wT = [None] + [w[a:b, :, :-1].transpose(1, 2) for w in self.blocks[1:]]
         return (n, d0, xb, inputs, [w[a:b] for w in self.blocks], wT, self.keep[a + d0:b],
-                [z[:n] for z in self.z], [t[:n] for t in self.g], [t[:n] for t in self.da], self.neg[:n])
+                [z[:n] for z in self.z + [torch.empty_like(self.z[-1])]], [t[:n] for t in self.g],
+                [t[:n] for t in self.da], self.neg[:n])
 
     def _grads(self, a: int, b: int, fidx: torch.Tensor, yb: torch.Tensor) -> list[torch.Tensor]:
         """Gradients of models ``a:b`` (views of the chunk buffers)."""
@@ -376,7 +388,8 @@ class _MLPEngine:
             saved.append((z, y, scale))
         logits = torch.bmm(blocks[-1], inputs[-1], out=zs[-1])  # [n, C, B]
         # d(sum over models of mean cross-entropy)/d logits = (softmax - onehot) / B
-        dz = torch.ops.aten._softmax.out(logits, 1, False, out=logits).mul_(self.inv_b).scatter_add_(1, yb[:, None], neg)
+        dz = torch.ops.aten._softmax.out(logits, 1, False, out=zs[-1 if logits.is_cpu else len(zs)])  # in place on CPU
+        dz = dz.mul_(self.inv_b).scatter_add_(1, yb[:, None], neg)
         for i in range(len(self.lin) - 1, 0, -1):
             torch.bmm(dz, inputs[i].transpose(1, 2), out=g[i])
             da = torch.bmm(wT[i], dz, out=das[i - 1])
