@@ -192,8 +192,10 @@ def test_mlp_engine_gradients_match_autograd_with_chunks_and_dropout(act, monkey
     torch.testing.assert_close(got, torch.stack(ref), rtol=1e-4, atol=1e-6)
 
 
-def test_engines_agree_without_dropout(monkeypatch):
-    """MLP engine (chunks of 2) and autograd engine train a mixed SGD/AdamW group to the same weights."""
+@pytest.mark.parametrize("flat", [True, False])
+def test_engines_agree_without_dropout(monkeypatch, flat):
+    """MLP engine (chunks of 2; parameters in one row per model or one block per layer) and autograd
+    engine train a mixed SGD/AdamW group to the same weights."""
     from wsnets.zoo import trainer as T
     arch = wsnets.mlp(2, [6, 5], 4, "gelu")
     hps = [{"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.01}, {"optimizer": "adam", "lr": 0.01},
@@ -203,7 +205,7 @@ def test_engines_agree_without_dropout(monkeypatch):
     bank = DataBank.build(["blobs2"])
     b = list(train_group(arch, runs, epochs=2, checkpoints=[2], batch_size=128, bank=bank, engine="autograd"))[-1]
     real = T._MLPEngine.__init__
-    monkeypatch.setattr(T._MLPEngine, "__init__", lambda self, *a: real(self, *a, chunk=2))
+    monkeypatch.setattr(T._MLPEngine, "__init__", lambda self, *a: real(self, *a, chunk=2, flat=flat))
     a = list(train_group(arch, runs, epochs=2, checkpoints=[2], batch_size=128, bank=bank, engine="mlp"))[-1]
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-5)
