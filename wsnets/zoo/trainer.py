@@ -409,7 +409,7 @@ class _MLPEngine:
             da = torch.bmm(wT[i], dz, out=das[i - 1])
             z, y, scale = saved[i - 1]
             if scale is not None:
-                da[d0:] *= scale
+                da[d0:].mul_(scale)
             act = self.acts[i - 1]
             dz = _ACT_BACKWARD[act.fn](da, z, y, act.slope)
         torch.bmm(dz, inputs[0].transpose(1, 2), out=g[0])
