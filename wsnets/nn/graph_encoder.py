@@ -236,6 +236,10 @@ class NeuralGraphEncoder(nn.Module):
     layer_scale : also give every weight and bias relative to the RMS of its layer (per network) and
         that RMS on a log axis (see :class:`GraphFeaturizer`).
     edge_readout : add the mean over first-layer / middle / last-layer edges to the readout.
+    readout_norm : standardize the readout with a ``BatchNorm1d`` before the head. Networks of one
+        architecture (a fine-tuning zoo) differ by well under 1% of the readout's norm, which the
+        head cannot pick up otherwise; the running statistics are recomputed over the training split
+        before every evaluation (:func:`wsnets.train.loop.recalibrate_batchnorm`).
 
     Defaults are sized for CPU training on zoos (cost grows with ``hidden**2 x edges x layers``);
     on a GPU, ``hidden=64..128`` and ``layers=4`` are affordable.
@@ -251,16 +255,18 @@ class NeuralGraphEncoder(nn.Module):
     representation = "graph"
 
     def __init__(self, hidden: int = 32, layers: int = 3, out_dim: int = 64, edge_dim: int = 9,
-                 dropout: float = 0.0, pos_dim: int = 16, layer_scale: bool = False, edge_readout: bool = False) -> None:
+                 dropout: float = 0.0, pos_dim: int = 16, layer_scale: bool = False, edge_readout: bool = False,
+                 readout_norm: bool = False) -> None:
         super().__init__()
         self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale)
         self.layers = nn.ModuleList(EdgePNALayer(hidden, dropout) for _ in range(layers))
         self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.head = make_mlp([readout_dim(hidden, edge_readout), 2 * hidden, out_dim], dropout=dropout, norm=True)
+        self.readout_norm = nn.BatchNorm1d(readout_dim(hidden, edge_readout)) if readout_norm else nn.Identity()
         self.out_dim, self.hidden, self.edge_readout = out_dim, hidden, edge_readout
 
     def forward(self, batch) -> torch.Tensor:
         h, e, aux = self.featurizer(batch)
         for layer in self.layers:
             h, e = layer(h, e, batch.edge_index, aux)
-        return self.head(graph_readout(self.norm_h(h), self.norm_e(e), batch, aux, self.edge_readout))
+        return self.head(self.readout_norm(graph_readout(self.norm_h(h), self.norm_e(e), batch, aux, self.edge_readout)))

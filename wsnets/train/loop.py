@@ -153,6 +153,35 @@ def _summary(m: Mapping) -> dict:
     return s
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, ds: Any, *, device: torch.device | str = "cpu", amp: bool = False,
+                          batch_size: int = 128) -> bool:
+    """Set the running statistics of every BatchNorm in ``model`` to the average of its batch means and
+    variances over one in-order pass of ``ds`` with the current weights (everything else in eval
+    mode), as SWA does after averaging. Running averages during training lag behind the changing encoder, and where the
+    batch-to-batch spread is small that lag alone ruins evaluation. Every DDP rank passes over the
+    whole dataset, so all ranks get the same statistics. Returns False (and does nothing) without
+    BatchNorm."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return False
+    was = model.training
+    model.eval()
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None   # cumulative average: exact over the pass
+        m.train()
+    device = torch.device(device)
+    for x, _ in _loader(ds, batch_size=batch_size):
+        with _autocast(device, amp):
+            model(to_device(x, device))
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.train(was)
+    return True
+
+
 def fit(model: MetaModel, train_ds: Any, val_ds: Any, cfg: TrainConfig, *, device: torch.device | str = "cpu",
         dist: Dist | None = None, logger: RunLogger | None = None,
         batch_sampler: Sampler | None = None) -> FitResult:
@@ -204,6 +233,7 @@ def fit(model: MetaModel, train_ds: Any, val_ds: Any, cfg: TrainConfig, *, devic
             total += float(loss.detach())
             count += 1
         rec: dict = {"epoch": epoch, "train_loss": total / max(1, count), "lr": sched.get_last_lr()[0]}
+        recalibrate_batchnorm(model, train_ds, device=device, amp=amp, batch_size=max(64, cfg.data.batch_size))
         if val_ds is not None and len(val_ds):
             vm = evaluate(model, val_ds, device=device, dist=dist, amp=amp, batch_size=max(64, cfg.data.batch_size))
             rec["val"] = _summary(vm)
