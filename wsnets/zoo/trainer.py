@@ -202,7 +202,7 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
     opt = _Optimizer(eng.blocks, runs, dev)
     frozen = torch.zeros(K, 1, dtype=torch.bool, device=dev)
     steps = math.ceil(int(bank.n.max()) / batch_size)
-    per_block = max(1, (1 << 23) // (K * steps * batch_size))  # epochs of sample order computed at once
+    per_block = max(1, (1 << 25) // (K * steps * batch_size))  # epochs of sample order computed at once (int32)
     for epoch in range(0, epochs + 1):
         if epoch > 0:
             snapshot = [b.detach().clone() for b in eng.blocks + eng.buffers]
@@ -212,7 +212,7 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
                 stream = _epoch_order(seeds, memb, n_sub, epoch - 1, steps * batch_size, Nmax,
                                       epochs=min(per_block, epochs - epoch + 1))
             for s in range(e0 * steps, (e0 + 1) * steps):
-                idx = stream[:, s * batch_size:(s + 1) * batch_size]  # [K, B]
+                idx = stream[:, s * batch_size:(s + 1) * batch_size].long()  # [K, B]
                 opt.t += 1
                 eng.step(idx + data_idx, y_train.gather(1, idx), opt)
                 if on_step is not None:
@@ -534,7 +534,7 @@ def _members(member: torch.Tensor) -> torch.Tensor:
 
 def _epoch_order(seeds: torch.Tensor, memb: torch.Tensor, n_sub: torch.Tensor, epoch: int, total: int,
                  Nmax: int, use_numpy: bool | None = None, epochs: int = 1) -> torch.Tensor:
-    """Sample indices ``[K, epochs * total]`` for epochs ``epoch, ..., epoch + epochs - 1`` (``total``
+    """Sample indices ``[K, epochs * total]`` (int32) for epochs ``epoch, ..., epoch + epochs - 1`` (``total``
     samples each): each model walks its own stream of reshuffled passes over its subset. Pass ``p`` of model ``k`` orders its members (the first ``n_sub[k]`` entries of
     ``memb[k]``, see :func:`_members`) by the 32-bit key ``hash(seed_k, p * Nmax + position)``.
 
@@ -596,7 +596,7 @@ class _NumpyOps:
         return self.np.searchsorted(a, v, side="right")
 
     def empty(self, shape):
-        return self.np.empty(shape, dtype=self.np.int64)
+        return self.np.empty(shape, dtype=self.np.int32)
 
     def to_torch(self, a) -> torch.Tensor:
         return torch.from_numpy(a)
@@ -635,7 +635,7 @@ class _TorchOps:
         return torch.searchsorted(a, v, right=True)
 
     def empty(self, shape) -> torch.Tensor:
-        return torch.empty(shape, dtype=torch.long, device=self.device)
+        return torch.empty(shape, dtype=torch.int32, device=self.device)
 
     def to_torch(self, a) -> torch.Tensor:
         return a
