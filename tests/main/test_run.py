@@ -19,8 +19,8 @@ def test_run_tiny_end_to_end(tmp_path, capsys):
     for m in ("graph", "statnn-gbm", "esd-alpha"):
         tau = res["methods"][m]["test"]["test_acc"]["kendall_tau"]["mean"]
         assert -1.0 <= tau <= 1.0, m
-    assert set(res["regions"]) == {"hnp", "graph", "statnn-gbm"}
-    for m in ("hnp", "graph", "statnn-gbm"):
+    assert set(res["regions"]) == {"graph", "statnn-gbm"}
+    for m in ("graph", "statnn-gbm"):
         acc = res["regions"][m]["test"]["dataset"]["accuracy"]["mean"]
         assert 0.0 <= acc <= 1.0
     saved = json.loads((out / "results.json").read_text())
