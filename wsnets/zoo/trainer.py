@@ -461,18 +461,19 @@ class _Optimizer:
         """Frozen models (``[K, 1]`` bool) take steps of learning rate 0 from now on."""
         self.step_lr.copy_(torch.where(frozen, 0.0, self.lr))
 
-    def _plan(self, a: int, b: int) -> list:
+    def _plan(self, a: int, b: int) -> tuple:
         """Views of the state of models ``a:b``, per block and optimizer segment (built once per chunk)."""
         segs = [(o, max(s, a) - a, min(e, b) - a) for o, s, e in self.segments if s < b and e > a]
-        hp = [v[a:b] for v in (self.step_lr, self.mom, self.wd, self.clip)]
+        hp = [v[a:b] for v in (self.step_lr, self.mom, self.wd)]
         out = []
         for p, m1, m2 in zip(self.blocks, self.m1, self.m2):
             view = (-1,) + (1,) * (p.dim() - 1)
             out.append([(o, s, e, p[a:b][s:e], m1[a:b][s:e], None if m2 is None else m2[a:b][s:e],
                          *(v[s:e].view(view) for v in hp[:2]),
                          hp[2][s:e].view(view) if bool(hp[2][s:e].any()) else None,  # no decay: skip the term
-                         hp[3][s:e].view(view)) for o, s, e in segs])
-        return out
+                         float(hp[1][s]) if bool((hp[1][s:e] == hp[1][s]).all()) else None)  # one momentum
+                        for o, s, e in segs])
+        return self.clip[a:b], out
 
     def step(self, grads: list[torch.Tensor], a: int = 0, b: int | None = None) -> None:
         """Update models ``a:b`` from their gradients (``grads[i]`` = rows ``a:b`` of block ``i``; scaled
@@ -481,16 +482,23 @@ class _Optimizer:
         plan = self.plans.get((a, b))
         if plan is None:
             plan = self.plans[(a, b)] = self._plan(a, b)
-        sq = sum(torch.linalg.vector_norm(g.flatten(1), dim=1, keepdim=True).square_() for g in grads)
-        coef = sq.sqrt_().add_(1e-6).reciprocal_()  # clip / (norm + 1e-6), at most 1: times clip below
-        for g, segs in zip(grads, plan):
+        clip, blocks = plan
+        sq = torch.linalg.vector_norm(grads[0].flatten(1), dim=1, keepdim=True).square_()
+        for g in grads[1:]:
+            sq += torch.linalg.vector_norm(g.flatten(1), dim=1, keepdim=True).square_()
+        coef = sq.sqrt_().add_(1e-6).reciprocal_().mul_(clip).clamp_(max=1.0)  # clip / (norm + 1e-6), at most 1
+        unclipped = not bool((coef < 1).any())
+        for g, segs in zip(grads, blocks):
             view = (-1,) + (1,) * (g.dim() - 1)
-            for o, s, e, p, m1, m2, lr, mom, wd, clip in segs:
-                c = (coef[s:e].view(view) * clip).clamp_(max=1.0)
-                if o == "sgd":
-                    _sgd(p, g[s:e], m1, lr, mom, wd, c)
+            for o, s, e, p, m1, m2, lr, mom, wd, mom1 in segs:
+                if o == "adam":
+                    _adamw(p, g[s:e] if unclipped else g[s:e].mul_(coef[s:e].view(view)), m1, m2, lr, wd, self.t)
+                elif unclipped and mom1 is not None:  # buf = mom * buf + g in one kernel
+                    torch.add(g[s:e], m1, alpha=mom1, out=m1)
+                    _sgd_rest(p, m1, lr, wd)
                 else:
-                    _adamw(p, g[s:e].mul_(c), m1, m2, lr, wd, self.t)
+                    m1.mul_(mom).addcmul_(g[s:e], coef[s:e].view(view))
+                    _sgd_rest(p, m1, lr, wd)
 
 
 def _segments(opts: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -504,10 +512,9 @@ def _segments(opts: Sequence[str]) -> list[tuple[str, int, int]]:
     return out
 
 
-def _sgd(p, g, buf, lr, mom, wd, coef) -> None:
-    """``torch.optim.SGD`` (momentum, L2 weight decay, no dampening) for a block of models, in place,
-    on the gradient ``g * coef`` (clipping); ``wd`` None = no weight decay."""
-    buf.mul_(mom).addcmul_(g, coef)
+def _sgd_rest(p, buf, lr, wd) -> None:
+    """The rest of ``torch.optim.SGD`` (momentum, L2 weight decay, no dampening) for a block of models,
+    in place, once ``buf = momentum * buf + clipped gradient``; ``wd`` None = no weight decay."""
     if wd is not None:
         buf.addcmul_(p, wd)
     p.addcmul_(buf, lr, value=-1)
