@@ -42,8 +42,8 @@ MAIN_OVERRIDES: dict[str, list[str]] = {
     "esd": ["optim.epochs=60", "optim.patience=10"],
     "hnp": ["optim.epochs=25", "optim.patience=8"],
 }
-# On the region zoo the networks share one architecture and differ by under 1% of the graph readout's
-# norm: the graph encoder needs its readout standardized, and more epochs on the smaller zoo.
+# The region zoo is smaller (fewer steps per epoch) and its networks share one architecture, differing
+# by under 1% of the graph readout's norm (train/graph.toml standardizes the readout: readout_norm).
 REGION_OVERRIDES: dict[str, list[str]] = {
     "graph": ["encoder.readout_norm=true", "optim.epochs=25", "optim.patience=8"],
 }

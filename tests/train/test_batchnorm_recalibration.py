@@ -43,3 +43,12 @@ def test_no_batchnorm_is_a_no_op():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert not recalibrate_batchnorm(model, ds)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_batch_of_one_network_trains_and_recalibrates():
+    ds = FakeZooDataset(9, seed=5, representation="graph")   # batches of 4: the last one holds one network
+    enc = NeuralGraphEncoder(hidden=8, layers=1, out_dim=4, readout_norm=True).train()
+    out = enc(wsnets.to_batch(ds.ws[torch.tensor([0])]))
+    assert out.shape == (1, 4) and torch.isfinite(out).all()
+    assert recalibrate_batchnorm(nn.Sequential(enc), ds, batch_size=4)
+    assert int(enc.readout_norm.num_batches_tracked) == 2   # the one-network batch adds no statistics

@@ -269,4 +269,11 @@ class NeuralGraphEncoder(nn.Module):
         h, e, aux = self.featurizer(batch)
         for layer in self.layers:
             h, e = layer(h, e, batch.edge_index, aux)
-        return self.head(self.readout_norm(graph_readout(self.norm_h(h), self.norm_e(e), batch, aux, self.edge_readout)))
+        r = graph_readout(self.norm_h(h), self.norm_e(e), batch, aux, self.edge_readout)
+        bn = self.readout_norm
+        if isinstance(bn, nn.BatchNorm1d) and bn.training and r.shape[0] < 2:
+            # one network has no batch statistics (e.g. the last batch of an epoch): use the running ones
+            r = nn.functional.batch_norm(r, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        else:
+            r = bn(r)
+        return self.head(r)
