@@ -45,8 +45,9 @@ SCRIPTS: dict[str, tuple[str, list[str], list[str]]] = {
                       ["--seeds", "3", "--ood", "width:<=:32", "--methods", "graph,transformer,statnn-gbm"],
                       ["--quick", "--ood", "width:<=:32", "--methods", "graph,statnn-gbm"]),
     "metamodel_regions": ("Region zoo: dataset and task prediction accuracy (issue 5)",
-                          ["--seeds", "3", "--targets", "dataset,task", "--methods", "graph,statnn-gbm"],
-                          ["--quick", "--targets", "dataset,task", "--methods", "graph,statnn-gbm"]),
+                          ["--seeds", "3", "--targets", "dataset,task", "--filter", "epoch=4", "--set", "optim.epochs=30",
+                           "--set", "optim.patience=10", "--methods", "graph,hnp,np,statnn-gbm,statnn-mlp,flatmlp,esd"],
+                          ["--quick", "--targets", "dataset,task", "--filter", "epoch=4", "--methods", "graph,statnn-gbm"]),
 }
 
 
