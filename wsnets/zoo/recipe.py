@@ -13,15 +13,15 @@ Distributions (any hyperparameter or architecture field)
 ``x = {uniform = [0, 0.5]}``       uniform on the interval
 ``x = {log_uniform = [1e-6, 1e-2], zero = 0.3}``   exactly 0 with probability 0.3
 
-Example (``zoo/digits-mlp.toml``)::
+Example (the start of ``zoo/digits-mlp.toml``)::
 
     name = "digits-mlp"
     seed = 0
     population = 1000
     datasets = ["digits"]
-    epochs = 12
-    checkpoints = [1, 4, 12]
-    batch_size = 64
+    epochs = 15
+    checkpoints = [1, 5, 15]
+    batch_size = 128
     [architecture]
     kind = "mlp"
     depth = [1, 2, 3, 4]
@@ -29,7 +29,7 @@ Example (``zoo/digits-mlp.toml``)::
     activation = ["relu", "tanh", "gelu"]
     [hyperparameters]
     optimizer = ["sgd", "adam"]
-    lr = {log_uniform = [1e-4, 0.5]}
+    lr = {log_uniform = [5e-4, 0.5]}
 """
 
 from __future__ import annotations
