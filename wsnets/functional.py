@@ -52,7 +52,9 @@ def activation(fn: str, h: torch.Tensor, slope: float = 0.01) -> torch.Tensor:
 
 
 def forward(arch: Architecture, params: Mapping[str, torch.Tensor], x: torch.Tensor, *, train: bool = False,
-            dropout: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+            dropout: torch.Tensor | None = None, generator: torch.Generator | None = None,
+            bn: str | None = None, bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+            activations: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Logits of ``K`` stacked networks.
 
     Parameters
@@ -65,6 +67,15 @@ def forward(arch: Architecture, params: Mapping[str, torch.Tensor], x: torch.Ten
     dropout : optional ``[K]`` per-network dropout rates applied after each hidden activation in
         training mode.
     generator : random source for dropout masks (deterministic training).
+    bn : how BatchNorm normalizes, independently of ``train`` (which then only switches dropout):
+        ``"running"`` with the stored running statistics (eval mode); ``"batch"`` with the batch
+        mean and biased variance, running statistics untouched; ``"train"`` as ``"batch"`` and the
+        running statistics updated in place. Default: ``"train"`` if ``train`` else ``"running"``.
+    bn_stats : with ``bn="batch"`` or ``"train"``, receives BatchNorm name -> (batch mean ``[K, C]``,
+        unbiased batch variance ``[K, C]``), the values ``nn.BatchNorm`` folds into its running
+        statistics (``torch.optim.swa_utils.update_bn`` averages them).
+    activations : receives hidden neuron group ``g`` -> that group's output right before the next
+        weight layer, ``[K, N, C, *S]`` (after the activation, before global pooling).
 
     Returns
     -------
@@ -72,9 +83,16 @@ def forward(arch: Architecture, params: Mapping[str, torch.Tensor], x: torch.Ten
     """
     K = _num_models(arch, params)
     h, shared = _prepare_input(arch, x, K)
+    mode = bn or ("train" if train else "running")
+    if mode not in ("running", "batch", "train"):
+        raise ValueError(f"bn must be 'running', 'batch' or 'train', not {bn!r}")
     last_weight = max(i for i, l in enumerate(arch.layers) if l.is_weight)
-    for i, l in enumerate(arch.layers):
+    last_group = arch.num_groups - 1
+    for i, (l, g) in enumerate(zip(arch.layers, arch.layer_group)):
         if l.kind == "linear":
+            if h.dim() != (2 if shared else 3):
+                raise ShapeMismatchError(f"linear at {l.name!r} got a {h.dim() - (2 if shared else 3)}-d feature map; "
+                                         "flatten first")
             h = _linear(h, params, l, shared)
             shared = False
         elif l.kind in ("conv1d", "conv2d"):
@@ -86,9 +104,11 @@ def forward(arch: Architecture, params: Mapping[str, torch.Tensor], x: torch.Ten
                     h = h.flatten(1)
                     continue
                 h, shared = h.unsqueeze(0).expand(K, *h.shape), False
-            h = _other(h, params, l, train, generator)
+            h = _other(h, params, l, train, generator, mode, bn_stats)
             if l.kind == "act" and train and dropout is not None and i < last_weight:
                 h = _dropout(h, dropout, generator)
+        if activations is not None and 0 < g < last_group and l.kind not in ("gap", "flatten", "dropout"):
+            activations[g] = h
     return h
 
 
@@ -148,12 +168,15 @@ def _conv(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, shared:
 
 
 def _other(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, train: bool,
-           generator: torch.Generator | None) -> torch.Tensor:
+           generator: torch.Generator | None, bn: str = "running",
+           bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     if l.kind == "act":
         return activation(l.fn, h, l.slope)
     if l.kind == "batchnorm":
-        return _batchnorm(h, params, l, train)
+        return _batchnorm(h, params, l, bn, bn_stats)
     if l.kind == "layernorm":
+        if h.dim() != 3:
+            raise UnsupportedLayerError(f"layernorm at {l.name!r} over a feature map is not supported")
         out = F.layer_norm(h, (l.out_features,), eps=l.eps)
         if l.affine:
             out = out * params[f"{l.name}.weight"][:, None] + params[f"{l.name}.bias"][:, None]
@@ -175,18 +198,24 @@ def _other(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, train:
     raise UnsupportedLayerError(f"functional forward cannot run {l!r}")  # pragma: no cover
 
 
-def _batchnorm(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, train: bool) -> torch.Tensor:
-    """Per-network BatchNorm on ``h`` ``[K, N, C, *S]``; running statistics updated in place when training."""
+def _batchnorm(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, mode: str,
+               stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+    """Per-network BatchNorm on ``h`` ``[K, N, C, *S]`` (``mode``: see :func:`forward`'s ``bn``)."""
     K, C = h.shape[0], h.shape[2]
     view = (K, 1, C) + (1,) * (h.dim() - 3)
     rm, rv = params[f"{l.name}.running_mean"], params[f"{l.name}.running_var"]
-    if train:
+    if mode != "running":
         dims = (1,) + tuple(range(3, h.dim()))
-        var, mean = torch.var_mean(h, dim=dims, correction=0)  # [K, C]
         n = h.numel() // (K * C)
-        with torch.no_grad():
-            rm.mul_(1 - l.momentum).add_(mean.detach(), alpha=l.momentum)
-            rv.mul_(1 - l.momentum).add_(var.detach() * (n / max(n - 1, 1)), alpha=l.momentum)
+        if n < 2:
+            raise ShapeMismatchError(f"batchnorm at {l.name!r} needs more than one value per channel in a batch")
+        var, mean = torch.var_mean(h, dim=dims, correction=0)  # [K, C]
+        if stats is not None:
+            stats[l.name] = (mean.detach(), var.detach() * n / (n - 1))
+        if mode == "train":
+            with torch.no_grad():
+                rm.mul_(1 - l.momentum).add_(mean.detach(), alpha=l.momentum)
+                rv.mul_(1 - l.momentum).add_(var.detach() * (n / (n - 1)), alpha=l.momentum)
     else:
         mean, var = rm, rv
     out = (h - mean.reshape(view)) * torch.rsqrt(var.reshape(view) + l.eps)

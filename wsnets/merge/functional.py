@@ -2,9 +2,9 @@
 
 Interpolation curves, soups, Bezier training and BatchNorm recomputation all evaluate many weight
 vectors of one architecture on the same data. :func:`forward` runs a batched
-:class:`~wsnets.WeightSpace` (``B`` networks) on a batch of inputs in one computation: Linear
-layers as one ``einsum``, convolutions as one grouped convolution (``groups=B``), normalization
-per network. It matches ``ws[i].to_module()`` (eval mode) to float rounding, and in
+:class:`~wsnets.WeightSpace` (``B`` networks) on a batch of inputs in one computation through
+:func:`wsnets.functional.forward` (the zoo trainer's engine): Linear layers as batched matrix
+products, convolutions as one grouped convolution (``groups=B``), normalization per network. It matches ``ws[i].to_module()`` (eval mode) to float rounding, and in
 ``bn="batch"`` mode it matches ``module.train()`` BatchNorm (normalize by the batch mean and biased
 variance) and reports the statistics that ``torch.optim.swa_utils.update_bn`` accumulates.
 """
@@ -16,47 +16,18 @@ from typing import Iterable, Literal
 import torch
 import torch.nn.functional as F
 
-from ..arch import Layer
-from ..errors import ShapeMismatchError, UnsupportedLayerError
+from ..errors import ShapeMismatchError
+from ..functional import forward as _forward
 from ..weights import WeightSpace
 
 BNMode = Literal["running", "batch"]
-
-_ACTS = {"identity": lambda h, l: h, "relu": lambda h, l: F.relu(h), "gelu": lambda h, l: F.gelu(h),
-         "tanh": lambda h, l: torch.tanh(h), "sigmoid": lambda h, l: torch.sigmoid(h),
-         "leaky_relu": lambda h, l: F.leaky_relu(h, l.slope), "elu": lambda h, l: F.elu(h),
-         "silu": lambda h, l: F.silu(h), "softplus": lambda h, l: F.softplus(h)}
-
-
-def _per_channel(t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``[B, C]`` -> broadcastable against ``h`` of shape ``[B, N, C, *S]``."""
-    return t.reshape(t.shape[0], 1, t.shape[1], *([1] * (h.dim() - 3)))
-
-
-def _conv(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, l: Layer) -> torch.Tensor:
-    """Grouped convolution of ``B`` networks at once: ``h [B, N, C, *S]``, ``w [B, O, C, *k]``."""
-    B, N = h.shape[:2]
-    x = h.transpose(0, 1).reshape(N, B * h.shape[2], *h.shape[3:])
-    conv = F.conv1d if l.kind == "conv1d" else F.conv2d
-    y = conv(x, w.reshape(B * w.shape[1], *w.shape[2:]), None if b is None else b.reshape(-1),
-             stride=l.stride, padding=l.padding, dilation=l.dilation, groups=B)
-    return y.reshape(N, B, w.shape[1], *y.shape[2:]).transpose(0, 1)
-
-
-def _pool(h: torch.Tensor, l: Layer) -> torch.Tensor:
-    B, N = h.shape[:2]
-    x = h.reshape(B * N, *h.shape[2:])
-    fn = {("maxpool", 1): F.max_pool1d, ("maxpool", 2): F.max_pool2d,
-          ("avgpool", 1): F.avg_pool1d, ("avgpool", 2): F.avg_pool2d}[(l.kind, x.dim() - 2)]
-    y = fn(x, l.kernel_size, stride=l.stride or l.kernel_size, padding=l.padding)
-    return y.reshape(B, N, *y.shape[1:])
 
 
 def forward(ws: WeightSpace, x: torch.Tensor, *, per_network: bool = False, bn: BNMode = "running",
             train: bool = False,
             stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
             activations: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Outputs of every network of ``ws`` on ``x``.
+    """Outputs of every network of ``ws`` on ``x`` (:func:`wsnets.functional.forward` on a WeightSpace).
 
     Parameters
     ----------
@@ -64,7 +35,7 @@ def forward(ws: WeightSpace, x: torch.Tensor, *, per_network: bool = False, bn: 
     x : ``[N, *input]`` shared by all networks, or ``[B, N, *input]`` (one batch per network) with
         ``per_network=True``.
     bn : ``"running"`` normalizes with the stored running statistics (eval mode); ``"batch"``
-        normalizes with the batch's mean and biased variance (train mode).
+        normalizes with the batch's mean and biased variance (train mode), running statistics untouched.
     train : apply dropout (as ``module.train()``).
     stats : if a dict is given with ``bn="batch"``, it receives BatchNorm name ->
         (batch mean ``[B, C]``, unbiased batch variance ``[B, C]``), as ``nn.BatchNorm`` uses them
@@ -76,65 +47,14 @@ def forward(ws: WeightSpace, x: torch.Tensor, *, per_network: bool = False, bn: 
     -------
     torch.Tensor ``[B, N, out]`` (logits).
     """
+    if bn not in ("running", "batch"):
+        raise ValueError(f"bn must be 'running' or 'batch', not {bn!r}")
     ws = ws.batched()
     B = ws.batch_size
     if per_network and x.shape[0] != B:
         raise ShapeMismatchError(f"per-network inputs have {x.shape[0]} batches for {B} networks")
-    h = (x if per_network else x.unsqueeze(0).expand(B, *x.shape)).to(ws.dtype)
-    p = ws.params
-    groups = ws.arch.layer_group
-    last_group = ws.arch.num_groups - 1
-    for l, g in zip(ws.arch.layers, groups):
-        if l.kind == "linear":
-            if h.dim() != 3:
-                raise ShapeMismatchError(f"linear at {l.name!r} got a {h.dim() - 2}-d feature map; flatten first")
-            h = torch.einsum("bni,boi->bno", h, p[f"{l.name}.weight"])
-            if l.bias:
-                h = h + p[f"{l.name}.bias"].unsqueeze(1)
-        elif l.kind in ("conv1d", "conv2d"):
-            h = _conv(h, p[f"{l.name}.weight"], p.get(f"{l.name}.bias") if l.bias else None, l)
-        elif l.kind == "batchnorm":
-            h = _batchnorm(h, p, l, bn, stats)
-        elif l.kind == "layernorm":
-            if h.dim() != 3:
-                raise UnsupportedLayerError(f"layernorm at {l.name!r} over a feature map is not supported")
-            h = F.layer_norm(h, (h.shape[-1],), eps=l.eps)
-            if l.affine:
-                h = h * p[f"{l.name}.weight"].unsqueeze(1) + p[f"{l.name}.bias"].unsqueeze(1)
-        elif l.kind == "act":
-            h = _ACTS[l.fn](h, l)
-        elif l.kind == "dropout":
-            h = F.dropout(h, l.p, training=train) if l.p > 0 else h
-        elif l.kind in ("maxpool", "avgpool"):
-            h = _pool(h, l)
-        elif l.kind == "gap":
-            h = h.flatten(3).mean(-1, keepdim=True).reshape(*h.shape[:3], *([1] * (h.dim() - 3)))
-        elif l.kind == "flatten":
-            h = h.flatten(2)
-        if activations is not None and 0 < g < last_group and l.kind not in ("gap", "flatten", "dropout"):
-            activations[g] = h
-    return h
-
-
-def _batchnorm(h: torch.Tensor, p: dict[str, torch.Tensor], l: Layer, bn: BNMode,
-               stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
-    if bn == "running":
-        mean, var = p[f"{l.name}.running_mean"], p[f"{l.name}.running_var"]
-        h = (h - _per_channel(mean, h)) * _per_channel((var + l.eps).rsqrt(), h)
-    elif bn == "batch":
-        dims = [1] + list(range(3, h.dim()))
-        n = h.numel() // (h.shape[0] * h.shape[2])
-        if n < 2:
-            raise ShapeMismatchError(f"batchnorm at {l.name!r} needs more than one value per channel in a batch")
-        var, mean = torch.var_mean(h, dim=dims, correction=0)
-        if stats is not None:
-            stats[l.name] = (mean.detach(), var.detach() * n / (n - 1))
-        h = (h - _per_channel(mean, h)) * _per_channel((var + l.eps).rsqrt(), h)
-    else:
-        raise ValueError(f"bn must be 'running' or 'batch', not {bn!r}")
-    if l.affine:
-        h = h * _per_channel(p[f"{l.name}.weight"], h) + _per_channel(p[f"{l.name}.bias"], h)
-    return h
+    # a shared batch stays [N, ...]: wsnets.functional runs it once up to the first weight layer
+    return _forward(ws.arch, ws.params, x.to(ws.dtype), train=train, bn=bn, bn_stats=stats, activations=activations)
 
 
 def has_batchnorm(ws: WeightSpace) -> bool:
