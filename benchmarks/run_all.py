@@ -29,6 +29,7 @@ from benchmarks.common import machine  # noqa: E402
 from wsnets.io import atomic_write_text  # noqa: E402
 
 SECTIONS = HERE / "results" / "run_all"
+ZOOS = {"metamodel_fixed": "digits-mlp-fixed", "metamodel_regions": "regions"}   # default: digits-mlp
 
 # name -> (what it shows, extra args, extra args with --quick)
 SCRIPTS: dict[str, tuple[str, list[str], list[str]]] = {
@@ -39,11 +40,15 @@ SCRIPTS: dict[str, tuple[str, list[str], list[str]]] = {
     "landscape_speed": ("Batched 2-D loss surface vs the naive per-point loop (issue 8)", [], ["--quick"]),
     "merge_quality": ("SWA, soups, barriers before/after weight matching, Bezier curves (issue 7)", [], ["--quick"]),
     "region_distances": ("Gueta et al.: distances within dataset < within task < across tasks", [], ["--quick"]),
-    "metamodel_quality": ("Meta-model Kendall tau table on the default zoo, seeds mean ± std (issue 5)",
-                          ["--seeds", "3"], ["--quick"]),
+    "metamodel_quality": ("Meta-model Kendall tau table on the default mixed-architecture zoo, seeds mean ± std (issue 5)",
+                          ["--seeds", "3", "--filter", "epoch=15", "--methods", "graph,transformer,statnn-gbm,statnn-mlp,esd"],
+                          ["--quick", "--filter", "epoch=15", "--methods", "graph,statnn-gbm"]),
+    "metamodel_fixed": ("Every meta-model on the one-architecture zoo digits-mlp-fixed, seeds mean ± std (issue 5)",
+                        ["--seeds", "3", "--filter", "epoch=15"],
+                        ["--quick", "--filter", "epoch=15", "--methods", "graph,hnp,statnn-gbm"]),
     "metamodel_ood": ("Out-of-distribution: trained on widths <= 32, tested on width 64 (issue 5)",
-                      ["--seeds", "3", "--ood", "width:<=:32", "--methods", "graph,transformer,statnn-gbm"],
-                      ["--quick", "--ood", "width:<=:32", "--methods", "graph,statnn-gbm"]),
+                      ["--seeds", "3", "--filter", "epoch=15", "--ood", "width:<=:32", "--methods", "graph,transformer,statnn-gbm"],
+                      ["--quick", "--filter", "epoch=15", "--ood", "width:<=:32", "--methods", "graph,statnn-gbm"]),
     "metamodel_regions": ("Region zoo: dataset and task prediction accuracy (issue 5)",
                           ["--seeds", "3", "--targets", "dataset,task", "--filter", "epoch=4", "--set", "optim.epochs=30",
                            "--set", "optim.patience=10", "--methods", "graph,hnp,np,statnn-gbm,statnn-mlp,flatmlp,esd"],
@@ -66,7 +71,7 @@ def main(argv=None) -> int:
     out_dir = HERE / "out"
     out_dir.mkdir(exist_ok=True)
     SECTIONS.mkdir(parents=True, exist_ok=True)
-    zoo = region_zoo = None
+    zoos: dict[str, Path] = {}
     for name in names:
         what, full, quick = SCRIPTS[name]
         script = "metamodel_quality" if name.startswith("metamodel") else name
@@ -74,12 +79,10 @@ def main(argv=None) -> int:
                str(out_dir / f"{name}.json")]
         if script == "metamodel_quality":
             from wsnets.run import default_cache, ensure_zoo
-            if name == "metamodel_regions":
-                region_zoo = region_zoo or ensure_zoo("regions", default_cache(), "cpu", progress=False)
-                cmd += ["--zoo", str(region_zoo)]
-            else:
-                zoo = zoo or ensure_zoo("digits-mlp", default_cache(), "cpu", progress=False)
-                cmd += ["--zoo", str(zoo)]
+            recipe = ZOOS.get(name, "digits-mlp")
+            if recipe not in zoos:
+                zoos[recipe] = ensure_zoo(recipe, default_cache(), "cpu", progress=False)
+            cmd += ["--zoo", str(zoos[recipe])]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t = time.perf_counter()
         try:
