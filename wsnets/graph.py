@@ -209,18 +209,19 @@ def _assemble(parts: list[dict], order: list[int] | None) -> Batch:
     total = int(counts_n.numel())
     reorder = order is not None and order != sorted(order)
     if reorder:
+        pos_inv = torch.tensor(order)                    # concatenation index -> output position
         pos = torch.empty(total, dtype=torch.long)
-        pos[torch.tensor(order)] = torch.arange(total)   # pos[out] = index in concatenation order
+        pos[pos_inv] = torch.arange(total)               # pos[out] = index in concatenation order
     node_ptr = torch.zeros(total + 1, dtype=torch.long)
     node_ptr[1:] = (counts_n[pos] if reorder else counts_n).cumsum(0)
     edge_ptr = torch.zeros(total + 1, dtype=torch.long)
     edge_ptr[1:] = (counts_e[pos] if reorder else counts_e).cumsum(0)
 
-    x = _cat([p["x"].reshape(-1, p["x"].shape[-1]) for p in parts])
-    ea = _cat([p["edge_attr"].reshape(-1, p["edge_attr"].shape[-1]) for p in parts])
-    attrs = {a: _cat([getattr(p["topo"], a).repeat(p["B"]) for p in parts]) for a in _NODE_ATTRS + _EDGE_ATTRS}
-    archs = [p["topo"].arch_json for p in parts for _ in range(p["B"])]
     if not reorder:
+        x = _cat([p["x"].reshape(-1, p["x"].shape[-1]) for p in parts])
+        ea = _cat([p["edge_attr"].reshape(-1, p["edge_attr"].shape[-1]) for p in parts])
+        attrs = {a: _cat([getattr(p["topo"], a).repeat(p["B"]) for p in parts]) for a in _NODE_ATTRS + _EDGE_ATTRS}
+        archs = [p["topo"].arch_json for p in parts for _ in range(p["B"])]
         # global edge indices directly: topology + node offset of each graph, one write per group
         eis, base = [], 0
         for p in parts:
@@ -230,19 +231,32 @@ def _assemble(parts: list[dict], order: list[int] | None) -> Batch:
             base += p["B"] * t.num_nodes
         ei = _cat(eis, 1)
     else:
-        # output graph k is concatenated graph pos[k]: gather node and edge blocks, then offset
-        cn = torch.zeros(total + 1, dtype=torch.long)
-        cn[1:] = counts_n.cumsum(0)
-        ce = torch.zeros(total + 1, dtype=torch.long)
-        ce[1:] = counts_e.cumsum(0)
-        nidx = _segments(cn[:-1][pos], counts_n[pos])
-        eidx = _segments(ce[:-1][pos], counts_e[pos])
-        ei = _cat([p["topo"].edge_index.repeat(1, p["B"]) for p in parts], 1)[:, eidx]
-        x, ea = x[nidx], ea[eidx]
-        attrs = {a: t[nidx] if a in _NODE_ATTRS else t[eidx] for a, t in attrs.items()}
-        archs = [archs[i] for i in pos.tolist()]
+        # each group's blocks are written once, straight to their output places (graph k of the output
+        # is input graph order[k]); no concatenate-then-gather copy of the large edge tensors
+        N, E = int(node_ptr[-1]), int(edge_ptr[-1])
+        x = parts[0]["x"].new_empty(N, parts[0]["x"].shape[-1])
+        ea = parts[0]["edge_attr"].new_empty(E, parts[0]["edge_attr"].shape[-1])
+        ei = torch.empty(2, E, dtype=torch.long)
+        attrs = {a: torch.empty(N if a in _NODE_ATTRS else E, dtype=getattr(parts[0]["topo"], a).dtype)
+                 for a in _NODE_ATTRS + _EDGE_ATTRS}
+        archs = [None] * total
+        start = 0
+        for p in parts:
+            t, B = p["topo"], p["B"]
+            k = pos_inv[start:start + B]   # output positions of this group's graphs
+            start += B
+            nd = (node_ptr[k].unsqueeze(1) + torch.arange(t.num_nodes)).reshape(-1)
+            ed = (edge_ptr[k].unsqueeze(1) + torch.arange(t.num_edges)).reshape(-1)
+            x[nd] = p["x"].reshape(-1, x.shape[1])
+            ea[ed] = p["edge_attr"].reshape(-1, ea.shape[1])
+            ei[:, ed] = (t.edge_index.unsqueeze(1) + node_ptr[k].view(1, -1, 1)).reshape(2, -1)
+            for a in _NODE_ATTRS:
+                attrs[a][nd] = getattr(t, a).repeat(B)
+            for a in _EDGE_ATTRS:
+                attrs[a][ed] = getattr(t, a).repeat(B)
+            for j in k.tolist():
+                archs[j] = t.arch_json
         counts_n, counts_e = counts_n[pos], counts_e[pos]
-        ei = ei + torch.repeat_interleave(node_ptr[:-1], counts_e).unsqueeze(0)
     batch = Batch(_base_cls=Data)
     batch.x, batch.edge_index, batch.edge_attr = x, ei, ea
     for a, t in attrs.items():
