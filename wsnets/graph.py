@@ -187,13 +187,6 @@ def _group_parts(ws: WeightSpace, D: int) -> dict:
     return {"topo": topo, "B": ws.batch_size, "x": x, "edge_attr": e}
 
 
-def _segments(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Concatenation of ``arange(s, s + c)`` for each (s, c), without a Python loop."""
-    total = int(counts.sum())
-    excl = counts.cumsum(0) - counts
-    return torch.repeat_interleave(starts - excl, counts) + torch.arange(total)
-
-
 def _cat(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
 

@@ -45,7 +45,7 @@ MAIN_OVERRIDES: dict[str, list[str]] = {
 # The region zoo is smaller (fewer steps per epoch) and its networks share one architecture, differing
 # by under 1% of the graph readout's norm (train/graph.toml standardizes the readout: readout_norm).
 REGION_OVERRIDES: dict[str, list[str]] = {
-    "graph": ["encoder.readout_norm=true", "optim.epochs=25", "optim.patience=8"],
+    "graph": ["optim.epochs=25", "optim.patience=8"],
 }
 # encoders that read one architecture's weights: trained and tested on the zoo's most common architecture
 FIXED_ARCH = ("flatmlp", "np", "hnp", "nfn-hnp")

@@ -4,9 +4,10 @@ Interpolation curves, soups, Bezier training and BatchNorm recomputation all eva
 vectors of one architecture on the same data. :func:`forward` runs a batched
 :class:`~wsnets.WeightSpace` (``B`` networks) on a batch of inputs in one computation through
 :func:`wsnets.functional.forward` (the zoo trainer's engine): Linear layers as batched matrix
-products, convolutions as one grouped convolution (``groups=B``), normalization per network. It matches ``ws[i].to_module()`` (eval mode) to float rounding, and in
-``bn="batch"`` mode it matches ``module.train()`` BatchNorm (normalize by the batch mean and biased
-variance) and reports the statistics that ``torch.optim.swa_utils.update_bn`` accumulates.
+products, convolutions as one grouped convolution (``groups=B``), normalization per network. It
+matches ``ws[i].to_module()`` (eval mode) to float rounding, and in ``bn="batch"`` mode it matches
+``module.train()`` BatchNorm (normalize by the batch mean and biased variance) and reports the
+statistics that ``torch.optim.swa_utils.update_bn`` accumulates.
 """
 
 from __future__ import annotations

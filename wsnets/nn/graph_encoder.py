@@ -261,8 +261,9 @@ class NeuralGraphEncoder(nn.Module):
         self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale)
         self.layers = nn.ModuleList(EdgePNALayer(hidden, dropout) for _ in range(layers))
         self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.head = make_mlp([readout_dim(hidden, edge_readout), 2 * hidden, out_dim], dropout=dropout, norm=True)
-        self.readout_norm = nn.BatchNorm1d(readout_dim(hidden, edge_readout)) if readout_norm else nn.Identity()
+        width = readout_dim(hidden, edge_readout)
+        self.head = make_mlp([width, 2 * hidden, out_dim], dropout=dropout, norm=True)
+        self.readout_norm = nn.BatchNorm1d(width) if readout_norm else nn.Identity()
         self.out_dim, self.hidden, self.edge_readout = out_dim, hidden, edge_readout
 
     def forward(self, batch) -> torch.Tensor:

@@ -158,8 +158,8 @@ def recalibrate_batchnorm(model: torch.nn.Module, ds: Any, *, device: torch.devi
                           batch_size: int = 128) -> bool:
     """Set the running statistics of every BatchNorm in ``model`` to the average of its batch means and
     variances over one in-order pass of ``ds`` with the current weights (everything else in eval
-    mode), as SWA does after averaging. Running averages during training lag behind the changing encoder, and where the
-    batch-to-batch spread is small that lag alone ruins evaluation. Every DDP rank passes over the
+    mode), as SWA does after averaging. Running averages during training lag behind the changing
+    encoder, and where the batch-to-batch spread is small that lag alone ruins evaluation. Every DDP rank passes over the
     whole dataset, so all ranks get the same statistics. Returns False (and does nothing) without
     BatchNorm."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -170,7 +170,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, ds: Any, *, device: torch.devi
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None   # cumulative average: exact over the pass
+        m.momentum = None   # cumulative average of the batch statistics over the pass
         m.train()
     device = torch.device(device)
     for x, _ in _loader(ds, batch_size=batch_size):

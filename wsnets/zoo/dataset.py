@@ -169,11 +169,8 @@ class ZooDataset(torch.utils.data.Dataset):
              for t in self.targets}
         rep = self.representation
         if rep == "graph":
-            if all(isinstance(x, WeightSpace) for x in xs):
-                from ..graph import to_batch
-                return to_batch(xs), y
-            from torch_geometric.data import Batch
-            return Batch.from_data_list(xs), y
+            from ..graph import to_batch
+            return to_batch(xs), y
         if rep == "tensors":
             archs = {x.arch for x in xs}
             if len(archs) > 1:
