@@ -12,7 +12,9 @@ Two workloads, each timed both ways in one run:
   group (the issue's GPU target: >= 50,000 models/s on an H100), plus a naive ``torch.func.vmap``
   reference (``vmap(grad(loss))`` over stacked parameters, one SGD update per parameter tensor).
 
-Both methods run with the same torch thread count (``--threads``). The sequential loop is slow, so it
+Both methods run with the same torch thread count (``--threads``). ``--workers N`` adds a row for the
+recipe built by ``wsnets zoo build`` with ``N`` worker processes (groups in parallel, one thread each,
+commits included): the whole machine against the sequential loop at ``--threads``. The sequential loop is slow, so it
 runs on a subset (``--seq-models``) and its models/s is extrapolated per model (each model's cost is
 independent of the others). Timings on a shared CPU are noisy: ratios come from the same run, the
 JSON records the load average before and after, and the speedup is also given in CPU time.
@@ -20,7 +22,7 @@ JSON records the load average before and after, and the speedup is also given in
 Usage::
 
     python benchmarks/zoo_speed.py --quick --out benchmarks/out/zoo_speed.json
-    python benchmarks/zoo_speed.py --threads 2 --out benchmarks/out/zoo_speed_2t.json
+    python benchmarks/zoo_speed.py --threads 2 --workers 2 --out benchmarks/out/zoo_speed_2t.json
     python benchmarks/zoo_speed.py --device cuda --mlp-models 50000 --seq-models 20 --out zoo_speed_gpu.json
 """
 
@@ -64,6 +66,25 @@ def batched(groups, recipe, bank, dev) -> tuple[float, int, list[float]]:
         n += len(runs)
     _sync(dev)
     return time.perf_counter() - t, time.process_time() - c, n, accs
+
+
+def built(recipe, n_rec: int, every: int, workers: int, dev) -> tuple[float, float, int, list[float]]:
+    """``wsnets zoo build`` itself (``workers`` processes, commits to a store in a temporary directory
+    included) on every ``every``-th group of the plan (``--shard 0/every``); CPU time counts the workers."""
+    import resource
+    import tempfile
+    from wsnets.zoo import build, open as open_zoo
+
+    def cpu() -> float:
+        return sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for f in ("ru_utime", "ru_stime"))
+    with tempfile.TemporaryDirectory() as d:
+        t, c = time.perf_counter(), cpu()
+        s = build(recipe, Path(d) / "zoo", limit=n_rec, shard=f"0/{every}", device=str(dev), progress=False,
+                  workers=workers)
+        wall, cpu_s = time.perf_counter() - t, cpu() - c
+        accs = [r["test_acc"] for r in open_zoo(Path(d) / "zoo").last_epoch()]
+    return wall, cpu_s, s["models_built"], accs
 
 
 def sequential(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, int, list[float]]:
@@ -166,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes on a shared 2-core CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (both methods)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="also time 'wsnets zoo build' of the recipe with this many worker processes (CPU; 0: skip)")
     ap.add_argument("--recipe-models", type=int, default=None, help="population the recipe is planned at (default: its own)")
     ap.add_argument("--recipe-every", type=int, default=None, help="train every N-th group of the plan (default 6 with --quick, else 1)")
     ap.add_argument("--mlp-models", type=int, default=None, help="K for the fixed 64-32-32-10 MLP workload")
@@ -193,7 +216,10 @@ def main(argv=None) -> int:
     sizes = sorted(len(rs) for _, rs in groups)
     results.append(_compare(f"{recipe.name} recipe planned at {n_rec} models: {len(all_runs)} models in {len(groups)} of "
                             f"{len(full)} groups (sizes {sizes[0]}-{sizes[-1]}), {recipe.epochs} epochs, batch {recipe.batch_size}",
-                            batched(groups, recipe, bank, dev), sequential(seq_runs, recipe, bank, dev)))
+                            batched(groups, recipe, bank, dev), rseq := sequential(seq_runs, recipe, bank, dev)))
+    if a.workers:
+        results.append(_compare(f"same {len(all_runs)} models through `wsnets zoo build` with {a.workers} worker process(es) "
+                                f"(1 thread each; store writes included)", built(recipe, n_rec, every, a.workers, dev), rseq))
 
     # workload 2: fixed MLP 64-32-32-10, SGD, 10 epochs on digits
     raw = {"name": "mlp64", "seed": 0, "population": n_mlp, "datasets": ["digits"], "epochs": 10, "checkpoints": [10],

@@ -37,7 +37,6 @@ from functools import lru_cache
 from typing import Iterable, Sequence
 
 import torch
-from torch_geometric.data import Batch, Data
 
 from .arch import ACTIVATIONS, Architecture
 from .errors import ShapeMismatchError, UnsupportedLayerError
@@ -142,6 +141,7 @@ def to_graph(ws: WeightSpace, *, edge_dim: int | None = None) -> Data:
     topo = topology(ws.arch)
     D = edge_dim or ws.arch.max_kernel_numel
     x, e = _features(ws.batched(), topo, D)
+    from torch_geometric.data import Data  # imported on use: torch_geometric costs ~1.5 s to import
     return Data(x=x[0], edge_index=topo.edge_index, edge_attr=e[0], node_type=topo.node_type,
                 node_layer=topo.node_layer, node_pos=topo.node_pos, node_act=topo.node_act,
                 edge_type=topo.edge_type, edge_layer=topo.edge_layer, arch=topo.arch_json, num_nodes=topo.num_nodes)
@@ -250,6 +250,7 @@ def _assemble(parts: list[dict], order: list[int] | None) -> Batch:
             for j in k.tolist():
                 archs[j] = t.arch_json
         counts_n, counts_e = counts_n[pos], counts_e[pos]
+    from torch_geometric.data import Batch, Data
     batch = Batch(_base_cls=Data)
     batch.x, batch.edge_index, batch.edge_attr = x, ei, ea
     for a, t in attrs.items():

@@ -155,10 +155,57 @@ def save(ws: WeightSpace, path: str | os.PathLike, metadata: Mapping[str, str] |
     return path
 
 
+def remove_stale_temps(directory: Path) -> int:
+    """Delete the temporary files :func:`atomic_write` left in ``directory`` when its process was
+    killed (same host, process gone); files of live writers are kept. Returns how many went."""
+    host, _ = _writer_tag().rsplit("-", 1)
+    n = 0
+    for p in Path(directory).glob(".*.tmp"):
+        parts = p.name.split(".")
+        if len(parts) < 5 or "-" not in parts[-3]:
+            continue
+        h, _, pid = parts[-3].rpartition("-")
+        if h != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            p.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def cache_dir(kind: str) -> Path:
+    """``$WSNETS_CACHE/<kind>``, else ``$XDG_CACHE_HOME/wsnets/<kind>`` (default ``~/.cache/wsnets/<kind>``):
+    the main job's zoos (``kind="zoos"``) and generated datasets (``kind="datasets"``)."""
+    root = os.environ.get("WSNETS_CACHE")
+    if root:
+        return Path(root) / kind
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsnets" / kind
+
+
+def _writer_tag() -> str:
+    import socket
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then fsync and rename onto ``path``; the old file survives any crash."""
+    """Call ``write(tmp_path)`` then fsync and rename onto ``path``; the old file survives any crash.
+
+    The temporary file, ``.<name>.<host>-<pid>.<random>.tmp`` beside ``path``, names its writer, so
+    :func:`remove_stale_temps` can delete those of killed writers without touching a live one's."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))

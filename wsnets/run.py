@@ -67,9 +67,8 @@ def resource(kind: str, name: str) -> Path:
 
 
 def default_cache() -> Path:
-    import os
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "wsnets" / "zoos"
+    from .io import cache_dir
+    return cache_dir("zoos")
 
 
 def ensure_zoo(recipe_name: str, cache: Path, device: str, progress: bool = True, limit: int | None = None) -> Path:

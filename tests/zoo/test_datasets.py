@@ -40,8 +40,10 @@ def test_mnist1d_generated_locally_and_rng_untouched():
     np.random.seed(123)
     before = np.random.rand()
     np.random.seed(123)
-    x, y, xt, yt = datasets.load("mnist1d")
+    datasets._mnist1d.cache_clear()
+    x, y, xt, yt = datasets._generate("mnist1d")  # the generator itself, not the disk cache
     assert np.random.rand() == before  # generator's set_seed did not leak
+    assert all(torch.equal(a, b) for a, b in zip((x, y, xt, yt), datasets.load("mnist1d")))
     assert tuple(x.shape) == (4000, 40) and tuple(xt.shape) == (1000, 40)
     assert torch.equal(datasets.load("mnist1d-seq")[0][:, 0], x)
     assert torch.equal(datasets.load("mnist1d+flip")[0], x.flip(-1))
@@ -72,3 +74,22 @@ def test_task_groups():
 def test_bad_names(bad):
     with pytest.raises(ConfigError):
         datasets.info(bad)
+
+
+def test_base_datasets_are_cached_on_disk_and_a_corrupt_cache_is_regenerated(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSNETS_CACHE", str(tmp_path))
+    ref = datasets._generate("digits")
+    datasets._base.cache_clear()
+    try:
+        first = datasets._base("digits")
+        path = tmp_path / "datasets" / f"digits-v{datasets._CACHE_VERSION}.safetensors"
+        assert path.is_file()
+        datasets._base.cache_clear()
+        assert all(torch.equal(a, b) for a, b in zip(datasets._base("digits"), ref))  # read back from disk
+        path.write_bytes(path.read_bytes()[:50])  # truncated
+        datasets._base.cache_clear()
+        assert all(torch.equal(a, b) for a, b in zip(datasets._base("digits"), ref))
+        assert all(torch.equal(a, b) for a, b in zip(first, ref))
+        assert len(path.read_bytes()) > 50  # rewritten whole
+    finally:
+        datasets._base.cache_clear()

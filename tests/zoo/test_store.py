@@ -88,13 +88,36 @@ dropout = {uniform = [0.0, 0.3], zero = 0.5}
 """
 
 
-def test_sigkill_then_resume_equals_uninterrupted_build(tmp_path):
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for st in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = st.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(st.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_then_resume_equals_uninterrupted_build(tmp_path, workers):
+    """Killed in-process or with 2 worker processes (whose workers then exit), resumed in-process:
+    equal to an uninterrupted in-process build."""
     recipe = tmp_path / "kill.toml"
     recipe.write_text(RECIPE_TOML)
     killed, ref = tmp_path / "killed", tmp_path / "ref"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "wsnets", "zoo", "build", str(recipe), "--out", str(killed), "--json"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "wsnets", "zoo", "build", str(recipe), "--out", str(killed), "--json",
+                             "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     n_done, deadline = 0, time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -107,8 +130,15 @@ def test_sigkill_then_resume_equals_uninterrupted_build(tmp_path):
         if n_done >= 2:
             break
     assert proc.poll() is None, "build finished before it could be killed"
+    kids = _children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    if workers > 1:
+        assert len(kids) >= workers - 1  # this process trains too
+        deadline = time.time() + 60
+        while any(_alive(k) for k in kids) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(k) for k in kids), "worker processes outlived the killed build"
     partial = _table(killed)
     assert 0 < len({r["model_id"] for r in partial}) < 16
     summary = build(recipe, killed, progress=False)  # resume
@@ -156,3 +186,35 @@ def test_zoo_filter_record_and_errors(tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(wsnets.CheckpointError, match="corrupt"):
         open_zoo(tmp_path / "z")[0].load()
+
+
+def test_worker_processes_build_the_same_zoo_and_report_errors(tmp_path):
+    """Two processes (this one and a worker) give the in-process zoo; an error raised while training a
+    group in a worker reaches the caller as itself."""
+    r = _recipe(population=8, group_size=2, epochs=1, checkpoints=[1])
+    s = build(r, tmp_path / "w2", progress=False, workers=2)
+    assert s["workers"] == 2 and s["models_built"] == 8
+    build(r, tmp_path / "w1", progress=False, workers=1)
+    assert _table(tmp_path / "w2") == _table(tmp_path / "w1")
+    # two groups, both queued to the worker (up to four are), so the error is the worker's
+    bad = _recipe(population=8, group_size=4, epochs=1, checkpoints=[1], hyperparameters={"optimizer": "rmsprop"},
+                  architecture={"kind": "mlp", "depth": 1, "width": 8})
+    with pytest.raises(ConfigError, match="unknown optimizer"):
+        build(bad, tmp_path / "bad", progress=False, workers=2)
+
+
+def test_resume_removes_temp_files_of_killed_writers_only(tmp_path):
+    from wsnets.io import _writer_tag, remove_stale_temps
+    host = _writer_tag().rsplit("-", 1)[0]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    d = tmp_path / "shards"
+    d.mkdir()
+    files = {name: d / name for name in (f".g1.safetensors.{host}-{dead.pid}.ab12.tmp",      # killed writer
+                                         f".g2.safetensors.{host}-{os.getpid()}.cd34.tmp",   # live writer
+                                         f".g3.safetensors.otherhost-{dead.pid}.ef56.tmp",   # another machine's
+                                         "g4.safetensors")}
+    for p in files.values():
+        p.write_bytes(b"x")
+    assert remove_stale_temps(d) == 1
+    assert sorted(p.name for p in d.iterdir()) == sorted(list(files)[1:])

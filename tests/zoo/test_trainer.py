@@ -158,13 +158,13 @@ def test_mlp_engine_gradients_match_autograd_with_chunks_and_dropout(act, monkey
     params = init_params(arch, torch.arange(K), torch.full((K,), 1.5))
     drop = torch.tensor([0.0, 0.0, 0.0, 0.3, 0.5])
     masks = []
-    real_rand = torch.rand
+    real = T._MLPEngine._dropout_scale
 
-    def rand(*a, **k):
-        u = real_rand(*a, **k)
-        masks.append(u)
-        return u
-    monkeypatch.setattr(T.torch, "rand", rand)
+    def record(self, *a):
+        s = real(self, *a)
+        masks.append(s.clone())
+        return s
+    monkeypatch.setattr(T._MLPEngine, "_dropout_scale", record)
     eng = T._MLPEngine(arch, params, bank, B, drop, 2, torch.Generator().manual_seed(0), chunk=2)
     idx = torch.randint(0, 50, (K, B))
     yb = bank.y[0][idx]
@@ -182,8 +182,7 @@ def test_mlp_engine_gradients_match_autograd_with_chunks_and_dropout(act, monkey
             if i < 2:
                 h = wsnets.functional.activation(act, h)
                 if drop[k] > 0:
-                    keep = 1 - drop[k]
-                    h = h * ((chunk_masks[k][i][0].T < keep) / keep)
+                    h = h * chunk_masks[k][i][0].T
         loss = F.cross_entropy(h, yb[k])
         gr = torch.autograd.grad(loss, list(ws.values()))
         gd = dict(zip(ws, gr))
@@ -211,3 +210,27 @@ def test_engines_agree_without_dropout(monkeypatch, flat):
         torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-5)
     for k in ("test_acc", "train_loss"):
         torch.testing.assert_close(a.metrics[k], b.metrics[k], rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_scales_have_each_models_rate_and_mean_one():
+    """The MLP engine's CPU dropout factors are 0 or 1/keep' with keep' = keep rounded to 2**-16: each
+    model keeps its own fraction of units, the factor averages to 1 (inverted dropout), and masks change
+    from draw to draw."""
+    from wsnets.zoo import trainer as T
+    arch = wsnets.mlp(4, [64], 3)
+    drop = torch.tensor([0.0, 0.1, 0.5, 0.8])
+    bank = DataBank(["x"], torch.randn(1, 50, 4), torch.randint(0, 3, (1, 50)), torch.tensor([50]),
+                    torch.randn(1, 10, 4), torch.randint(0, 3, (1, 10)), torch.tensor([10]), 3)
+    eng = T._MLPEngine(arch, init_params(arch, torch.arange(4), torch.ones(4)), bank, 256, drop, 3,
+                       torch.Generator().manual_seed(0))
+    keep = eng.keep[1:]
+    s1 = eng._dropout_scale(0, 0, 1, 4, keep).clone()
+    s2 = eng._dropout_scale(0, 0, 1, 4, keep)
+    assert s1.shape == (3, 64, 256) and not torch.equal(s1, s2)
+    for r, p in enumerate([0.1, 0.5, 0.8]):
+        k16 = round((1 - p) * 65536) / 65536
+        vals = set(s1[r].unique().tolist())
+        assert vals == {0.0, torch.tensor(1 / k16).float().item()}
+        kept = float((s1[r] > 0).float().mean())
+        assert abs(kept - (1 - p)) < 4 * ((p * (1 - p)) / s1[r].numel()) ** 0.5 + 1e-3, (p, kept)
+        assert abs(float(s1[r].double().mean()) - 1) < 0.05

@@ -5,16 +5,21 @@ into near-equal groups of at most ``group_size``, named by a hash of their membe
 builds groups ``i, i+n, i+2n, ...`` of the plan, so parts are disjoint and their union (``zoo merge``)
 is the whole zoo. A rerun skips committed groups, so a killed build resumes where it stopped and
 ends equal to an uninterrupted one (the groups it retrains are the same computation).
+
+On CPU, groups are independent units of work: ``workers`` processes train them in parallel (a
+batched group of ~20 small MLPs does not keep two cores busy with intra-op threads), and the parent
+process commits each group as it arrives, so the store has one writer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -67,9 +72,17 @@ def parse_shard(s: str | None) -> tuple[int, int]:
 
 
 def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = None, shard: str | None = None,
-          device: str = "cpu", progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+          device: str = "cpu", progress: bool = True, stop_after: int | None = None,
+          workers: int | None = None) -> dict[str, Any]:
     """Build (or resume) the zoo of ``recipe`` in directory ``out``; returns a summary dict.
 
+    ``workers``: processes that train groups in parallel on CPU, this one included (each with one
+    torch thread; this process also commits). ``None`` = one per available core when the build has at
+    least ``2 * cores`` groups and 256 models left (smaller builds are not worth the ~1.5 s start of a
+    worker), else 1 = train here, at the caller's torch thread count. CUDA builds use one process.
+    A group's result does not depend on which process trained it; MLP groups are also bit-identical
+    at any thread count, convolution groups are reproducible at a fixed thread count (oneDNN's
+    reductions change with it: the CLI trains with one thread unless ``--threads``).
     ``stop_after`` stops after committing that many groups (tests, incremental work).
     """
     if not isinstance(recipe, Recipe):
@@ -77,49 +90,236 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
     si, sn = parse_shard(shard)
     writer = ZooWriter(out, recipe.name, recipe.digest, Path(recipe.source).read_text() if Path(recipe.source).is_file() else "")
-    groups = [g for i, g in enumerate(plan(recipe, limit)) if i % sn == si]
+    full = plan(recipe, limit)
+    groups = [g for i, g in enumerate(full) if i % sn == si]
     done = writer.committed_groups()
     todo = [g for g in groups if g.group_id not in done]
     bases = _bases(recipe, Path(out), dev) if recipe.pretrain else None
-    banks: dict[tuple[str, ...], DataBank] = {}
     n_models = sum(len(g.runs) for g in todo)
+    n_workers = _n_workers(workers, dev, todo, n_models)
     t0 = time.perf_counter()
     bar = _bar(n_models, progress, f"zoo {recipe.name}")
-    built = 0
+    built = committed = 0
+    trainer = _Trainer(recipe, dev, bases, bar, n_workers, limit=limit, plan_index={g.group_id: j for j, g in enumerate(full)},
+                       bases_path=Path(out) / "bases.safetensors")
     try:
-        for g in todo:
-            names = tuple(sorted({r.dataset for r in g.runs}))
-            if names not in banks:
-                banks[names] = DataBank.build(names, dev)
-            bank = banks[names]
-            steps = math.ceil(int(bank.n.max()) / recipe.batch_size) * recipe.epochs
-            init = None
-            if bases is not None:
-                init = {k: v[torch.tensor([r.base for r in g.runs])] for k, v in bases.items()}
-            tg = time.perf_counter()
-            cks = list(train_group(g.arch, g.runs, epochs=recipe.epochs, checkpoints=recipe.checkpoints,
-                                   batch_size=recipe.batch_size, bank=bank, device=dev, init=init,
-                                   on_step=(lambda n, k=len(g.runs): bar.update(k / steps)) if bar else None))
+        for g, cks, seconds in trainer.run(todo):
             rows = [_row(recipe, r, c, k) for c in cks for k, r in enumerate(g.runs)]
             writer.commit_group(g.group_id, g.arch, [c.epoch for c in cks], [c.params for c in cks], rows,
-                                seconds=time.perf_counter() - tg, device=str(dev))
+                                seconds=seconds, device=str(dev))
             built += len(g.runs)
+            committed += 1
             if bar:
                 bar.n = built
                 bar.set_postfix_str(f"{built / (time.perf_counter() - t0):.1f} models/s")
                 bar.refresh()
-            if stop_after is not None and len(done) + (todo.index(g) + 1) >= stop_after:
+            if stop_after is not None and len(done) + committed >= stop_after:
                 break
     finally:
+        trainer.close()
         if bar:
             bar.close()
         writer.close()
     dt = time.perf_counter() - t0
     return {"out": str(out), "recipe": recipe.name, "groups_total": len(groups), "groups_skipped": len(groups) - len(todo),
             "models_built": built, "seconds": round(dt, 3), "models_per_s": round(built / dt, 3) if dt > 0 else None,
-            "shard": f"{si}/{sn}", "device": str(dev)}
+            "shard": f"{si}/{sn}", "device": str(dev), "workers": n_workers}
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _n_workers(workers: int | None, dev: torch.device, todo: Sequence[Group], n_models: int) -> int:
+    if dev.type != "cpu" or not todo:
+        return 1
+    if workers is not None:
+        return min(workers, len(todo))
+    cores = _cores()
+    return cores if cores > 1 and len(todo) >= 2 * cores and n_models >= 256 else 1
+
+
+def train_one(recipe: Recipe, g: Group, bank: DataBank, dev: torch.device,
+              bases: dict[str, torch.Tensor] | None = None, on_step=None) -> list[Checkpoint]:
+    """Train one planned group (the unit of work of a build); its checkpoints in epoch order."""
+    init = None
+    if bases is not None:
+        init = {k: v[torch.tensor([r.base for r in g.runs])] for k, v in bases.items()}
+    return list(train_group(g.arch, g.runs, epochs=recipe.epochs, checkpoints=recipe.checkpoints,
+                            batch_size=recipe.batch_size, bank=bank, device=dev, init=init, on_step=on_step))
+
+
+class _Banks(dict):
+    """Data banks by dataset tuple, built on first use."""
+
+    def __init__(self, dev: torch.device):
+        super().__init__()
+        self.dev = dev
+
+    def __missing__(self, names: tuple[str, ...]) -> DataBank:
+        self[names] = DataBank.build(names, self.dev)
+        return self[names]
+
+    def of(self, g: Group) -> DataBank:
+        return self[tuple(sorted({r.dataset for r in g.runs}))]
+
+
+class _Trainer:
+    """Trains the groups of a build and yields ``(group, checkpoints, seconds)`` as they finish.
+
+    With ``workers > 1`` (CPU), ``workers - 1`` worker processes (``python -m wsnets.zoo.worker``, two
+    pipes each; up to four groups queued per worker so none idles while this process trains or commits) and this
+    process itself train groups, largest first, every process with one torch thread; otherwise groups
+    train here one after another, with progress per optimizer step. Workers are plain subprocesses, so
+    a calling script needs no ``if __name__ == "__main__"`` guard. A worker exits when its input pipe
+    closes, so a killed build (even with SIGKILL) leaves no worker behind once its current group is
+    done; :meth:`close` kills workers still busy.
+    """
+
+    def __init__(self, recipe: Recipe, dev: torch.device, bases, bar, workers: int = 1, *, limit: int | None = None,
+                 plan_index: dict[str, int] | None = None, bases_path: Path | None = None):
+        self.recipe, self.dev, self.bases, self.bar = recipe, dev, bases, bar
+        self.banks = _Banks(dev)
+        self.workers: list[tuple[Any, int, int]] = []  # (Popen, fd we write, fd we read)
+        self.threads = torch.get_num_threads()
+        if workers > 1:
+            self.plan_index = plan_index if plan_index is not None else {g.group_id: j for j, g in enumerate(plan(recipe, limit))}
+            import subprocess
+            import sys
+
+            import wsnets
+            torch.set_num_threads(1)  # restored by close()
+            path = [str(Path(wsnets.__file__).resolve().parents[1])] + [
+                p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
+            try:
+                for _ in range(workers - 1):
+                    r_child, w_parent = os.pipe()
+                    r_parent, w_child = os.pipe()
+                    proc = subprocess.Popen([sys.executable, "-m", "wsnets.zoo.worker", str(r_child), str(w_child)],
+                                            pass_fds=(r_child, w_child), env=env, stdin=subprocess.DEVNULL)
+                    os.close(r_child)
+                    os.close(w_child)
+                    self.workers.append((proc, w_parent, r_parent))
+                    # small messages only (a pipe holds 64 KB and the worker is still starting): the worker
+                    # plans the recipe itself and reads the bases from the zoo directory
+                    send_msg(w_parent, (recipe, limit, str(bases_path) if bases is not None else None))
+            except BaseException:
+                self.close()
+                raise
+
+    def _here(self, g: Group) -> tuple[list[Checkpoint], float]:
+        bank = self.banks.of(g)
+        on_step = None
+        if self.bar is not None and not self.workers:
+            steps = math.ceil(int(bank.n.max()) / self.recipe.batch_size) * self.recipe.epochs
+            on_step = lambda n, k=len(g.runs): self.bar.update(k / steps)  # noqa: E731
+        t = time.perf_counter()
+        cks = train_one(self.recipe, g, bank, self.dev, self.bases, on_step)
+        return cks, time.perf_counter() - t
+
+    def run(self, todo: Sequence[Group]) -> Iterator[tuple[Group, list[Checkpoint], float]]:
+        if not self.workers:
+            for g in todo:
+                yield (g, *self._here(g))
+            return
+        import queue as queue_mod
+        import threading
+        # largest first (cost ~ models x (parameters + per-model overhead)), so the processes finish together
+        queue = sorted(enumerate(todo), key=lambda ig: len(ig[1].runs) * (ig[1].arch.num_params + 2000))
+        sent = {r: 0 for _, _, r in self.workers}
+        to = {r: w for _, w, r in self.workers}
+        # a reader thread per worker takes results off its pipe at once (a worker blocks on a full pipe
+        # while this process trains a group of its own)
+        results: queue_mod.Queue = queue_mod.Queue()
+
+        def read(fd: int) -> None:
+            while True:
+                try:
+                    results.put((fd, recv_msg(fd, "a zoo worker process died (out of memory?); rerun the build to resume")))
+                except (EOFError, OSError) as e:
+                    results.put((fd, e))
+                    return
+        self.readers = [threading.Thread(target=read, args=(fd,), daemon=True) for fd in sent]
+        for t in self.readers:
+            t.start()
+
+        def feed(fd: int) -> None:
+            while sent[fd] < 4 and queue:
+                i, g = queue.pop()
+                send_msg(to[fd], (i, self.plan_index[g.group_id], g.group_id))
+                sent[fd] += 1
+        for fd in sent:
+            feed(fd)
+        while queue or any(sent.values()):
+            got = []
+            try:
+                got.append(results.get(block=not queue))
+                while True:
+                    got.append(results.get_nowait())
+            except queue_mod.Empty:
+                pass
+            for fd, msg in got:
+                if isinstance(msg, BaseException):
+                    raise RuntimeError(str(msg)) from msg
+                i, cks, seconds, err = msg
+                if err is not None:
+                    raise err
+                sent[fd] -= 1
+                feed(fd)
+                yield todo[i], [Checkpoint(e, {k: torch.from_numpy(v) for k, v in p.items()},
+                                           {k: torch.from_numpy(v) for k, v in m.items()}) for e, p, m in cks], seconds
+            if queue:
+                g = queue.pop()[1]
+                yield (g, *self._here(g))
+
+    def close(self) -> None:
+        for _, w, _ in self.workers:  # workers exit on EOF (after their current group)...
+            os.close(w)
+        for proc, _, _ in self.workers:
+            try:
+                proc.wait(timeout=0.5)
+            except Exception:  # noqa: BLE001 - ...or are killed: busy with a group nobody will commit
+                proc.kill()
+                proc.wait()
+        for t in getattr(self, "readers", []):  # their pipes are closed at the other end now: EOF
+            t.join()
+        for _, _, r in self.workers:
+            os.close(r)
+        self.workers = []
+        torch.set_num_threads(self.threads)
+
+
+def send_msg(fd: int, obj: Any) -> None:
+    """Write ``obj`` to file descriptor ``fd`` as one length-prefixed pickle (private worker pipes)."""
+    import pickle
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(len(data).to_bytes(8, "little") + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def recv_msg(fd: int, eof: str) -> Any:
+    """Read one :func:`send_msg` message from ``fd``; ``EOFError(eof)`` if the writer is gone."""
+    import pickle
+
+    def exactly(n: int) -> bytes:
+        parts = []
+        while n:
+            b = os.read(fd, min(n, 1 << 20))
+            if not b:
+                raise EOFError(eof)
+            parts.append(b)
+            n -= len(b)
+        return b"".join(parts)
+    return pickle.loads(exactly(int.from_bytes(exactly(8), "little")))
 
 
 def _bar(total: int, progress: bool, desc: str):

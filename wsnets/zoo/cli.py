@@ -18,11 +18,12 @@ def _build(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     elif str(args.device).startswith("cpu"):
-        torch.set_num_threads(1)  # small batched ops: one thread per process; use --shard for more cores
-    s = build(args.recipe, args.out, limit=args.limit, shard=args.shard, device=args.device, progress=not args.json)
+        torch.set_num_threads(1)  # small batched ops: one thread per process; --workers uses the other cores
+    s = build(args.recipe, args.out, limit=args.limit, shard=args.shard, device=args.device, progress=not args.json,
+              workers=args.workers)
     emit(args, s, lambda: (f"{s['out']}: built {s['models_built']} models in {s['seconds']:.1f} s "
                            f"({s['models_per_s'] or 0:.2f} models/s), {s['groups_skipped']} of {s['groups_total']} "
-                           f"groups already done (shard {s['shard']}, {s['device']})"))
+                           f"groups already done (shard {s['shard']}, {s['device']}, {s['workers']} worker(s))"))
     return 0
 
 
@@ -93,7 +94,10 @@ def register(sub) -> None:
     b.add_argument("--out", required=True, help="zoo directory (created; an existing one is resumed)")
     b.add_argument("--limit", type=int, default=None, help="build only the first N models of the population")
     b.add_argument("--shard", default=None, help="build part I of N (0-based), e.g. 0/4; merge parts with 'zoo merge'")
-    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 1 on CPU: shard across cores)")
+    b.add_argument("--workers", type=int, default=None,
+                   help="processes training groups in parallel on CPU (default: one per core for builds of at least "
+                        "2 groups per core and 256 models, else 1)")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads of an in-process build (default 1 on CPU)")
     add_common(b)
     i = add_parser(zsub, "info", "counts, accuracy spread and an accuracy histogram of a zoo",
                    "wsnets zoo info zoos/digits-mlp --plot zoo_acc.png", _info)

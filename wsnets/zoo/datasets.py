@@ -177,8 +177,35 @@ def _spatial(x: torch.Tensor, t: str, family: str) -> torch.Tensor:
     return img.reshape(x.shape)
 
 
+_CACHE_VERSION = 1  # bump when a base dataset's generation changes
+
+
 @lru_cache(maxsize=None)
 def _base(base: str) -> Split:
+    """A base dataset's split, generated once and kept in ``~/.cache/wsnets/datasets`` (safetensors):
+    a new process (a zoo-build worker) then loads it in milliseconds instead of importing scikit-learn
+    (~1.7 s) or rerunning the MNIST-1D generator. A missing, unreadable or unwritable cache only
+    means generating again."""
+    from ..io import atomic_write, cache_dir
+    path = cache_dir("datasets") / f"{base}-v{_CACHE_VERSION}.safetensors"
+    keys = ("x", "y", "xt", "yt")
+    if path.is_file():
+        try:
+            from safetensors.torch import load_file
+            t = load_file(str(path))
+            return tuple(t[k] for k in keys)  # type: ignore[return-value]
+        except Exception:  # noqa: BLE001 - a corrupt cache file is regenerated below
+            pass
+    split = _generate(base)
+    try:
+        from safetensors.torch import save_file
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in zip(keys, split)}, str(tmp)))
+    except OSError:
+        pass
+    return split
+
+
+def _generate(base: str) -> Split:
     if base in ("digits", "digits-img"):
         from sklearn.datasets import load_digits
         d = load_digits()

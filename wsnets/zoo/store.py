@@ -9,7 +9,7 @@ Layout of a zoo directory::
 Crash safety: a group's shard is written to a temporary file, fsynced and renamed (atomic) *before*
 the transaction that inserts its rows commits. A build killed at any point leaves either no rows of a
 group (it is retrained on resume and its shard atomically replaced) or all of them with a complete
-shard. Every shard's metadata holds the architecture JSON (``wsnets.arch``) and its rows
+shard; a resumed build deletes the temporary files of killed writers. Every shard's metadata holds the architecture JSON (``wsnets.arch``) and its rows
 (``wsnets.zoo.rows``), so each checkpoint is self-describing even without the index.
 """
 
@@ -25,7 +25,7 @@ import torch
 
 from ..arch import Architecture
 from ..errors import CheckpointError, ConfigError
-from ..io import ARCH_KEY, atomic_write, read_safetensors
+from ..io import ARCH_KEY, atomic_write, read_safetensors, remove_stale_temps
 
 INDEX = "index.sqlite"
 ROWS_KEY = "wsnets.zoo.rows"
@@ -69,6 +69,8 @@ class ZooWriter:
     def __init__(self, root: str | Path, recipe_name: str, recipe_digest: str, recipe_text: str = "") -> None:
         self.root = Path(root)
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
+        for d in (self.root, self.root / "shards"):  # half-written shards of a killed build
+            remove_stale_temps(d)
         self.con = connect(self.root / INDEX, create=True)
         with self.con:
             self.con.execute("BEGIN IMMEDIATE")
