@@ -552,13 +552,18 @@ def _sgd_rest(p, buf, lr, wd) -> None:
 
 
 def _adamw(p, g, m1, m2, lr, wd, t: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
-    """``torch.optim.AdamW`` (decoupled weight decay) for a block of models, in place; ``wd`` None = 0."""
+    """``torch.optim.AdamW`` (decoupled weight decay) for a block of models, in place; ``wd`` None = 0.
+
+    ``p -= lr / c1 * m1 / (sqrt(m2 / c2) + eps)`` (``c = 1 - beta**t``) is computed as
+    ``p -= m1 / ((sqrt(m2) + eps * sqrt(c2)) / (lr * sqrt(c2) / c1))``: the same update in 7 passes
+    over the block instead of 10 (the per-model factors are ``[K, 1]``)."""
     if wd is not None:
         p.mul_(1 - lr * wd)
-    m1.mul_(b1).add_(g, alpha=1 - b1)
+    m1.lerp_(g, 1 - b1)
     m2.mul_(b2).addcmul_(g, g, value=1 - b2)
-    denom = m2.sqrt().div_(math.sqrt(1 - b2 ** t)).add_(eps)
-    p.addcdiv_(m1 * (lr / (1 - b1 ** t)), denom, value=-1)
+    r2 = math.sqrt(1 - b2 ** t)
+    denom = torch.sqrt(m2).add_(eps * r2).div_(lr * (r2 / (1 - b1 ** t)))
+    p.addcdiv_(m1, denom, value=-1)
 
 
 def _members(member: torch.Tensor) -> torch.Tensor:
