@@ -75,7 +75,8 @@ def ensure_zoo(recipe_name: str, cache: Path, device: str, progress: bool = True
     """Build (or resume, or reuse) a zoo in the cache; returns its directory."""
     from .zoo import build, load_recipe
     recipe = load_recipe(resource("zoo", recipe_name))
-    out = cache / (f"{recipe.name}-{recipe.digest[:10]}" + (f"-limit{limit}" if limit else ""))
+    from .zoo.trainer import TRAINER_VERSION
+    out = cache / (f"{recipe.name}-{recipe.digest[:10]}-t{TRAINER_VERSION}" + (f"-limit{limit}" if limit else ""))
     build(recipe, out, device=device, progress=progress, limit=limit)
     return out
 

@@ -218,3 +218,21 @@ def test_resume_removes_temp_files_of_killed_writers_only(tmp_path):
         p.write_bytes(b"x")
     assert remove_stale_temps(d) == 1
     assert sorted(p.name for p in d.iterdir()) == sorted(list(files)[1:])
+
+
+def test_a_zoo_of_another_trainer_version_is_not_extended_or_merged(tmp_path):
+    from wsnets.zoo.trainer import TRAINER_VERSION
+    r = _recipe(population=8, group_size=2, epochs=1, checkpoints=[1])
+    build(r, tmp_path / "old", progress=False, limit=4)
+    build(r, tmp_path / "new", progress=False)
+    con = sqlite3.connect(str(tmp_path / "old" / "index.sqlite"))
+    assert con.execute("SELECT value FROM meta WHERE key = 'trainer'").fetchone()[0] == TRAINER_VERSION
+    with con:
+        con.execute("UPDATE meta SET value = '2' WHERE key = 'trainer'")
+    con.close()
+    assert build(r, tmp_path / "old", progress=False, limit=4)["models_built"] == 0  # nothing to add: fine
+    with pytest.raises(ConfigError, match="trainer version 2"):
+        build(r, tmp_path / "old", progress=False)
+    with pytest.raises(ConfigError, match="different wsnets trainer versions"):
+        merge(tmp_path / "m", [tmp_path / "old", tmp_path / "new"])
+    assert len(_table(tmp_path / "old")) == 4  # untouched

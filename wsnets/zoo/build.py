@@ -29,7 +29,7 @@ from ..io import atomic_write, read_safetensors
 from . import datasets as zds
 from .recipe import HYPER_DEFAULTS, Recipe, RunSpec, load_recipe
 from .store import ZooWriter
-from .trainer import Checkpoint, DataBank, train_group
+from .trainer import TRAINER_VERSION, Checkpoint, DataBank, train_group
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,17 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     si, sn = parse_shard(shard)
-    writer = ZooWriter(out, recipe.name, recipe.digest, Path(recipe.source).read_text() if Path(recipe.source).is_file() else "")
+    writer = ZooWriter(out, recipe.name, recipe.digest, Path(recipe.source).read_text() if Path(recipe.source).is_file() else "",
+                       trainer=TRAINER_VERSION)
     full = plan(recipe, limit)
     groups = [g for i, g in enumerate(full) if i % sn == si]
     done = writer.committed_groups()
     todo = [g for g in groups if g.group_id not in done]
+    if todo and writer.other_trainer:
+        writer.close()
+        raise ConfigError(f"{out}: its {len(done)} groups were trained by wsnets trainer version {writer.other_trainer}, "
+                          f"this wsnets trains version {TRAINER_VERSION} (other numbers for the same recipe and seed): "
+                          "build into a new --out (or open the finished part as it is)")
     bases = _bases(recipe, Path(out), dev) if recipe.pretrain else None
     n_models = sum(len(g.runs) for g in todo)
     n_workers = _n_workers(workers, dev, todo, n_models)

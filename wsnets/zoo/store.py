@@ -64,9 +64,15 @@ def connect(path: Path, *, create: bool = False) -> sqlite3.Connection:
 
 
 class ZooWriter:
-    """Writes groups into a zoo directory; one instance per build process."""
+    """Writes groups into a zoo directory; one instance per build process.
 
-    def __init__(self, root: str | Path, recipe_name: str, recipe_digest: str, recipe_text: str = "") -> None:
+    ``trainer`` (a :data:`~wsnets.zoo.trainer.TRAINER_VERSION`) is recorded in the zoo's meta table;
+    ``other_trainer`` is set when an existing zoo with committed groups was trained by another one."""
+
+    other_trainer: str | None = None
+
+    def __init__(self, root: str | Path, recipe_name: str, recipe_digest: str, recipe_text: str = "",
+                 trainer: str | None = None) -> None:
         self.root = Path(root)
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
         for d in (self.root, self.root / "shards"):  # half-written shards of a killed build
@@ -82,7 +88,14 @@ class ZooWriter:
             if not got:
                 self.con.executemany("INSERT INTO meta VALUES (?, ?)", [
                     ("recipe", recipe_name), ("recipe_digest", recipe_digest), ("recipe_toml", recipe_text),
-                    ("format", "wsnets-zoo-1")])
+                    ("format", "wsnets-zoo-1")] + ([("trainer", trainer)] if trainer else []))
+            elif trainer and got.get("trainer") != trainer:
+                if self.con.execute("SELECT count(*) FROM groups").fetchone()[0]:
+                    # checked by build() when it has groups left to train: extending would mix trainers
+                    self.other_trainer = got.get("trainer") or "before 3"
+                else:  # nothing committed yet: the zoo is this trainer's
+                    self.con.execute("INSERT OR REPLACE INTO meta VALUES ('trainer', ?)", (trainer,))
+        self.trainer = trainer
 
     def committed_groups(self) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT group_id FROM groups")}
@@ -181,8 +194,15 @@ def merge(out: str | Path, parts: Iterable[str | Path]) -> dict[str, int]:
     digests = {m.get("recipe_digest") for m in metas}
     if len(digests) != 1:
         raise ConfigError(f"cannot merge zoos of different recipes: {sorted(str(d) for d in digests)}")
+    trainers = {m.get("trainer") for m in metas}
+    if len(trainers) != 1:
+        raise ConfigError("cannot merge zoos trained by different wsnets trainer versions: "
+                          + ", ".join(f"{p} ({m.get('trainer') or 'before 3'})" for p, m in zip(parts, metas)))
     m0 = metas[0]
-    writer = ZooWriter(out, m0.get("recipe", ""), m0["recipe_digest"], m0.get("recipe_toml", ""))
+    writer = ZooWriter(out, m0.get("recipe", ""), m0["recipe_digest"], m0.get("recipe_toml", ""), m0.get("trainer"))
+    if writer.other_trainer:
+        raise ConfigError(f"{out} holds groups of trainer version {writer.other_trainer}, the parts "
+                          f"{m0.get('trainer') or 'before 3'}: merge into another directory")
     have = writer.committed_groups()
     n_groups = n_rows = 0
     for p in parts:
