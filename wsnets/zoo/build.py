@@ -78,7 +78,7 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
 
     ``workers``: processes that train groups in parallel on CPU, this one included (each with one
     torch thread; this process also commits). ``None`` = one per available core when the build has at
-    least ``2 * cores`` groups and 256 models left (smaller builds are not worth the ~1.5 s start of a
+    least ``2 * cores`` groups and 64 models left (smaller builds are not worth the ~1.5 s start of a
     worker), else 1 = train here, at the caller's torch thread count. CUDA builds use one process.
     A group's result does not depend on which process trained it; MLP groups are also bit-identical
     at any thread count, convolution groups are reproducible at a fixed thread count (oneDNN's
@@ -149,7 +149,7 @@ def _n_workers(workers: int | None, dev: torch.device, todo: Sequence[Group], n_
     if workers is not None:
         return min(workers, len(todo))
     cores = _cores()
-    return cores if cores > 1 and len(todo) >= 2 * cores and n_models >= 256 else 1
+    return cores if cores > 1 and len(todo) >= 2 * cores and n_models >= 64 else 1
 
 
 def train_one(recipe: Recipe, g: Group, bank: DataBank, dev: torch.device,
