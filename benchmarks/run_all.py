@@ -34,7 +34,7 @@ ZOOS = {"metamodel_fixed": "digits-mlp-fixed", "metamodel_regions": "regions"}  
 # name -> (what it shows, extra args, extra args with --quick)
 SCRIPTS: dict[str, tuple[str, list[str], list[str]]] = {
     "graph_speed": ("Neural-graph conversion: graphs/s vs per-graph and naive conversion (issue 2)", [], ["--quick"]),
-    "zoo_speed": ("Batched zoo training vs a sequential per-model loop (issue 3)", [], ["--quick"]),
+    "zoo_speed": ("Batched zoo training vs a sequential per-model loop (issue 3)", ["--workers", "auto"], ["--quick"]),
     "encoder_speed": ("Encoder parameters and forward+backward throughput vs nfn (issue 4)", [], ["--quick"]),
     "esd_speed": ("ESD analysis vs weightwatcher 0.7.7, same layers, equal alpha (issue 6)", [], ["--quick"]),
     "landscape_speed": ("Batched 2-D loss surface vs the naive per-point loop (issue 8)", [], ["--quick"]),

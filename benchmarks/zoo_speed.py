@@ -187,8 +187,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes on a shared 2-core CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (both methods)")
-    ap.add_argument("--workers", type=int, default=0,
-                    help="also time 'wsnets zoo build' of the recipe with this many worker processes (CPU; 0: skip)")
+    ap.add_argument("--workers", default="0",
+                    help="also time 'wsnets zoo build' of the recipe with this many processes (CPU; 'auto': one per "
+                         "core; 0: skip)")
     ap.add_argument("--recipe-models", type=int, default=None, help="population the recipe is planned at (default: its own)")
     ap.add_argument("--recipe-every", type=int, default=None, help="train every N-th group of the plan (default 6 with --quick, else 1)")
     ap.add_argument("--mlp-models", type=int, default=None, help="K for the fixed 64-32-32-10 MLP workload")
@@ -197,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON file to write")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    from wsnets.zoo.build import _cores
+    a.workers = _cores() if a.workers == "auto" else int(a.workers)
     dev = torch.device(a.device)
     recipe = load_recipe(a.recipe)
     n_rec = a.recipe_models or recipe.population
@@ -219,7 +222,7 @@ def main(argv=None) -> int:
                             batched(groups, recipe, bank, dev), rseq := sequential(seq_runs, recipe, bank, dev)))
     if a.workers:
         results.append(_compare(f"same {len(all_runs)} models through `wsnets zoo build` with {a.workers} worker process(es) "
-                                f"(1 thread each; store writes included)", built(recipe, n_rec, every, a.workers, dev), rseq))
+                                f"(1 thread each; store writes included; sequential loop as above)", built(recipe, n_rec, every, a.workers, dev), rseq))
 
     # workload 2: fixed MLP 64-32-32-10, SGD, 10 epochs on digits
     raw = {"name": "mlp64", "seed": 0, "population": n_mlp, "datasets": ["digits"], "epochs": 10, "checkpoints": [10],
