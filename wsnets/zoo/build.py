@@ -121,7 +121,7 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
             committed += 1
             if bar:
                 bar.n = built
-                bar.set_postfix_str(f"{built / (time.perf_counter() - t0):.1f} models/s")
+                bar.set_postfix_str(f"{built / (time.perf_counter() - t0):.1f} models/s", refresh=False)
                 bar.refresh()
             if stop_after is not None and len(done) + committed >= stop_after:
                 break
