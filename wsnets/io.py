@@ -158,7 +158,7 @@ def save(ws: WeightSpace, path: str | os.PathLike, metadata: Mapping[str, str] |
 def remove_stale_temps(directory: Path) -> int:
     """Delete the temporary files :func:`atomic_write` left in ``directory`` when its process was
     killed (same host, process gone); files of live writers are kept. Returns how many went."""
-    host, _ = _writer_tag().rsplit("-", 1)
+    host = _host()
     n = 0
     for p in Path(directory).glob(".*.tmp"):
         parts = p.name.split(".")
@@ -194,9 +194,13 @@ def cache_dir(kind: str) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsnets" / kind
 
 
-def _writer_tag() -> str:
+def _host() -> str:
     import socket
-    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+    return socket.gethostname().replace(".", "_")
+
+
+def _writer_tag() -> str:
+    return f"{_host()}-{os.getpid()}"
 
 
 def atomic_write(path: Path, write) -> None:

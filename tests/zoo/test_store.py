@@ -204,8 +204,8 @@ def test_worker_processes_build_the_same_zoo_and_report_errors(tmp_path):
 
 
 def test_resume_removes_temp_files_of_killed_writers_only(tmp_path):
-    from wsnets.io import _writer_tag, remove_stale_temps
-    host = _writer_tag().rsplit("-", 1)[0]
+    from wsnets.io import _host, remove_stale_temps
+    host = _host()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     d = tmp_path / "shards"

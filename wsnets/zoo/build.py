@@ -191,12 +191,14 @@ class _Trainer:
 
     def __init__(self, recipe: Recipe, dev: torch.device, bases, bar, workers: int = 1, *, limit: int | None = None,
                  plan_index: dict[str, int] | None = None, bases_path: Path | None = None):
+        """``plan_index`` (group id -> position in ``plan(recipe, limit)``) is needed with ``workers > 1``."""
         self.recipe, self.dev, self.bases, self.bar = recipe, dev, bases, bar
         self.banks = _Banks(dev)
         self.workers: list[tuple[Any, int, int]] = []  # (Popen, fd we write, fd we read)
         self.threads = torch.get_num_threads()
+        self.readers: list = []  # threads taking worker results off their pipes (see run)
         if workers > 1:
-            self.plan_index = plan_index if plan_index is not None else {g.group_id: j for j, g in enumerate(plan(recipe, limit))}
+            self.plan_index = plan_index
             import subprocess
             import sys
 
@@ -280,8 +282,7 @@ class _Trainer:
                     raise err
                 sent[fd] -= 1
                 feed(fd)
-                yield todo[i], [Checkpoint(e, {k: torch.from_numpy(v) for k, v in p.items()},
-                                           {k: torch.from_numpy(v) for k, v in m.items()}) for e, p, m in cks], seconds
+                yield todo[i], checkpoints_from_numpy(cks), seconds
             if queue:
                 g = queue.pop()[1]
                 yield (g, *self._here(g))
@@ -295,12 +296,24 @@ class _Trainer:
             except Exception:  # noqa: BLE001 - ...or are killed: busy with a group nobody will commit
                 proc.kill()
                 proc.wait()
-        for t in getattr(self, "readers", []):  # their pipes are closed at the other end now: EOF
+        for t in self.readers:  # their pipes are closed at the other end now: EOF
             t.join()
         for _, _, r in self.workers:
             os.close(r)
         self.workers = []
         torch.set_num_threads(self.threads)
+
+
+def checkpoints_to_numpy(cks: Sequence[Checkpoint]) -> list[tuple[int, dict, dict]]:
+    """Checkpoints as ``(epoch, params, metrics)`` with NumPy arrays, as a worker sends them."""
+    return [(c.epoch, {k: v.numpy() for k, v in c.params.items()}, {k: v.numpy() for k, v in c.metrics.items()})
+            for c in cks]
+
+
+def checkpoints_from_numpy(cks: Sequence[tuple[int, dict, dict]]) -> list[Checkpoint]:
+    """The inverse of :func:`checkpoints_to_numpy` (tensors share the arrays' memory)."""
+    return [Checkpoint(e, {k: torch.from_numpy(v) for k, v in p.items()}, {k: torch.from_numpy(v) for k, v in m.items()})
+            for e, p, m in cks]
 
 
 def send_msg(fd: int, obj: Any) -> None:

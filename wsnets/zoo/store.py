@@ -63,6 +63,11 @@ def connect(path: Path, *, create: bool = False) -> sqlite3.Connection:
     return con
 
 
+def _trainer_of(meta: Mapping[str, str]) -> str:
+    """The trainer version a zoo's meta table records (zoos of versions before 3 record none)."""
+    return meta.get("trainer") or "before 3"
+
+
 class ZooWriter:
     """Writes groups into a zoo directory; one instance per build process.
 
@@ -92,10 +97,9 @@ class ZooWriter:
             elif trainer and got.get("trainer") != trainer:
                 if self.con.execute("SELECT count(*) FROM groups").fetchone()[0]:
                     # checked by build() when it has groups left to train: extending would mix trainers
-                    self.other_trainer = got.get("trainer") or "before 3"
+                    self.other_trainer = _trainer_of(got)
                 else:  # nothing committed yet: the zoo is this trainer's
                     self.con.execute("INSERT OR REPLACE INTO meta VALUES ('trainer', ?)", (trainer,))
-        self.trainer = trainer
 
     def committed_groups(self) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT group_id FROM groups")}
@@ -197,12 +201,12 @@ def merge(out: str | Path, parts: Iterable[str | Path]) -> dict[str, int]:
     trainers = {m.get("trainer") for m in metas}
     if len(trainers) != 1:
         raise ConfigError("cannot merge zoos trained by different wsnets trainer versions: "
-                          + ", ".join(f"{p} ({m.get('trainer') or 'before 3'})" for p, m in zip(parts, metas)))
+                          + ", ".join(f"{p} ({_trainer_of(m)})" for p, m in zip(parts, metas)))
     m0 = metas[0]
     writer = ZooWriter(out, m0.get("recipe", ""), m0["recipe_digest"], m0.get("recipe_toml", ""), m0.get("trainer"))
     if writer.other_trainer:
         raise ConfigError(f"{out} holds groups of trainer version {writer.other_trainer}, the parts "
-                          f"{m0.get('trainer') or 'before 3'}: merge into another directory")
+                          f"{_trainer_of(m0)}: merge into another directory")
     have = writer.committed_groups()
     n_groups = n_rows = 0
     for p in parts:

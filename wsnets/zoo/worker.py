@@ -18,7 +18,7 @@ def main(read_fd: int, write_fd: int) -> int:
     import torch
 
     from ..io import read_safetensors
-    from .build import _Banks, plan, recv_msg, send_msg, train_one
+    from .build import _Banks, checkpoints_to_numpy, plan, recv_msg, send_msg, train_one
     torch.set_num_threads(1)
     dev = torch.device("cpu")
     banks = _Banks(dev)
@@ -39,8 +39,7 @@ def main(read_fd: int, write_fd: int) -> int:
             if g.group_id != group_id:
                 raise RuntimeError(f"zoo worker planned group {g.group_id} where the build has {group_id}")
             cks = train_one(recipe, g, banks.of(g), dev, bases)
-            msg = (i, [(c.epoch, {k: v.numpy() for k, v in c.params.items()}, {k: v.numpy() for k, v in c.metrics.items()})
-                       for c in cks], time.perf_counter() - t, None)
+            msg = (i, checkpoints_to_numpy(cks), time.perf_counter() - t, None)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
             msg = (i, None, None, e)
         try:
