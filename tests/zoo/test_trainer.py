@@ -186,7 +186,8 @@ def test_mlp_engine_gradients_match_autograd_with_chunks_and_dropout(act, monkey
         loss = F.cross_entropy(h, yb[k])
         gr = torch.autograd.grad(loss, list(ws.values()))
         gd = dict(zip(ws, gr))
-        ref.append(torch.cat([torch.cat([gd[f"{l.name}.weight"], gd[f"{l.name}.bias"][:, None]], 1).flatten()
+        # the engine's layout: per layer [in+1, out] (weight transposed, bias as the last row)
+        ref.append(torch.cat([torch.cat([gd[f"{l.name}.weight"], gd[f"{l.name}.bias"][:, None]], 1).T.flatten()
                               for l in arch.layers if l.kind == "linear"]))
     torch.testing.assert_close(got, torch.stack(ref), rtol=1e-4, atol=1e-6)
 
