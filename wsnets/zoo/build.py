@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,7 @@ class _Trainer:
     """Trains the groups of a build and yields ``(group, checkpoints, seconds)`` as they finish.
 
     With ``workers > 1`` (CPU), ``workers - 1`` worker processes (``python -m wsnets.zoo.worker``, two
-    pipes each; up to four groups queued per worker so none idles while this process trains or commits) and this
+    pipes each; a reader thread sends a worker its next group as soon as it returns one) and this
     process itself train groups, largest first, every process with one torch thread; otherwise groups
     train here one after another, with progress per optimizer step. Workers are plain subprocesses, so
     a calling script needs no ``if __name__ == "__main__"`` guard. A worker exits when its input pipe
@@ -197,6 +198,8 @@ class _Trainer:
         self.workers: list[tuple[Any, int, int]] = []  # (Popen, fd we write, fd we read)
         self.threads = torch.get_num_threads()
         self.readers: list = []  # threads taking worker results off their pipes (see run)
+        self.lock = threading.Lock()  # the task queue and the pipes to workers
+        self.closed = False
         if workers > 1:
             self.plan_index = plan_index
             import subprocess
@@ -239,57 +242,61 @@ class _Trainer:
                 yield (g, *self._here(g))
             return
         import queue as queue_mod
-        import threading
         # largest first (cost ~ models x (parameters + per-model overhead)), so the processes finish together
         queue = sorted(enumerate(todo), key=lambda ig: len(ig[1].runs) * (ig[1].arch.num_params + 2000))
-        sent = {r: 0 for _, _, r in self.workers}
-        to = {r: w for _, w, r in self.workers}
-        # a reader thread per worker takes results off its pipe at once (a worker blocks on a full pipe
-        # while this process trains a group of its own)
         results: queue_mod.Queue = queue_mod.Queue()
 
-        def read(fd: int) -> None:
+        def feed(fd: int) -> None:
+            """Send worker ``fd`` the largest group left (under the lock: ``close`` may close ``fd``)."""
+            with self.lock:
+                if queue and not self.closed:
+                    i, g = queue.pop()
+                    send_msg(fd, (i, self.plan_index[g.group_id], g.group_id))
+
+        def read(fd_in: int, fd_out: int) -> None:
+            """A worker's results, taken off its pipe at once (a worker blocks on a full pipe while this
+            process trains a group of its own); each result sends the worker its next group, so it never
+            waits for this process and holds at most two groups at the end of the build."""
             while True:
                 try:
-                    results.put((fd, recv_msg(fd, "a zoo worker process died (out of memory?); rerun the build to resume")))
+                    msg = recv_msg(fd_in, "a zoo worker process died (out of memory?); rerun the build to resume")
+                    results.put(msg)
+                    if msg[3] is None:
+                        feed(fd_out)
                 except (EOFError, OSError) as e:
-                    results.put((fd, e))
+                    results.put(e)
                     return
-        self.readers = [threading.Thread(target=read, args=(fd,), daemon=True) for fd in sent]
+        for _, w, _ in self.workers:  # two groups each: one to train, one waiting in the pipe
+            feed(w)
+            feed(w)
+        self.readers = [threading.Thread(target=read, args=(r, w), daemon=True) for _, w, r in self.workers]
         for t in self.readers:
             t.start()
-
-        def feed(fd: int) -> None:
-            while sent[fd] < 4 and queue:
-                i, g = queue.pop()
-                send_msg(to[fd], (i, self.plan_index[g.group_id], g.group_id))
-                sent[fd] += 1
-        for fd in sent:
-            feed(fd)
-        while queue or any(sent.values()):
-            got = []
+        left = len(todo)
+        while left:
             try:
-                got.append(results.get(block=not queue))
-                while True:
-                    got.append(results.get_nowait())
+                msg = results.get_nowait()
             except queue_mod.Empty:
-                pass
-            for fd, msg in got:
-                if isinstance(msg, BaseException):
-                    raise RuntimeError(str(msg)) from msg
-                i, cks, seconds, err = msg
-                if err is not None:
-                    raise err
-                sent[fd] -= 1
-                feed(fd)
-                yield todo[i], checkpoints_from_numpy(cks), seconds
-            if queue:
-                g = queue.pop()[1]
-                yield (g, *self._here(g))
+                with self.lock:
+                    mine = queue.pop() if queue else None
+                if mine is not None:
+                    left -= 1
+                    yield (mine[1], *self._here(mine[1]))
+                    continue
+                msg = results.get()
+            if isinstance(msg, BaseException):
+                raise RuntimeError(str(msg)) from msg
+            i, cks, seconds, err = msg
+            if err is not None:
+                raise err
+            left -= 1
+            yield todo[i], checkpoints_from_numpy(cks), seconds
 
     def close(self) -> None:
-        for _, w, _ in self.workers:  # workers exit on EOF (after their current group)...
-            os.close(w)
+        with self.lock:  # no reader thread writes to a pipe from now on
+            self.closed = True
+            for _, w, _ in self.workers:  # workers exit on EOF (after their current group)...
+                os.close(w)
         for proc, _, _ in self.workers:
             try:
                 proc.wait(timeout=0.5)
