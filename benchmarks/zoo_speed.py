@@ -16,8 +16,10 @@ Both methods run with the same torch thread count (``--threads``). ``--workers N
 recipe built by ``wsnets zoo build`` with ``N`` worker processes (groups in parallel, one thread each,
 commits included): the whole machine against the sequential loop at ``--threads``. The sequential loop is slow, so it
 runs on a subset (``--seq-models``) and its models/s is extrapolated per model (each model's cost is
-independent of the others). Timings on a shared CPU are noisy: ratios come from the same run, the
-JSON records the load average before and after, and the speedup is also given in CPU time.
+independent of the others). Timings on a shared CPU are noisy (this 2-core VM's speed drifts by
+10-25% from minute to minute): ``--repeat N`` times each workload N times, batched and sequential
+interleaved, and reports the median of the N speedups with their range; the JSON keeps every repeat
+and the load average before and after, and the speedup is also given in CPU time.
 
 Usage::
 
@@ -171,6 +173,18 @@ def vmap_loop(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, float, int
     return time.perf_counter() - t, time.process_time() - c, K, accs
 
 
+def _repeated(name: str, pairs: list[tuple[tuple, tuple]]) -> dict:
+    """One result row from ``repeat`` (batched, sequential) timings taken in turn: medians of the rates
+    and of the per-repeat speedups, the speedups' range, and every repeat."""
+    reps = [_compare(name, b, s) for b, s in pairs]
+    med = lambda k: float(torch.tensor([r[k] for r in reps]).median())  # noqa: E731 - lower median
+    out = dict(reps[0])
+    out.update({k: med(k) for k in ("batched_models_per_s", "sequential_models_per_s", "speedup", "speedup_cpu_time")})
+    out["speedup_range"] = [min(r["speedup"] for r in reps), max(r["speedup"] for r in reps)]
+    out["repeats"] = reps
+    return out
+
+
 def _compare(name: str, b: tuple, s: tuple) -> dict:
     """One result row from (wall s, CPU s, models, accuracies) of the batched and the sequential run."""
     (tb, cb, nb, acc_b), (ts, cs, ns, acc_s) = b, s
@@ -196,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mlp-models", type=int, default=None, help="K for the fixed 64-32-32-10 MLP workload")
     ap.add_argument("--seq-models", type=int, default=None, help="models timed in the sequential loop (per workload)")
     ap.add_argument("--vmap-models", type=int, default=None, help="K of the torch.func.vmap reference (0: skip)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="time each workload this many times, interleaved, and report median speedups (default 3, 1 with --quick)")
     ap.add_argument("--out", required=True, help="JSON file to write")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -207,6 +223,7 @@ def main(argv=None) -> int:
     every = a.recipe_every or (6 if a.quick else 1)
     n_mlp = a.mlp_models or (512 if a.quick else 4096)
     n_seq = a.seq_models or (8 if a.quick else 48)
+    repeat = a.repeat or (1 if a.quick else 3)
     n_vmap = a.vmap_models if a.vmap_models is not None else min(n_mlp, 256 if dev.type == "cpu" else n_mlp)
     bank = DataBank.build(recipe.datasets, dev)
     # torch.optim imports torch._dynamo on its first step (~1 s): import it before timing, or the sequential
@@ -221,12 +238,16 @@ def main(argv=None) -> int:
     all_runs = sorted((r for _, rs in groups for r in rs), key=lambda r: r.index)
     seq_runs = all_runs[:: max(1, len(all_runs) // n_seq)][:n_seq]
     sizes = sorted(len(rs) for _, rs in groups)
-    results.append(_compare(f"{recipe.name} recipe planned at {n_rec} models: {len(all_runs)} models in {len(groups)} of "
-                            f"{len(full)} groups (sizes {sizes[0]}-{sizes[-1]}), {recipe.epochs} epochs, batch {recipe.batch_size}",
-                            batched(groups, recipe, bank, dev), rseq := sequential(seq_runs, recipe, bank, dev)))
+    rec, bld = [], []
+    for _ in range(repeat):
+        rec.append((batched(groups, recipe, bank, dev), rseq := sequential(seq_runs, recipe, bank, dev)))
+        if a.workers:
+            bld.append((built(recipe, n_rec, every, a.workers, dev), rseq))
+    results.append(_repeated(f"{recipe.name} recipe planned at {n_rec} models: {len(all_runs)} models in {len(groups)} of "
+                             f"{len(full)} groups (sizes {sizes[0]}-{sizes[-1]}), {recipe.epochs} epochs, batch {recipe.batch_size}", rec))
     if a.workers:
-        results.append(_compare(f"same {len(all_runs)} models through `wsnets zoo build` with {a.workers} worker process(es) "
-                                f"(1 thread each; store writes included; sequential loop as above)", built(recipe, n_rec, every, a.workers, dev), rseq))
+        results.append(_repeated(f"same {len(all_runs)} models through `wsnets zoo build` with {a.workers} worker process(es) "
+                                 f"(1 thread each; store writes included; sequential loop as above)", bld))
 
     # workload 2: fixed MLP 64-32-32-10, SGD, 10 epochs on digits
     raw = {"name": "mlp64", "seed": 0, "population": n_mlp, "datasets": ["digits"], "epochs": 10, "checkpoints": [10],
@@ -236,15 +257,18 @@ def main(argv=None) -> int:
     mr = parse_recipe(raw)
     runs = mr.runs()
     mbank = bank if recipe.datasets == ["digits"] else DataBank.build(["digits"], dev)
-    seq = sequential(runs[:n_seq], mr, mbank, dev)
-    results.append(_compare(f"MLP 64-32-32-10, 10 epochs on digits, batch 64 (K={n_mlp})",
-                            batched([(runs[0].arch, runs)], mr, mbank, dev), seq))
+    mlp, vm = [], []
+    for _ in range(repeat):
+        seq = sequential(runs[:n_seq], mr, mbank, dev)
+        mlp.append((batched([(runs[0].arch, runs)], mr, mbank, dev), seq))
+        if n_vmap:
+            vm.append((vmap_loop(runs[:n_vmap], mr, mbank, dev), seq))
+    results.append(_repeated(f"MLP 64-32-32-10, 10 epochs on digits, batch 64 (K={n_mlp})", mlp))
     if n_vmap:
-        results.append(_compare(f"naive torch.func.vmap loop, same MLP (K={n_vmap})",
-                                vmap_loop(runs[:n_vmap], mr, mbank, dev), seq))
+        results.append(_repeated(f"naive torch.func.vmap loop, same MLP (K={n_vmap})", vm))
 
     env = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-           "threads": a.threads, "torch": torch.__version__, "python": platform.python_version(),
+           "threads": a.threads, "repeat": repeat, "torch": torch.__version__, "python": platform.python_version(),
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "quick": a.quick,
            "load_average_before": [round(v, 2) for v in load0],
            "load_average_after": [round(v, 2) for v in os.getloadavg()],
@@ -252,13 +276,16 @@ def main(argv=None) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out, {"env": env, "results": results})
     print(f"device {env['device']}{' (' + env['gpu'] + ')' if env['gpu'] else ''}, {a.threads} torch thread(s) for both "
-          f"methods, {env['cores']} cores, load average {load0[0]:.2f} before / {os.getloadavg()[0]:.2f} after\n")
-    print("| workload | batched models/s | sequential models/s | speedup (wall) | speedup (CPU time) "
+          f"methods, {env['cores']} cores, load average {load0[0]:.2f} before / {os.getloadavg()[0]:.2f} after; "
+          f"medians of {repeat} interleaved repeat(s)\n")
+    print("| workload | batched models/s | sequential models/s | speedup (wall) | speedup range | speedup (CPU time) "
           "| median test acc (batched / seq) |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---|---:|---|")
     for r in results:
+        lo, hi = r["speedup_range"]
         print(f"| {r['workload']} | {r['batched_models_per_s']:.2f} | {r['sequential_models_per_s']:.3f} | "
-              f"{r['speedup']:.1f}x | {r['speedup_cpu_time']:.1f}x | {r['batched_median_test_acc']:.3f} / {r['sequential_median_test_acc']:.3f} |")
+              f"{r['speedup']:.1f}x | {lo:.1f}-{hi:.1f}x | {r['speedup_cpu_time']:.1f}x | "
+              f"{r['batched_median_test_acc']:.3f} / {r['sequential_median_test_acc']:.3f} |")
     return 0
 
 
