@@ -188,19 +188,32 @@ def test_zoo_filter_record_and_errors(tmp_path):
         open_zoo(tmp_path / "z")[0].load()
 
 
-def test_worker_processes_build_the_same_zoo_and_report_errors(tmp_path):
+def test_worker_processes_build_the_same_zoo_and_report_errors(tmp_path, monkeypatch):
     """Two processes (this one and a worker) give the in-process zoo; an error raised while training a
-    group in a worker reaches the caller as itself."""
+    group in a worker reaches the caller as itself; with two groups each process trains one (the
+    worker is sent one group at a time, so none waits in its pipe while this process idles)."""
+    import dataclasses
+    import importlib
+    B = importlib.import_module("wsnets.zoo.build")
     r = _recipe(population=8, group_size=2, epochs=1, checkpoints=[1])
     s = build(r, tmp_path / "w2", progress=False, workers=2)
     assert s["workers"] == 2 and s["models_built"] == 8
     build(r, tmp_path / "w1", progress=False, workers=1)
     assert _table(tmp_path / "w2") == _table(tmp_path / "w1")
-    # two groups, both queued to the worker (up to four are), so the error is the worker's
+    # two groups of an unknown optimizer: this process trains its group with SGD instead, so the
+    # error can only come from the worker's group
     bad = _recipe(population=8, group_size=4, epochs=1, checkpoints=[1], hyperparameters={"optimizer": "rmsprop"},
                   architecture={"kind": "mlp", "depth": 1, "width": 8})
+    here, real = [], B._Trainer._here
+
+    def here_sgd(self, g):
+        here.append(g.group_id)
+        runs = tuple(dataclasses.replace(r, hp={**r.hp, "optimizer": "sgd"}) for r in g.runs)
+        return real(self, dataclasses.replace(g, runs=runs))
+    monkeypatch.setattr(B._Trainer, "_here", here_sgd)
     with pytest.raises(ConfigError, match="unknown optimizer"):
         build(bad, tmp_path / "bad", progress=False, workers=2)
+    assert len(here) == 1
 
 
 def test_resume_removes_temp_files_of_killed_writers_only(tmp_path):

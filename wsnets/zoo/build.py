@@ -78,9 +78,10 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
     """Build (or resume) the zoo of ``recipe`` in directory ``out``; returns a summary dict.
 
     ``workers``: processes that train groups in parallel on CPU, this one included (each with one
-    torch thread; this process also commits). ``None`` = one per available core when the build has at
-    least ``2 * cores`` groups and 64 models left (smaller builds are not worth the ~1.5 s start of a
-    worker), else 1 = train here, at the caller's torch thread count. CUDA builds use one process.
+    torch thread; this process also commits). ``None`` = one per available core (at most one per group
+    left) when the groups left hold at least ~5 s of training for one core or two groups per core and
+    64 models (smaller builds are not worth the ~1.5 s start of a worker), else 1 = train here, at the
+    caller's torch thread count. CUDA builds use one process.
     A group's result does not depend on which process trained it; MLP groups are also bit-identical
     at any thread count, convolution groups are reproducible at a fixed thread count (oneDNN's
     reductions change with it: the CLI trains with one thread unless ``--threads``).
@@ -107,7 +108,7 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
                           "build into a new --out (or open the finished part as it is)")
     bases = _bases(recipe, Path(out), dev) if recipe.pretrain else None
     n_models = sum(len(g.runs) for g in todo)
-    n_workers = _n_workers(workers, dev, todo, n_models)
+    n_workers = _n_workers(workers, dev, todo)
     t0 = time.perf_counter()
     bar = _bar(n_models, progress, f"zoo {recipe.name}")
     built = committed = 0
@@ -144,13 +145,22 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _n_workers(workers: int | None, dev: torch.device, todo: Sequence[Group], n_models: int) -> int:
+def _cost(g: Group) -> int:
+    """A group's training cost in arbitrary units (~2.5 us each for MLPs on one core)."""
+    return len(g.runs) * (g.arch.num_params + 2000)
+
+
+def _n_workers(workers: int | None, dev: torch.device, todo: Sequence[Group]) -> int:
+    """Processes for a build: ``workers`` if given, else one per core (at most one per group) when the
+    work is worth a worker's ~1.5 s start: at least ~5 s of MLP training on one core (``_cost`` >= 2M),
+    or at least two groups per core and 64 models (convolutional groups cost more than ``_cost`` says)."""
     if dev.type != "cpu" or not todo:
         return 1
     if workers is not None:
         return min(workers, len(todo))
     cores = _cores()
-    return cores if cores > 1 and len(todo) >= 2 * cores and n_models >= 64 else 1
+    big = sum(map(_cost, todo)) >= 2_000_000 or (len(todo) >= 2 * cores and sum(len(g.runs) for g in todo) >= 64)
+    return min(cores, len(todo)) if cores > 1 and len(todo) > 1 and big else 1
 
 
 def train_one(recipe: Recipe, g: Group, bank: DataBank, dev: torch.device,
@@ -243,7 +253,7 @@ class _Trainer:
             return
         import queue as queue_mod
         # largest first (cost ~ models x (parameters + per-model overhead)), so the processes finish together
-        queue = sorted(enumerate(todo), key=lambda ig: len(ig[1].runs) * (ig[1].arch.num_params + 2000))
+        queue = sorted(enumerate(todo), key=lambda ig: _cost(ig[1]))
         results: queue_mod.Queue = queue_mod.Queue()
 
         def feed(fd: int) -> None:
@@ -255,8 +265,9 @@ class _Trainer:
 
         def read(fd_in: int, fd_out: int) -> None:
             """A worker's results, taken off its pipe at once (a worker blocks on a full pipe while this
-            process trains a group of its own); each result sends the worker its next group, so it never
-            waits for this process and holds at most two groups at the end of the build."""
+            process trains a group of its own); each result sends the worker its next group at once, so
+            it waits only for that round trip (milliseconds), never for this process, and a worker holds
+            one group at a time (none is stranded in its pipe while this process has nothing to do)."""
             while True:
                 try:
                     msg = recv_msg(fd_in, "a zoo worker process died (out of memory?); rerun the build to resume")
@@ -266,8 +277,7 @@ class _Trainer:
                 except (EOFError, OSError) as e:
                     results.put(e)
                     return
-        for _, w, _ in self.workers:  # two groups each: one to train, one waiting in the pipe
-            feed(w)
+        for _, w, _ in self.workers:
             feed(w)
         self.readers = [threading.Thread(target=read, args=(r, w), daemon=True) for _, w, r in self.workers]
         for t in self.readers:

@@ -95,8 +95,8 @@ def register(sub) -> None:
     b.add_argument("--limit", type=int, default=None, help="build only the first N models of the population")
     b.add_argument("--shard", default=None, help="build part I of N (0-based), e.g. 0/4; merge parts with 'zoo merge'")
     b.add_argument("--workers", type=int, default=None,
-                   help="processes training groups in parallel on CPU (default: one per core for builds of at least "
-                        "2 groups per core and 64 models, else 1)")
+                   help="processes training groups in parallel on CPU (default: one per core, at most one per group, "
+                        "for builds of at least ~5 s of training, else 1)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads of an in-process build (default 1 on CPU)")
     add_common(b)
     i = add_parser(zsub, "info", "counts, accuracy spread and an accuracy histogram of a zoo",
