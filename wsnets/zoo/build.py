@@ -108,7 +108,7 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
                           "build into a new --out (or open the finished part as it is)")
     bases = _bases(recipe, Path(out), dev) if recipe.pretrain else None
     n_models = sum(len(g.runs) for g in todo)
-    n_workers = _n_workers(workers, dev, todo)
+    n_workers = _n_workers(workers, dev, todo, n_models)
     t0 = time.perf_counter()
     bar = _bar(n_models, progress, f"zoo {recipe.name}")
     built = committed = 0
@@ -150,7 +150,7 @@ def _cost(g: Group) -> int:
     return len(g.runs) * (g.arch.num_params + 2000)
 
 
-def _n_workers(workers: int | None, dev: torch.device, todo: Sequence[Group]) -> int:
+def _n_workers(workers: int | None, dev: torch.device, todo: Sequence[Group], n_models: int) -> int:
     """Processes for a build: ``workers`` if given, else one per core (at most one per group) when the
     work is worth a worker's ~1.5 s start: at least ~5 s of MLP training on one core (``_cost`` >= 2M),
     or at least two groups per core and 64 models (convolutional groups cost more than ``_cost`` says)."""
@@ -159,18 +159,21 @@ def _n_workers(workers: int | None, dev: torch.device, todo: Sequence[Group]) ->
     if workers is not None:
         return min(workers, len(todo))
     cores = _cores()
-    big = sum(map(_cost, todo)) >= 2_000_000 or (len(todo) >= 2 * cores and sum(len(g.runs) for g in todo) >= 64)
+    big = sum(map(_cost, todo)) >= 2_000_000 or (len(todo) >= 2 * cores and n_models >= 64)
     return min(cores, len(todo)) if cores > 1 and len(todo) > 1 and big else 1
 
 
 def train_one(recipe: Recipe, g: Group, bank: DataBank, dev: torch.device,
-              bases: dict[str, torch.Tensor] | None = None, on_step=None) -> list[Checkpoint]:
-    """Train one planned group (the unit of work of a build); its checkpoints in epoch order."""
+              bases: dict[str, torch.Tensor] | None = None, on_step=None) -> tuple[list[Checkpoint], float]:
+    """Train one planned group (the unit of work of a build): its checkpoints in epoch order and the
+    seconds the training took."""
+    t = time.perf_counter()
     init = None
     if bases is not None:
         init = {k: v[torch.tensor([r.base for r in g.runs])] for k, v in bases.items()}
-    return list(train_group(g.arch, g.runs, epochs=recipe.epochs, checkpoints=recipe.checkpoints,
-                            batch_size=recipe.batch_size, bank=bank, device=dev, init=init, on_step=on_step))
+    cks = list(train_group(g.arch, g.runs, epochs=recipe.epochs, checkpoints=recipe.checkpoints,
+                           batch_size=recipe.batch_size, bank=bank, device=dev, init=init, on_step=on_step))
+    return cks, time.perf_counter() - t
 
 
 class _Banks(dict):
@@ -242,9 +245,7 @@ class _Trainer:
         if self.bar is not None and not self.workers:
             steps = math.ceil(int(bank.n.max()) / self.recipe.batch_size) * self.recipe.epochs
             on_step = lambda n, k=len(g.runs): self.bar.update(k / steps)  # noqa: E731
-        t = time.perf_counter()
-        cks = train_one(self.recipe, g, bank, self.dev, self.bases, on_step)
-        return cks, time.perf_counter() - t
+        return train_one(self.recipe, g, bank, self.dev, self.bases, on_step)
 
     def run(self, todo: Sequence[Group]) -> Iterator[tuple[Group, list[Checkpoint], float]]:
         if not self.workers:
