@@ -5,6 +5,8 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+if not torch.cuda.is_available():  # Triton kernels (if Triton is installed) run in its CPU interpreter; it
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
 torch.set_num_threads(1)  # tests use tiny tensors: one thread avoids oversubscription on shared cores
 
 

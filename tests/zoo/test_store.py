@@ -38,18 +38,23 @@ CASES = {
 }
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("case", list(CASES))
-def test_stored_checkpoint_reproduces_recorded_test_accuracy(tmp_path, case):
+def test_stored_checkpoint_reproduces_recorded_test_accuracy(tmp_path, case, device):
+    """Trained on ``device`` and evaluated there by a plain nn.Module in full float32 (no TF32)."""
     r = _recipe(**CASES[case])
-    build(r, tmp_path / "z", progress=False)
+    build(r, tmp_path / "z", progress=False, device=device)
     zoo = open_zoo(tmp_path / "z")
     assert len(zoo) == r.population * 2 and zoo.epochs == [0, 2]
     for rec in zoo.filter(epoch=2):
         x, y, xt, yt = datasets.load(rec["dataset"])
-        m = rec.to_module()
+        m = rec.to_module().to(device)
         assert type(m) is torch.nn.Sequential and not m.training
-        with torch.no_grad():
-            acc = (m(xt).argmax(1) == yt).sum().item() / len(yt)
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            acc = (m(xt.to(device)).argmax(1).cpu() == yt).sum().item() / len(yt)
         assert acc == rec["test_acc"], (rec["model_id"], acc, rec["test_acc"])
         assert rec["gen_gap"] == rec["train_acc"] - rec["test_acc"]
         ws = rec.load()
@@ -249,3 +254,29 @@ def test_a_zoo_of_another_trainer_version_is_not_extended_or_merged(tmp_path):
     with pytest.raises(ConfigError, match="different wsnets trainer versions"):
         merge(tmp_path / "m", [tmp_path / "old", tmp_path / "new"])
     assert len(_table(tmp_path / "old")) == 4  # untouched
+
+
+def test_a_gpu_trained_zoo_is_not_extended_on_the_cpu(tmp_path):
+    """The trainer tag records the device (and the fused kernel's precision): a build resumed on
+    another device would mix low-order bits, so it is refused like another trainer version."""
+    from wsnets.zoo import fused
+    from wsnets.zoo.trainer import TRAINER_VERSION, trainer_tag
+    assert trainer_tag("cpu") == TRAINER_VERSION
+    if fused.available(torch.device("cuda")):
+        prec = torch.get_float32_matmul_precision()
+        try:
+            assert trainer_tag("cuda") == f"{TRAINER_VERSION}+cuda+fused-ieee"
+            torch.set_float32_matmul_precision("high")
+            assert trainer_tag("cuda") == f"{TRAINER_VERSION}+cuda+fused-tf32"
+        finally:
+            torch.set_float32_matmul_precision(prec)
+    r = _recipe(population=8, group_size=2, epochs=1, checkpoints=[1])
+    build(r, tmp_path / "z", progress=False, limit=4)
+    con = sqlite3.connect(str(tmp_path / "z" / "index.sqlite"))
+    with con:
+        con.execute("UPDATE meta SET value = ? WHERE key = 'trainer'", (f"{TRAINER_VERSION}+cuda+fused-ieee",))
+    con.close()
+    with pytest.raises(ConfigError, match=rf"trainer version {TRAINER_VERSION}\+cuda\+fused-ieee.*this build trains "
+                                          rf"version {TRAINER_VERSION} "):
+        build(r, tmp_path / "z", progress=False)
+    assert len(_table(tmp_path / "z")) == 4

@@ -9,14 +9,18 @@ from wsnets.zoo.recipe import RunSpec
 from wsnets.zoo.trainer import DataBank, _argmax_is, _epoch_order, _members, _mix, hash_uniform, init_params, train_group
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
 def _runs(arch, hps, dataset="blobs2"):
     base = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "init_scale": 1.0, "dropout": 0.0,
             "label_noise": 0.0, "train_fraction": 1.0, "grad_clip": 1e9}
     return [RunSpec(i, f"t-{i}", 1000 + i, arch, dataset, {**base, **hp}) for i, hp in enumerate(hps)]
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("batchnorm", [False, True])
-def test_matches_torch_optim_reference(batchnorm):
+def test_matches_torch_optim_reference(batchnorm, device):
     arch = wsnets.mlp(2, [6, 5], 4, "tanh", batchnorm=batchnorm)
     hps = [{"optimizer": "sgd", "lr": 0.1}, {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.05},
            {"optimizer": "sgd", "lr": 0.03, "momentum": 0.0, "weight_decay": 0.01, "init_scale": 2.0,
@@ -26,7 +30,8 @@ def test_matches_torch_optim_reference(batchnorm):
     runs = _runs(arch, hps)
     bank = DataBank.build(["blobs2"])
     B, E = 200, 2
-    ck = list(train_group(arch, runs, epochs=E, checkpoints=[0, E], batch_size=B, bank=bank))
+    ck = list(train_group(arch, runs, epochs=E, checkpoints=[0, E], batch_size=B, bank=DataBank.build(["blobs2"], device),
+                          device=device))
     assert [c.epoch for c in ck] == [0, E]
     init = ck[0].params
     # reference: one nn.Module and one torch.optim optimizer per model, fed the same batches
@@ -100,8 +105,8 @@ def test_diverging_model_is_restored_and_frozen():
         torch.testing.assert_close(ck[-1].params[k][1], v[1])
 
 
-@pytest.mark.parametrize("use_numpy", [True, False])
-def test_epoch_order_is_hash_sorted_passes(use_numpy):
+@pytest.mark.parametrize("use_numpy,device", [(True, "cpu"), (False, "cpu"), pytest.param(False, "cuda", marks=CUDA.marks)])
+def test_epoch_order_is_hash_sorted_passes(use_numpy, device):
     """Each model's stream is its reshuffled passes over its subset, pass p ordered by hash(seed, p*N + pos),
     whatever the chunking of the sort and whichever backend (NumPy on CPU, torch on devices)."""
     N, total = 50, 64
@@ -114,7 +119,7 @@ def test_epoch_order_is_hash_sorted_passes(use_numpy):
     n_sub = member.sum(1)
     memb = _members(member)
     for epoch in (0, 1, 7):
-        got = _epoch_order(seeds, memb, n_sub, epoch, total, N, use_numpy=use_numpy)
+        got = _epoch_order(seeds.to(device), memb.to(device), n_sub.to(device), epoch, total, N, use_numpy=use_numpy).cpu()
         for k in range(4):
             pos = member[k].nonzero().flatten().tolist()
             key = lambda p, i: int(_mix(torch.tensor(((int(_mix(torch.tensor((int(seeds[k]) ^ 4))))) + (p * N + i) * 0x9E3779B1) & 0xFFFFFFFF)))
@@ -125,6 +130,34 @@ def test_epoch_order_is_hash_sorted_passes(use_numpy):
             assert got[k].tolist() == stream[off:off + total], (epoch, k)
     both = _epoch_order(seeds, memb, n_sub, 3, total, N, use_numpy=use_numpy, epochs=2)
     assert torch.equal(both, torch.cat([_epoch_order(seeds, memb, n_sub, e, total, N) for e in (3, 4)], 1))
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.skipif(not _has_triton(), reason="needs Triton"))])
+@pytest.mark.parametrize("cap", [1, 40, 1 << 26])
+def test_epoch_order_torch_path_equals_numpy_in_any_chunking(cap, kernel):
+    """The torch path (sort keys from torch ops, or from the Triton kernel: on the GPU, else in Triton's
+    CPU interpreter) gives the NumPy path's sample order whatever the chunking."""
+    from wsnets.zoo.trainer import _epoch_order_torch
+    dev = "cuda" if kernel and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    N, K = 37, 9
+    member = torch.rand(K, N, generator=g) < torch.rand(K, 1, generator=g)
+    member[:, 0] = True
+    seeds = torch.randint(0, 2 ** 32, (K,), generator=g)
+    memb, n_sub = _members(member), member.sum(1)
+    for epoch, total, epochs in ((0, 40, 1), (2, 40, 3), (5, 7, 2)):
+        ref = _epoch_order(seeds, memb, n_sub, epoch, total, N, use_numpy=True, epochs=epochs)
+        got = _epoch_order_torch(seeds.to(dev), memb.to(dev), n_sub.to(dev), epoch * total, total * epochs, N, 6,
+                                 cap=cap, kernel=kernel)
+        assert torch.equal(got.cpu(), ref), (cap, epoch)
 
 
 def test_argmax_is_matches_argmax_with_ties_and_nan():
@@ -145,10 +178,12 @@ def test_hash_uniform_numpy_path_is_bit_identical():
     assert got.dtype == torch.float32 and torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "sigmoid", "silu", "elu", "softplus", "leaky_relu"])
-def test_mlp_engine_gradients_match_autograd_with_chunks_and_dropout(act, monkeypatch):
+def test_mlp_engine_gradients_match_autograd_with_chunks_and_dropout(act, in_place, monkeypatch):
     """The hand-written MLP forward/backward (in chunks of 2 models, dropout on the last 2 rows) gives
-    autograd's gradients of the same loss with the same dropout masks."""
+    autograd's gradients of the same loss with the same dropout masks; the softmax written over the
+    logits (CPU) or into its own buffer (other devices)."""
     from wsnets.zoo import trainer as T
     arch = wsnets.mlp(4, [7, 6], 3, act)
     K, B = 5, 8
@@ -166,6 +201,7 @@ def test_mlp_engine_gradients_match_autograd_with_chunks_and_dropout(act, monkey
         return s
     monkeypatch.setattr(T._MLPEngine, "_dropout_scale", record)
     eng = T._MLPEngine(arch, params, bank, B, drop, 2, torch.Generator().manual_seed(0), chunk=2)
+    eng.softmax_in_place = in_place
     idx = torch.randint(0, 50, (K, B))
     yb = bank.y[0][idx]
     got = torch.cat([torch.cat([g.clone() for g in [t.flatten(1) for t in eng._grads(a, min(a + 2, K), idx[a:a + 2], yb[a:a + 2])]], 1)
@@ -205,7 +241,7 @@ def test_engines_agree_without_dropout(monkeypatch, flat):
     bank = DataBank.build(["blobs2"])
     b = list(train_group(arch, runs, epochs=2, checkpoints=[2], batch_size=128, bank=bank, engine="autograd"))[-1]
     real = T._MLPEngine.__init__
-    monkeypatch.setattr(T._MLPEngine, "__init__", lambda self, *a: real(self, *a, chunk=2, flat=flat))
+    monkeypatch.setattr(T._MLPEngine, "__init__", lambda self, *a, **kw: real(self, *a, chunk=2, flat=flat, **kw))
     a = list(train_group(arch, runs, epochs=2, checkpoints=[2], batch_size=128, bank=bank, engine="mlp"))[-1]
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-5)

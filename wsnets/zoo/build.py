@@ -30,7 +30,7 @@ from ..io import atomic_write, read_safetensors
 from . import datasets as zds
 from .recipe import HYPER_DEFAULTS, Recipe, RunSpec, load_recipe
 from .store import ZooWriter
-from .trainer import TRAINER_VERSION, Checkpoint, DataBank, train_group
+from .trainer import Checkpoint, DataBank, train_group, trainer_tag
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     si, sn = parse_shard(shard)
     writer = ZooWriter(out, recipe.name, recipe.digest, Path(recipe.source).read_text() if Path(recipe.source).is_file() else "",
-                       trainer=TRAINER_VERSION)
+                       trainer=trainer_tag(dev))
     full = plan(recipe, limit)
     groups = [g for i, g in enumerate(full) if i % sn == si]
     done = writer.committed_groups()
@@ -104,7 +104,7 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
     if todo and writer.other_trainer:
         writer.close()
         raise ConfigError(f"{out}: its {len(done)} groups were trained by wsnets trainer version {writer.other_trainer}, "
-                          f"this wsnets trains version {TRAINER_VERSION} (other numbers for the same recipe and seed): "
+                          f"this build trains version {trainer_tag(dev)} (other numbers for the same recipe and seed): "
                           "build into a new --out (or open the finished part as it is)")
     bases = _bases(recipe, Path(out), dev) if recipe.pretrain else None
     n_models = sum(len(g.runs) for g in todo)

@@ -5,10 +5,11 @@ each model's mean cross-entropy, so every model gets exactly its own gradient:
 
 * ``mlp`` (Linear + activation stacks, the zoo's MLPs): a hand-written forward and backward with
   batched matrix products and no autograd graph. Activations are feature-major ``[K, features, B]``
-  and every layer is one contiguous block ``[K, out, in+1]`` (weight and bias), so a layer costs one
+  and every layer is one contiguous block ``[K, in+1, out]`` (weight and bias), so a layer costs one
   ``bmm`` forward and two backward, into preallocated buffers. On CPU the models are processed in
   chunks of ~100 (a chunk's forward, backward and update run back to back, so its tensors stay in
-  cache);
+  cache). On CUDA with Triton, groups of at least 256 models run one fused kernel per step instead
+  (:mod:`wsnets.zoo.fused`: one program per model, weights in registers);
 * ``autograd`` (any architecture: convolutions, BatchNorm, ...): :func:`wsnets.functional.forward`
   (batched matrix products, grouped convolutions) on a flat leaf ``theta [K, P]``, then
   ``torch.autograd.grad``.
@@ -36,6 +37,7 @@ frozen (``diverged = 1``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import Architecture
+from ..errors import ConfigError
 from ..functional import activation, forward
 from . import datasets as zds
 from .recipe import RunSpec
@@ -54,6 +57,17 @@ from .recipe import RunSpec
 #: 3 NumPy dropout masks and the 7-pass AdamW, 4 MLP weights stored as [in+1, out] (other matrix-product
 #: kernels: the same accuracies up to rounding, other low-order bits).
 TRAINER_VERSION = "4"
+
+
+def trainer_tag(device: torch.device | str) -> str:
+    """What a zoo records as its trainer: :data:`TRAINER_VERSION`, plus the device type and, on CUDA
+    with Triton, the fused kernel's matrix-product precision (each gives other low-order bits, so a
+    build resumed elsewhere would mix numbers): ``"4"`` on CPU, e.g. ``"4+cuda+fused-ieee"`` on a GPU."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return TRAINER_VERSION
+    from . import fused
+    return f"{TRAINER_VERSION}+{dev.type}" + (f"+fused-{fused.matmul_precision()}" if fused.available(dev) else "")
 
 _MASK = 0xFFFFFFFF
 _STREAM = {"subset": 1, "noise_flip": 2, "noise_label": 3, "order": 4, "init": 100}
@@ -147,13 +161,19 @@ class Checkpoint:
 
 
 def _hp(runs: Sequence[RunSpec], name: str, device) -> torch.Tensor:
-    return torch.tensor([float(r.hp[name]) for r in runs], device=device)
+    """Hyperparameter ``name`` of every run, float32 ``[K]`` (NumPy's fromiter: ~4x faster than a list
+    of floats at 50,000 runs)."""
+    import numpy as np
+    from operator import itemgetter
+    v = np.fromiter(map(itemgetter(name), (r.hp for r in runs)), dtype=np.float64, count=len(runs))
+    return torch.from_numpy(v.astype(np.float32)).to(device)
 
 
 def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, checkpoints: Sequence[int],
                 batch_size: int, bank: DataBank, device: torch.device | str = "cpu",
                 init: dict[str, torch.Tensor] | None = None,
-                on_step: Callable[[int], None] | None = None, engine: str = "auto") -> Iterator[Checkpoint]:
+                on_step: Callable[[int], None] | None = None, engine: str = "auto",
+                fused: bool | None = None) -> Iterator[Checkpoint]:
     """Train ``K = len(runs)`` models of architecture ``arch`` together; yield a :class:`Checkpoint` at
     each epoch in ``checkpoints`` (0 = before training), models in the order of ``runs``.
 
@@ -161,6 +181,9 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
     ``on_step(n)`` is called after each optimizer step with ``n`` steps done (progress bars).
     ``engine``: ``"mlp"`` (hand-written forward/backward, Linear + activation stacks only),
     ``"autograd"`` (any architecture) or ``"auto"`` (``"mlp"`` where it applies).
+    ``fused``: train MLP groups with one Triton kernel per step (:mod:`wsnets.zoo.fused`); ``None`` =
+    wherever it applies (CUDA with Triton installed, supported widths and activation, groups of at
+    least ``fused.MIN_MODELS`` models).
 
     Models are sorted internally by (dropout > 0, optimizer) so that each optimizer and the dropout
     masks act on contiguous row blocks. The optimizer is a handful of elementwise operations per
@@ -175,7 +198,6 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
         init = {k: v[torch.tensor(order)] for k, v in init.items()}
     bad_opt = sorted({r.hp["optimizer"] for r in runs} - {"sgd", "adam"})
     if bad_opt:
-        from ..errors import ConfigError
         raise ConfigError(f"unknown optimizer(s) {bad_opt} (use sgd or adam)")
     K = len(runs)
     seeds = torch.tensor([r.seed for r in runs], dtype=torch.long, device=dev)
@@ -203,7 +225,12 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
     gen = torch.Generator(device=dev).manual_seed(zlib.crc32(",".join(r.model_id for r in runs).encode()))
     if engine == "auto":
         engine = "mlp" if _MLPEngine.supports(arch) else "autograd"
-    eng = (_MLPEngine if engine == "mlp" else _AutogradEngine)(arch, params, bank, batch_size, drop, n_drop, gen)
+    if engine == "mlp":
+        eng = _MLPEngine(arch, params, bank, batch_size, drop, n_drop, gen, fused=fused)
+    else:
+        if fused:
+            raise ConfigError("fused=True needs the MLP engine (Linear + activation stacks)")
+        eng = _AutogradEngine(arch, params, bank, batch_size, drop, n_drop, gen)
     data_idx = didx[:, None] * Nmax  # offset of each model's dataset in the flattened bank
     opt = _Optimizer(eng.blocks, runs, dev)
     frozen = torch.zeros(K, 1, dtype=torch.bool, device=dev)
@@ -232,12 +259,39 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
                         b.copy_(torch.where(bad.reshape((-1,) + (1,) * (b.dim() - 1)), old, b))
                     frozen |= bad
         if epoch in checkpoints:
-            with torch.no_grad():
+            with torch.no_grad(), _full_fp32():
                 p = eng.params()
                 metrics = evaluate(eng.logits, bank, didx, y_train, member, shared)
             metrics["diverged"] = frozen[:, 0].double()
-            yield Checkpoint(epoch, {k: v.detach().cpu()[inv].clone() for k, v in p.items()},
-                             {k: v.cpu()[inv] for k, v in metrics.items()})
+            yield Checkpoint(epoch, _to_host(p, inv), _to_host(metrics, inv))
+
+
+def _to_host(ts: dict[str, torch.Tensor], inv: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows ``inv`` of each tensor, as new CPU tensors. From a GPU: reordered there, then copied into
+    page-locked memory with one synchronization (a pageable copy ran at ~1.3 GB/s on an H100 host)."""
+    if all(t.device.type == "cpu" for t in ts.values()):
+        return {k: t.detach()[inv].clone() for k, t in ts.items()}
+    out = {}
+    for k, t in ts.items():
+        src = t.detach()[inv.to(t.device)]
+        out[k] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        out[k].copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return out
+
+
+@contextlib.contextmanager
+def _full_fp32():
+    """No TF32 inside (CUDA matrix products and cuDNN convolutions): recorded metrics are float32
+    numbers that a plain ``nn.Module`` reproduces, whatever the process's TF32 settings."""
+    mm = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        c = torch.backends.cudnn
+        with c.flags(enabled=c.enabled, benchmark=c.benchmark, deterministic=c.deterministic, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = mm
 
 
 def _flat_inputs(bank: DataBank, extra_ones: bool) -> torch.Tensor:
@@ -326,7 +380,7 @@ class _MLPEngine:
                 and kinds[1::2] == ["act"] * len(kinds[1::2]) and all(l.fn in _ACT_BACKWARD for l in ls[1::2]))
 
     def __init__(self, arch, params, bank, batch_size, drop, n_drop, gen, chunk: int | None = None,
-                 flat: bool | None = None):
+                 flat: bool | None = None, fused: bool | None = None):
         self.arch, self.gen = arch, gen
         if drop.device.type == "cpu":
             import numpy as np
@@ -340,6 +394,9 @@ class _MLPEngine:
         self.B = B = batch_size
         dev = drop.device
         self.buffers: list[torch.Tensor] = []
+        self.fused = self._fused_plan(fused, bank, B, dev)
+        if self.fused:  # one kernel per step keeps everything in registers: no chunk buffers
+            chunk, flat = K, False
         x = _flat_inputs(bank, True)
         # models per chunk (CPU): a chunk's forward, backward and update run back to back on ~16 MB of
         # tensors; ~100-150 models of 64-32-32-10 per chunk measured fastest (vs whole-K kernels at K=512)
@@ -347,6 +404,8 @@ class _MLPEngine:
         C = self.C = min(K, chunk or (max(32, (1 << 22) // per_model) if dev.type == "cpu" else K))
         self.xT = x.T.contiguous()  # [in+1, rows]: batches are gathered feature-major (see _views)
         self.xbufs: dict[int, torch.Tensor] = {}  # chunk size -> gather buffer
+        if self.fused:
+            C = 0
         self.h = [torch.ones(C, l.out_features + 1, B, device=dev) for l in self.lin[:-1]]  # inputs of layers 1..
         self.z = [torch.empty(C, l.out_features, B, device=dev) for l in self.lin]
         # [K, in+1, out]: nn.Linear's weight transposed, the bias as an extra row
@@ -372,6 +431,38 @@ class _MLPEngine:
         self.keep = (1 - drop).reshape(-1, 1, 1)
         self.neg = torch.full((C, 1, B), -1.0 / B, device=dev)
         self.inv_b = 1.0 / B
+        self.softmax_in_place = dev.type == "cpu"  # the output buffer may be its input on CPU only
+
+    def _fused_plan(self, fused: bool | None, bank: DataBank, B: int, dev: torch.device) -> bool:
+        """Whether steps run as one Triton kernel (:mod:`wsnets.zoo.fused`); ``fused=True`` insists."""
+        from . import fused as fz
+        widths = [self.lin[0].in_features] + [l.out_features for l in self.lin]
+        fns = {a.fn for a in self.acts}
+        ok = fz.available(dev) and len(fns) == 1 and fz.supports(widths, next(iter(fns)), B)
+        if fused and not ok:
+            raise ConfigError(f"fused=True: needs CUDA with Triton (or TRITON_INTERPRET=1), one activation among "
+                              f"{sorted(fz.ACTS)}, widths <= {fz.MAX_WIDTH} and batch <= {fz.MAX_BATCH}; got device "
+                              f"{dev}, activations {sorted(fns)}, widths {widths}, batch {B}")
+        if not (ok and dev.type == "cuda" and self.K >= fz.MIN_MODELS if fused is None else fused):  # auto: GPUs
+            return False
+        act = self.acts[0]
+        self.fz = (fz, widths, act.fn, act.slope, _flat_inputs(bank, False), self.gen.initial_seed())
+        self.fz_hp: dict[str, torch.Tensor] | None = None
+        return True
+
+    def _fused_step(self, fidx: torch.Tensor, yb: torch.Tensor, opt: "_Optimizer") -> None:
+        fz, widths, fn, slope, x, seed = self.fz
+        if self.fz_hp is None:  # views of the optimizer's per-model tensors (updated in place by it)
+            adam = torch.zeros(self.K, device=x.device)
+            for o, s, e in opt.segments:
+                if o == "adam":
+                    adam[s:e] = 1.0
+            self.fz_hp = {"lr": opt.step_lr.view(-1), "momentum": opt.mom.view(-1).contiguous(),
+                          "weight_decay": opt.wd.view(-1).contiguous(), "clip": opt.clip.view(-1).contiguous(),
+                          "adam": adam, "keep": self.keep.reshape(-1).contiguous()}
+        m2 = opt.m2 if opt.m2[0] is not None else None
+        fz.step(x, fidx.contiguous(), yb.contiguous(), self.w, opt.m1, m2, self.fz_hp, widths, fn, slope, opt.t,
+                zlib.crc32(f"{seed}:{opt.t}".encode()) & 0x7FFFFFFF, self.s0 < self.K)
 
     def params(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -382,6 +473,8 @@ class _MLPEngine:
 
     def step(self, fidx: torch.Tensor, yb: torch.Tensor, opt: "_Optimizer") -> None:
         """One optimizer step of every model, chunk by chunk (forward, backward, update)."""
+        if self.fused:
+            return self._fused_step(fidx, yb, opt)
         for a in range(0, self.K, self.C):
             b = min(a + self.C, self.K)
             opt.step(self._grads(a, b, fidx[a:b], yb[a:b]), a, b)
@@ -424,7 +517,7 @@ class _MLPEngine:
             saved.append((z, y, scale))
         logits = torch.bmm(blocks[-1], inputs[-1], out=zs[-1])  # [n, C, B]
         # d(sum over models of mean cross-entropy)/d logits = (softmax - onehot) / B
-        dz = torch.ops.aten._softmax.out(logits, 1, False, out=zs[-1 if logits.is_cpu else len(zs)])  # in place on CPU
+        dz = torch.ops.aten._softmax.out(logits, 1, False, out=zs[-1 if self.softmax_in_place else -2])
         dz = dz.mul_(self.inv_b).scatter_add_(1, yb[:, None], neg)
         for i in range(len(self.lin) - 1, 0, -1):
             torch.bmm(inputs[i], dz.transpose(1, 2), out=g[i])
@@ -602,17 +695,19 @@ def _epoch_order(seeds: torch.Tensor, memb: torch.Tensor, n_sub: torch.Tensor, e
     Keys are distinct within a pass (the hash is a bijection of 32-bit integers), so the order does not
     depend on the sort algorithm. On CPU the work runs in NumPy (uint32 arithmetic, fancy indexing and
     its vectorized sort are ~5-10x faster than torch's int64 ops and row sorts), elsewhere in torch on
-    the device; both give the same stream (``use_numpy`` forces either). Only the members of the
-    passes an epoch touches are sorted, in chunks of at most 4M elements.
+    the device (:func:`_epoch_order_torch`); both give the same stream (``use_numpy`` forces either).
+    Only the members of the passes an epoch touches are sorted, in chunks of at most 4M elements.
     """
     if use_numpy is None:
         use_numpy = memb.device.type == "cpu"
-    xp = _NumpyOps() if use_numpy else _TorchOps(memb.device)
-    seeds, memb, n_sub = xp.asarray(seeds), xp.asarray(memb), xp.asarray(n_sub)
-    K, Smax = memb.shape
     b = max(1, (Nmax - 1).bit_length())  # bits of a position
     g0 = epoch * total
     total *= epochs
+    if not use_numpy:
+        return _epoch_order_torch(seeds, memb, n_sub, g0, total, Nmax, b)
+    xp = _NumpyOps()
+    seeds, memb, n_sub = xp.asarray(seeds), xp.asarray(memb), xp.asarray(n_sub)
+    K, Smax = memb.shape
     p0 = g0 // n_sub
     J = (g0 + total - 1) // n_sub - p0 + 1  # passes touched this epoch, per model
     k = xp.key(seeds)
@@ -677,37 +772,49 @@ class _NumpyOps:
         return (key & u64((1 << b) - 1)).astype(np.int64)
 
 
-class _TorchOps:
-    """The array operations :func:`_epoch_order` needs, in torch on ``device``."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def asarray(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, torch.long)
-
-    def arange(self, *a) -> torch.Tensor:
-        return torch.arange(*a, device=self.device)
-
-    def repeat(self, a, r) -> torch.Tensor:
-        return torch.repeat_interleave(a, r)
-
-    def searchsorted(self, a, v) -> torch.Tensor:
-        return torch.searchsorted(a, v, right=True)
-
-    def empty(self, shape) -> torch.Tensor:
-        return torch.empty(shape, dtype=torch.int32, device=self.device)
-
-    def to_torch(self, a) -> torch.Tensor:
-        return a
-
-    def key(self, seeds) -> torch.Tensor:
-        return _mix((seeds ^ _STREAM["order"]) & _MASK)
-
-    def sort_rows(self, k, counter, rows: int, ne, val, b: int) -> torch.Tensor:
-        h = _mix((k + (counter & _MASK) * _GOLD) & _MASK)
-        row = torch.repeat_interleave(torch.arange(rows, device=self.device), ne)
-        return torch.sort((row << (32 + b)) | (h << b) | val).values & ((1 << b) - 1)
+def _epoch_order_torch(seeds: torch.Tensor, memb: torch.Tensor, n_sub: torch.Tensor, g0: int, total: int,
+                       Nmax: int, b: int, cap: int = 1 << 26, kernel: bool | None = None) -> torch.Tensor:
+    """:func:`_epoch_order` in torch on the tensors' device (samples ``g0 .. g0 + total - 1`` of each
+    model's stream): one row per (model, pass) of width ``Smax``, keys ``hash << b | position`` (padding
+    sorts last), one row-wise sort per chunk of at most ``cap`` keys (GPU sorts of rows of up to 4096
+    keys run in shared memory), then each model's slice of its rows, read with one gather. The keys come
+    from one Triton kernel (``kernel``; default: on CUDA where Triton is installed) or ~25 torch ops."""
+    dev = memb.device
+    if kernel is None:
+        from . import fused
+        kernel = dev.type == "cuda" and fused.available(dev)
+    seeds, memb, n_sub = seeds.to(dev, torch.long), memb.to(dev, torch.long), n_sub.to(dev, torch.long)
+    K, Smax = memb.shape
+    p0 = g0 // n_sub
+    J = (g0 + total - 1) // n_sub - p0 + 1  # passes touched, per model
+    k = _mix((seeds ^ _STREAM["order"]) & _MASK)
+    col = torch.arange(Smax, device=dev)
+    t = torch.arange(total, device=dev)
+    out = torch.empty(K, total, dtype=torch.int32, device=dev)
+    import numpy as np
+    cum = np.concatenate([[0], np.cumsum(J.cpu().numpy())])  # rows before each model
+    lo = 0
+    while lo < K:  # chunks of models with at most `cap` keys (at least one model)
+        hi = max(lo + 1, int(np.searchsorted(cum, cum[lo] + cap // Smax, side="right")) - 1)
+        rows = int(cum[hi] - cum[lo])
+        Jm = J[lo:hi]
+        row_m = torch.repeat_interleave(torch.arange(lo, hi, device=dev), Jm, output_size=rows)  # [R]
+        row0 = Jm.cumsum(0) - Jm  # each model's first row (in the chunk)
+        row_pass = p0[row_m] + torch.arange(rows, device=dev) - torch.repeat_interleave(row0, Jm, output_size=rows)
+        if kernel:
+            from ._kernels import order_keys
+            key = torch.empty(rows, Smax, dtype=torch.long, device=dev)
+            order_keys[(rows,)](memb, row_m, row_pass, k, n_sub, key, Smax, Nmax, b, max(16, 1 << (Smax - 1).bit_length()))
+        else:
+            pos = memb[row_m]  # [R, Smax]
+            h = _mix((k[row_m, None] + ((row_pass[:, None] * Nmax + pos) & _MASK) * _GOLD) & _MASK)
+            key = torch.where(col[None] < n_sub[row_m, None], (h << b) | pos, 1 << 62)
+        srt = torch.sort(key, 1).values & ((1 << b) - 1)  # [R, Smax] positions, each pass in its order
+        nm = n_sub[lo:hi, None]
+        g = (g0 - p0[lo:hi, None] * nm) + t[None]  # index into the model's passes, from the first one touched
+        out[lo:hi] = srt[row0[:, None] + torch.div(g, nm, rounding_mode="floor"), g % nm].int()
+        lo = hi
+    return out
 
 
 def _mix_np(x):

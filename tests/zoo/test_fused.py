@@ -1,0 +1,79 @@
+"""The fused Triton step kernel (wsnets.zoo.fused) computes what the torch MLP engine computes.
+
+On a machine with CUDA the kernel runs on the GPU; elsewhere Triton's interpreter runs it on the CPU
+(``TRITON_INTERPRET=1``), so these tests check the kernel's arithmetic wherever Triton is installed."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import (tests/conftest.py sets it too)
+pytest.importorskip("triton")
+
+import wsnets  # noqa: E402
+from wsnets.errors import ConfigError  # noqa: E402
+from wsnets.zoo.recipe import RunSpec  # noqa: E402
+from wsnets.zoo.trainer import DataBank, train_group  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bank(n=60, d=5, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, xt = torch.randn(1, n, d, generator=g), torch.randn(1, 40, d, generator=g)
+    y, yt = torch.randint(0, classes, (1, n), generator=g), torch.randint(0, classes, (1, 40), generator=g)
+    return DataBank(["x"], x.to(DEV), y.to(DEV), torch.tensor([n], device=DEV), xt.to(DEV), yt.to(DEV),
+                    torch.tensor([40], device=DEV), classes)
+
+
+def _runs(arch, hps):
+    base = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "init_scale": 1.0, "dropout": 0.0,
+            "label_noise": 0.0, "train_fraction": 1.0, "grad_clip": 1e9}
+    return [RunSpec(i, f"f-{i}", 50 + i, arch, "x", {**base, **hp}) for i, hp in enumerate(hps)]
+
+
+HPS = [{"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.01}, {"optimizer": "adam", "lr": 0.01},
+       {"optimizer": "sgd", "lr": 0.3, "momentum": 0.0, "label_noise": 0.3, "grad_clip": 0.05},  # clipping binds
+       {"optimizer": "adam", "lr": 0.02, "weight_decay": 0.1, "train_fraction": 0.4, "grad_clip": 0.1}]
+
+
+def _train(arch, runs, bank, fused, epochs=2, batch=20):
+    return list(train_group(arch, runs, epochs=epochs, checkpoints=[epochs], batch_size=batch, bank=bank, device=DEV,
+                            fused=fused))[-1]
+
+
+@pytest.mark.parametrize("act,hidden", [(a, [7, 20]) for a in ("relu", "tanh", "sigmoid", "gelu", "silu", "elu",
+                                                                 "softplus", "leaky_relu")] + [("relu", [33]), ("tanh", [16, 5, 9, 40])])
+def test_fused_step_matches_torch_engine(act, hidden):
+    """Mixed SGD/AdamW, weight decay, binding gradient clipping, label noise, a training subset, widths
+    and batch (20 of a padded 32) that are not tile sizes: the same weights and metrics after 2 epochs."""
+    arch = wsnets.mlp(5, hidden, 4, act)
+    runs, bank = _runs(arch, HPS), _bank()
+    a, b = _train(arch, runs, bank, False), _train(arch, runs, bank, True)
+    for k in a.params:
+        torch.testing.assert_close(b.params[k], a.params[k], rtol=1e-4, atol=1e-5, msg=k)
+    torch.testing.assert_close(b.metrics["train_loss"], a.metrics["train_loss"], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_dropout_is_reproducible_and_per_model():
+    """Dropout masks depend on the step and the model: rerunning gives the same weights, a model without
+    dropout is unaffected by its neighbours' dropout, and dropout changes the models that have it."""
+    arch = wsnets.mlp(5, [16], 4, "relu")
+    bank = _bank()
+    runs = _runs(arch, [{"dropout": 0.0}, {"dropout": 0.5}, {"dropout": 0.5, "lr": 0.07}])
+    first, again = _train(arch, runs, bank, True), _train(arch, runs, bank, True)
+    plain = _train(arch, _runs(arch, [{"dropout": 0.0}, {"dropout": 0.0}, {"dropout": 0.0, "lr": 0.07}]), bank, True)
+    torch_ref = _train(arch, runs[:1], bank, False)
+    for k in first.params:
+        assert torch.equal(first.params[k], again.params[k])
+        torch.testing.assert_close(first.params[k][0], torch_ref.params[k][0], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(first.params[k][1:], plain.params[k][1:], atol=1e-4)
+
+
+def test_fused_true_refuses_what_the_kernel_does_not_cover():
+    arch = wsnets.mlp(5, [200], 4, "relu")
+    with pytest.raises(ConfigError, match="widths"):
+        _train(arch, _runs(arch, HPS[:1]), _bank(), True)
+
