@@ -10,7 +10,9 @@ Two workloads, each timed both ways in one run:
   clipping and checkpoint evaluation, on models drawn from the same groups.
 * ``mlp``: the fixed MLP 64-32-32-10 (ReLU, SGD) trained 10 epochs on digits, ``K`` models in one
   group (the issue's GPU target: >= 50,000 models/s on an H100), plus a naive ``torch.func.vmap``
-  reference (``vmap(grad(loss))`` over stacked parameters, one SGD update per parameter tensor).
+  reference (``vmap(grad(loss))`` over stacked parameters, one SGD update per parameter tensor). On
+  CUDA the batched trainer runs its fused Triton kernel (:mod:`wsnets.zoo.fused`) when Triton is
+  installed, timed twice: in float32 (PyTorch's default precision) and with TF32 allowed.
 
 Both methods run with the same torch thread count (``--threads``). ``--workers N`` adds a row for the
 recipe built by ``wsnets zoo build`` with ``N`` worker processes (groups in parallel, one thread each,
@@ -232,9 +234,32 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
     results = []
 
-    # workload 1: every `every`-th group of the recipe planned at its real size
     full = plan(recipe, n_rec)
     groups = [(g.arch, list(g.runs)) for g in full[::every]]
+    # the fixed-MLP workload's models (timed below)
+    raw = {"name": "mlp64", "seed": 0, "population": n_mlp, "datasets": ["digits"], "epochs": 10, "checkpoints": [10],
+           "batch_size": 64, "group_size": n_mlp,
+           "architecture": {"kind": "mlp", "depth": 2, "width": 32, "activation": "relu"},
+           "hyperparameters": {"optimizer": "sgd", "lr": {"log_uniform": [0.01, 0.2]}, "momentum": 0.9}}
+    mr = parse_recipe(raw)
+    runs = mr.runs()
+    mbank = bank if recipe.datasets == ["digits"] else DataBank.build(["digits"], dev)
+    warmup = {}
+    if dev.type == "cuda":  # outside the timings: CUDA libraries' first calls, Triton's compilation of the
+        # fused kernel (once per configuration and machine, then cached on disk), in both precisions
+        from wsnets.zoo import fused
+        prec = torch.get_float32_matmul_precision()
+        for p in ("highest", "high"):
+            torch.set_float32_matmul_precision(p)
+            t = time.perf_counter()
+            list(train_group(runs[0].arch, runs[:fused.MIN_MODELS], epochs=1, checkpoints=[1], batch_size=64,
+                             bank=mbank, device=dev))
+            warmup[f"mlp_{p}_s"] = time.perf_counter() - t
+        torch.set_float32_matmul_precision(prec)
+        t = time.perf_counter()
+        batched(groups[:1], recipe, bank, dev)
+        warmup["recipe_first_group_s"] = time.perf_counter() - t
+    # workload 1: every `every`-th group of the recipe planned at its real size
     all_runs = sorted((r for _, rs in groups for r in rs), key=lambda r: r.index)
     seq_runs = all_runs[:: max(1, len(all_runs) // n_seq)][:n_seq]
     sizes = sorted(len(rs) for _, rs in groups)
@@ -250,20 +275,23 @@ def main(argv=None) -> int:
                                  f"(1 thread each; store writes included; sequential loop as above)", bld))
 
     # workload 2: fixed MLP 64-32-32-10, SGD, 10 epochs on digits
-    raw = {"name": "mlp64", "seed": 0, "population": n_mlp, "datasets": ["digits"], "epochs": 10, "checkpoints": [10],
-           "batch_size": 64, "group_size": n_mlp,
-           "architecture": {"kind": "mlp", "depth": 2, "width": 32, "activation": "relu"},
-           "hyperparameters": {"optimizer": "sgd", "lr": {"log_uniform": [0.01, 0.2]}, "momentum": 0.9}}
-    mr = parse_recipe(raw)
-    runs = mr.runs()
-    mbank = bank if recipe.datasets == ["digits"] else DataBank.build(["digits"], dev)
-    mlp, vm = [], []
+    mlp, vm, tf32 = [], [], []
     for _ in range(repeat):
         seq = sequential(runs[:n_seq], mr, mbank, dev)
         mlp.append((batched([(runs[0].arch, runs)], mr, mbank, dev), seq))
+        if dev.type == "cuda":  # the same with TF32 matrix products allowed (the fused kernel's tensor-core path)
+            prec = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+            try:
+                tf32.append((batched([(runs[0].arch, runs)], mr, mbank, dev), seq))
+            finally:
+                torch.set_float32_matmul_precision(prec)
         if n_vmap:
             vm.append((vmap_loop(runs[:n_vmap], mr, mbank, dev), seq))
     results.append(_repeated(f"MLP 64-32-32-10, 10 epochs on digits, batch 64 (K={n_mlp})", mlp))
+    if tf32:
+        results.append(_repeated(f"same, TF32 matrix products (torch.set_float32_matmul_precision('high'); "
+                                 f"sequential loop in float32 as above)", tf32))
     if n_vmap:
         results.append(_repeated(f"naive torch.func.vmap loop, same MLP (K={n_vmap})", vm))
 
@@ -271,7 +299,7 @@ def main(argv=None) -> int:
            "threads": a.threads, "repeat": repeat, "torch": torch.__version__, "python": platform.python_version(),
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "quick": a.quick,
            "load_average_before": [round(v, 2) for v in load0],
-           "load_average_after": [round(v, 2) for v in os.getloadavg()],
+           "load_average_after": [round(v, 2) for v in os.getloadavg()], "warmup": warmup,
            "note": "timed on a shared machine; ratios are from the same run"}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out, {"env": env, "results": results})
