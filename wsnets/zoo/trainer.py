@@ -441,8 +441,9 @@ class _MLPEngine:
         ok = fz.available(dev) and len(fns) == 1 and fz.supports(widths, next(iter(fns)), B)
         if fused and not ok:
             raise ConfigError(f"fused=True: needs CUDA with Triton (or TRITON_INTERPRET=1), one activation among "
-                              f"{sorted(fz.ACTS)}, widths <= {fz.MAX_WIDTH} and batch <= {fz.MAX_BATCH}; got device "
-                              f"{dev}, activations {sorted(fns)}, widths {widths}, batch {B}")
+                              f"{sorted(fz.ACTS)}, and padded batch x summed padded widths <= {fz.MAX_TILE}; got device "
+                              f"{dev}, activations {sorted(fns)}, widths {widths}, batch {B} "
+                              f"({fz.tile_size(widths, B)})")
         if not (ok and dev.type == "cuda" and self.K >= fz.MIN_MODELS if fused is None else fused):  # auto: GPUs
             return False
         act = self.acts[0]
