@@ -162,7 +162,7 @@ def _source(L: int) -> str:
     o += [f"    c{l} = tl.arange(0, P{l})" for l in range(L + 1)]
     o += ["    h0 = tl.load(X + idx[:, None] * D0 + c0[None, :], mask=rv[:, None] & (c0[None, :] < D0), other=0.0)",
           "    keep = tl.load(KEEP + k)",
-          "    sk = seed.to(tl.int64) * 1048576 + k"]
+          "    sk = seed.to(tl.int64) * 4294967296 + k"]  # distinct per (step, model) for any K < 2**32
     for l in range(L):
         o += [f"    o{l} = c{l}[:, None] * D{l + 1} + c{l + 1}[None, :]",
               f"    m{l} = (c{l}[:, None] < D{l}) & (c{l + 1}[None, :] < D{l + 1})",
