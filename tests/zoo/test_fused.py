@@ -77,3 +77,31 @@ def test_fused_true_refuses_what_the_kernel_does_not_cover():
     with pytest.raises(ConfigError, match=r"summed padded widths <= 20480.*\(36864\)"):
         _train(arch, _runs(arch, HPS[:1]), _bank(), True, batch=128)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_zoo_built_with_the_fused_kernel_reproduces_its_recorded_accuracy(tmp_path):
+    """A 300-model group (fused kernel) built by `zoo build` on the GPU: each stored checkpoint, loaded
+    into a plain nn.Module, gives exactly its recorded test accuracy, and the zoo records the trainer tag."""
+    import sqlite3
+
+    from wsnets.zoo import build, datasets, open as open_zoo, parse_recipe
+    from wsnets.zoo.trainer import TRAINER_VERSION
+    r = parse_recipe({"name": "fz", "seed": 5, "population": 300, "datasets": ["digits"], "epochs": 2,
+                      "checkpoints": [2], "batch_size": 64, "group_size": 300,
+                      "architecture": {"kind": "mlp", "depth": 2, "width": 32, "activation": "relu"},
+                      "hyperparameters": {"optimizer": ["sgd", "adam"], "lr": {"log_uniform": [1e-3, 0.3]},
+                                          "dropout": {"uniform": [0, 0.3], "zero": 0.5},
+                                          "label_noise": {"uniform": [0, 0.3], "zero": 0.5}}})
+    build(r, tmp_path / "z", progress=False, device="cuda")
+    con = sqlite3.connect(str(tmp_path / "z" / "index.sqlite"))
+    assert con.execute("SELECT value FROM meta WHERE key = 'trainer'").fetchone()[0] == f"{TRAINER_VERSION}+cuda+fused-ieee"
+    con.close()
+    _, _, xt, yt = datasets.load("digits")
+    xt, yt = xt.cuda(), yt.cuda()
+    recs = list(open_zoo(tmp_path / "z").filter(epoch=2))
+    assert len(recs) == 300
+    for rec in recs:
+        with torch.no_grad():
+            acc = (rec.to_module().cuda()(xt).argmax(1) == yt).sum().item() / len(yt)
+        assert acc == rec["test_acc"], rec["model_id"]
