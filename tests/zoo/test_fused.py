@@ -72,6 +72,40 @@ def test_fused_dropout_is_reproducible_and_per_model():
         assert not torch.allclose(first.params[k][1:], plain.params[k][1:], atol=1e-4)
 
 
+def test_a_failing_kernel_hands_the_group_to_the_torch_path(monkeypatch):
+    """If the kernel cannot compile or launch (another GPU, another Triton) in automatic mode, the group
+    goes on with the torch path from that step, on the same weights and optimizer state: after a failure
+    at step 4, the result equals a torch-path run; with fused=True the error is raised."""
+    from wsnets.zoo import fused, trainer as T
+    arch = wsnets.mlp(5, [7, 20], 4, "tanh")
+    runs, bank = _runs(arch, HPS), _bank()
+    real, calls = fused.step, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) >= 4:
+            raise RuntimeError("out of resources")
+        return real(*a, **k)
+    monkeypatch.setattr(fused, "step", flaky)
+    with pytest.raises(RuntimeError, match="out of resources"):
+        _train(arch, runs, bank, True)
+    calls.clear()
+    real_plan = T._MLPEngine._fused_plan
+
+    def auto(self, *a):  # fused=True's kernel with automatic mode's fallback
+        used = real_plan(self, *a)
+        self.fz_insist = False
+        return used
+    monkeypatch.setattr(T._MLPEngine, "_fused_plan", auto)
+    with pytest.warns(RuntimeWarning, match="torch path"):
+        got = _train(arch, runs, bank, True)
+    monkeypatch.setattr(fused, "step", real)
+    mixed = _train(arch, runs, bank, False)
+    assert len(calls) == 4
+    for k in got.params:
+        torch.testing.assert_close(got.params[k], mixed.params[k], rtol=1e-4, atol=1e-5)
+
+
 def test_fused_true_refuses_what_the_kernel_does_not_cover():
     arch = wsnets.mlp(5, [64] * 4, 4, "relu")  # 128 * (16 + 4 * 64 + 16) values per program: too many registers
     with pytest.raises(ConfigError, match=r"summed padded widths <= 20480.*\(36864\)"):

@@ -7,7 +7,9 @@ each kernel reads and writes; measured 8.6 ms per step on an H100 before this ke
 model: it gathers the model's batch, runs the forward and backward pass with its weights in
 registers (``tl.dot`` on tiles padded to powers of two, at least 16), clips the gradient by the model's
 own norm and applies its SGD or AdamW update. Only small models fit (:data:`MAX_TILE`: 64-32-32-10 up to
-batch 128); the others train on the torch path. Device memory then sees each parameter and optimizer
+batch 128); the others train on the torch path, and so does a group whose kernel fails to compile or
+launch in automatic mode (``train_group(fused=None)``: a warning, then the torch path from that step on
+the same weights and optimizer state). Device memory then sees each parameter and optimizer
 state read once and written once per step (~2.8 GB for the model above; measured 1.8 ms per step with
 TF32 and 4.8 ms in float32 on the H100, see ``benchmarks/results/zoo_speed_h100.md``).
 

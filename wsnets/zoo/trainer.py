@@ -397,6 +397,7 @@ class _MLPEngine:
         self.B = B = batch_size
         dev = drop.device
         self.buffers: list[torch.Tensor] = []
+        self.twin_args = (bank, B, drop, n_drop)
         self.fused = self._fused_plan(fused, bank, B, dev)
         if self.fused:  # one kernel per step keeps everything in registers: no chunk buffers
             chunk, flat = K, False
@@ -447,12 +448,25 @@ class _MLPEngine:
                               f"{sorted(fz.ACTS)}, and padded batch x summed padded widths <= {fz.MAX_TILE}; got device "
                               f"{dev}, activations {sorted(fns)}, widths {widths}, batch {B} "
                               f"({fz.tile_size(widths, B)})")
+        self.twin: _MLPEngine | None = None  # the torch path that takes over if the kernel fails
         if not (ok and dev.type == "cuda" and self.K >= fz.MIN_MODELS if fused is None else fused):  # auto: GPUs
             return False
         act = self.acts[0]
         self.fz = (fz, widths, act.fn, act.slope, _flat_inputs(bank, False), self.gen.initial_seed())
         self.fz_hp: dict[str, torch.Tensor] | None = None
+        self.fz_insist = bool(fused)
         return True
+
+    def _fall_back(self, err: Exception) -> None:
+        """The kernel could not run (compilation or launch failed: another GPU, another Triton): this group
+        goes on with the torch path on the same parameter blocks and optimizer state, from this step."""
+        import warnings
+        warnings.warn(f"wsnets zoo: the fused Triton kernel failed ({type(err).__name__}: {str(err)[:200]}); "
+                      "training this group with the torch path instead", RuntimeWarning, stacklevel=3)
+        bank, B, drop, n_drop = self.twin_args
+        twin = _MLPEngine(self.arch, self.params(), bank, B, drop, n_drop, self.gen, flat=False, fused=False)
+        twin.w = twin.blocks = self.w  # the blocks the optimizer updates
+        self.fused, self.twin = False, twin
 
     def _fused_step(self, fidx: torch.Tensor, yb: torch.Tensor, opt: "_Optimizer") -> None:
         fz, widths, fn, slope, x, seed = self.fz
@@ -478,7 +492,14 @@ class _MLPEngine:
     def step(self, fidx: torch.Tensor, yb: torch.Tensor, opt: "_Optimizer") -> None:
         """One optimizer step of every model, chunk by chunk (forward, backward, update)."""
         if self.fused:
-            return self._fused_step(fidx, yb, opt)
+            try:
+                return self._fused_step(fidx, yb, opt)
+            except Exception as err:  # noqa: BLE001 - any compile/launch failure; fused=True re-raises
+                if self.fz_insist:
+                    raise
+                self._fall_back(err)
+        if self.twin is not None:
+            return self.twin.step(fidx, yb, opt)
         for a in range(0, self.K, self.C):
             b = min(a + self.C, self.K)
             opt.step(self._grads(a, b, fidx[a:b], yb[a:b]), a, b)
