@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import os
 import platform
@@ -290,8 +289,8 @@ def main(argv=None) -> int:
             vm.append((vmap_loop(runs[:n_vmap], mr, mbank, dev), seq))
     results.append(_repeated(f"MLP 64-32-32-10, 10 epochs on digits, batch 64 (K={n_mlp})", mlp))
     if tf32:
-        results.append(_repeated(f"same, TF32 matrix products (torch.set_float32_matmul_precision('high'); "
-                                 f"sequential loop in float32 as above)", tf32))
+        results.append(_repeated("same, TF32 matrix products (torch.set_float32_matmul_precision('high'); "
+                                 "sequential loop in float32 as above)", tf32))
     if n_vmap:
         results.append(_repeated(f"naive torch.func.vmap loop, same MLP (K={n_vmap})", vm))
 
