@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
@@ -174,6 +175,17 @@ def vmap_loop(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, float, int
     return time.perf_counter() - t, time.process_time() - c, K, accs
 
 
+@contextlib.contextmanager
+def _matmul_precision(p: str):
+    """``torch.set_float32_matmul_precision(p)`` inside, the previous setting restored after."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(p)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
 def _repeated(name: str, pairs: list[tuple[tuple, tuple]]) -> dict:
     """One result row from ``repeat`` (batched, sequential) timings taken in turn: medians of the rates
     and of the per-repeat speedups, the speedups' range, and every repeat."""
@@ -247,14 +259,12 @@ def main(argv=None) -> int:
     if dev.type == "cuda":  # outside the timings: CUDA libraries' first calls, Triton's compilation of the
         # fused kernel (once per configuration and machine, then cached on disk), in both precisions
         from wsnets.zoo import fused
-        prec = torch.get_float32_matmul_precision()
         for p in ("highest", "high"):
-            torch.set_float32_matmul_precision(p)
-            t = time.perf_counter()
-            list(train_group(runs[0].arch, runs[:fused.MIN_MODELS], epochs=1, checkpoints=[1], batch_size=64,
-                             bank=mbank, device=dev))
-            warmup[f"mlp_{p}_s"] = time.perf_counter() - t
-        torch.set_float32_matmul_precision(prec)
+            with _matmul_precision(p):
+                t = time.perf_counter()
+                list(train_group(runs[0].arch, runs[:fused.MIN_MODELS], epochs=1, checkpoints=[1], batch_size=64,
+                                 bank=mbank, device=dev))
+                warmup[f"mlp_{p}_s"] = time.perf_counter() - t
         t = time.perf_counter()
         batched(groups[:1], recipe, bank, dev)
         warmup["recipe_first_group_s"] = time.perf_counter() - t
@@ -279,12 +289,8 @@ def main(argv=None) -> int:
         seq = sequential(runs[:n_seq], mr, mbank, dev)
         mlp.append((batched([(runs[0].arch, runs)], mr, mbank, dev), seq))
         if dev.type == "cuda":  # the same with TF32 matrix products allowed (the fused kernel's tensor-core path)
-            prec = torch.get_float32_matmul_precision()
-            torch.set_float32_matmul_precision("high")
-            try:
+            with _matmul_precision("high"):
                 tf32.append((batched([(runs[0].arch, runs)], mr, mbank, dev), seq))
-            finally:
-                torch.set_float32_matmul_precision(prec)
         if n_vmap:
             vm.append((vmap_loop(runs[:n_vmap], mr, mbank, dev), seq))
     results.append(_repeated(f"MLP 64-32-32-10, 10 epochs on digits, batch 64 (K={n_mlp})", mlp))

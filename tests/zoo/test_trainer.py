@@ -1,5 +1,7 @@
 """The batched trainer equals K separate torch.optim loops, and its randomness is per model."""
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,15 +134,8 @@ def test_epoch_order_is_hash_sorted_passes(use_numpy, device):
     assert torch.equal(both, torch.cat([_epoch_order(seeds, memb, n_sub, e, total, N) for e in (3, 4)], 1))
 
 
-def _has_triton():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.skipif(not _has_triton(), reason="needs Triton"))])
+@pytest.mark.parametrize("kernel", [False, pytest.param(True, marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="needs Triton"))])
 @pytest.mark.parametrize("cap", [1, 40, 1 << 26])
 def test_epoch_order_torch_path_equals_numpy_in_any_chunking(cap, kernel):
     """The torch path (sort keys from torch ops, or from the Triton kernel: on the GPU, else in Triton's

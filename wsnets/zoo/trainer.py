@@ -275,8 +275,9 @@ def _to_host(ts: dict[str, torch.Tensor], inv: torch.Tensor) -> dict[str, torch.
     if not all(t.device.type == "cuda" for t in ts.values()):
         return {k: t.detach()[inv.to(t.device)].cpu() for k, t in ts.items()}
     out = {}
+    inv = inv.to(next(iter(ts.values())).device)
     for k, t in ts.items():
-        src = t.detach()[inv.to(t.device)]
+        src = t.detach()[inv]
         out[k] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
         out[k].copy_(src, non_blocking=True)
     torch.cuda.synchronize()
