@@ -299,6 +299,10 @@ class Architecture:
                 "input_shape": list(self.input_shape) if self.input_shape else None}
 
     def to_json(self) -> str:
+        return self._json
+
+    @cached_property
+    def _json(self) -> str:  # computed once: zoo builds write it into thousands of index rows
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod

@@ -96,6 +96,14 @@ class Recipe:
     description: str = ""
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    _archs: dict[tuple[str, str], tuple[Architecture, int, int]] = field(default_factory=dict, repr=False,
+                                                                         compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled to zoo workers: small, without the architecture cache
+        return {k: v for k, v in self.__dict__.items() if k != "_archs"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _archs={})
 
     @property
     def digest(self) -> str:
@@ -113,7 +121,10 @@ class Recipe:
         hp = dict(HYPER_DEFAULTS)
         hp.update({k: _draw(v, rng, f"hyperparameters.{k}") for k, v in sorted(self.hyperparameters.items())})
         dataset = self.datasets[rng.randrange(len(self.datasets))]
-        arch, width, depth = build_arch(a, dataset)
+        key = (json.dumps(a, sort_keys=True), dataset)
+        if key not in self._archs:  # one (immutable) Architecture per distinct draw: planning 1000 runs
+            self._archs[key] = build_arch(a, dataset)  # otherwise spends most of its time validating them
+        arch, width, depth = self._archs[key]
         base = rng.randrange(int(self.pretrain.get("bases", 1))) if self.pretrain else -1
         seed = zlib.crc32(f"{self.seed}:{i}".encode())
         return RunSpec(i, f"{self.name}-{i:06d}", seed, arch, dataset, hp, base, width, depth)
