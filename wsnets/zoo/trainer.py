@@ -350,14 +350,14 @@ class _AutogradEngine:
 _ACT_BACKWARD: dict[str, Callable] = {
     "identity": lambda g, z, y, s: g,
     "relu": lambda g, z, y, s: torch.ops.aten.threshold_backward.grad_input(g, y, 0, grad_input=g),
-    "tanh": lambda g, z, y, s: torch.ops.aten.tanh_backward(g, y),
-    "sigmoid": lambda g, z, y, s: torch.ops.aten.sigmoid_backward(g, y),
-    "gelu": lambda g, z, y, s: torch.ops.aten.gelu_backward(g, z),
-    "silu": lambda g, z, y, s: torch.ops.aten.silu_backward(g, z),
-    "elu": lambda g, z, y, s: torch.ops.aten.elu_backward(g, 1.0, 1, 1, False, z),
-    "softplus": lambda g, z, y, s: torch.ops.aten.softplus_backward(g, z, 1, 20),
-    "leaky_relu": lambda g, z, y, s: torch.ops.aten.leaky_relu_backward(g, z, s, False),
-}
+    "tanh": lambda g, z, y, s: torch.ops.aten.tanh_backward.grad_input(g, y, grad_input=g),
+    "sigmoid": lambda g, z, y, s: torch.ops.aten.sigmoid_backward.grad_input(g, y, grad_input=g),
+    "gelu": lambda g, z, y, s: torch.ops.aten.gelu_backward.grad_input(g, z, grad_input=g),
+    "silu": lambda g, z, y, s: torch.ops.aten.silu_backward.grad_input(g, z, grad_input=g),
+    "elu": lambda g, z, y, s: torch.ops.aten.elu_backward.grad_input(g, 1.0, 1, 1, False, z, grad_input=g),
+    "softplus": lambda g, z, y, s: torch.ops.aten.softplus_backward.grad_input(g, z, 1, 20, grad_input=g),
+    "leaky_relu": lambda g, z, y, s: torch.ops.aten.leaky_relu_backward.grad_input(g, z, s, False, grad_input=g),
+}  # in place: ``g`` (a contiguous buffer of the engine) is not needed afterwards
 _FROM_OUTPUT = ("identity", "relu", "tanh", "sigmoid")  # backward needs only the output
 
 
@@ -639,7 +639,8 @@ class _Optimizer:
             out.append([(o, s, e, p[a:b][s:e], m1[a:b][s:e], None if m2 is None else m2[a:b][s:e],
                          *(v[s:e].view(view) for v in hp[:2]),
                          hp[2][s:e].view(view) if bool(hp[2][s:e].any()) else None,  # no decay: skip the term
-                         float(hp[1][s]) if bool((hp[1][s:e] == hp[1][s]).all()) else None)  # one momentum
+                         float(hp[1][s]) if bool((hp[1][s:e] == hp[1][s]).all()) else None,  # one momentum
+                         torch.empty_like(p[a:b][s:e]) if o == "adam" else None)  # AdamW's denominator
                         for o, s, e in segs])
         return self.clip[a:b], out
 
@@ -658,9 +659,10 @@ class _Optimizer:
         unclipped = not bool((coef < 1).any())
         for g, segs in zip(grads, blocks):
             view = (-1,) + (1,) * (g.dim() - 1)
-            for o, s, e, p, m1, m2, lr, mom, wd, mom1 in segs:
+            for o, s, e, p, m1, m2, lr, mom, wd, mom1, buf in segs:
                 if o == "adam":
-                    _adamw(p, g[s:e] if unclipped else g[s:e].mul_(coef[s:e].view(view)), m1, m2, lr, wd, self.t)
+                    _adamw(p, g[s:e] if unclipped else g[s:e].mul_(coef[s:e].view(view)), m1, m2, lr, wd, self.t,
+                           out=buf)
                 elif unclipped and mom1 is not None:  # buf = mom * buf + g in one kernel
                     torch.add(g[s:e], m1, alpha=mom1, out=m1)
                     _sgd_rest(p, m1, lr, wd)
@@ -688,8 +690,10 @@ def _sgd_rest(p, buf, lr, wd) -> None:
     p.addcmul_(buf, lr, value=-1)
 
 
-def _adamw(p, g, m1, m2, lr, wd, t: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> None:
-    """``torch.optim.AdamW`` (decoupled weight decay) for a block of models, in place; ``wd`` None = 0.
+def _adamw(p, g, m1, m2, lr, wd, t: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+           out: torch.Tensor | None = None) -> None:
+    """``torch.optim.AdamW`` (decoupled weight decay) for a block of models, in place; ``wd`` None = 0;
+    ``out``: a scratch tensor shaped like ``p`` for the denominator (else a new one).
 
     ``p -= lr / c1 * m1 / (sqrt(m2 / c2) + eps)`` (``c = 1 - beta**t``) is computed as
     ``p -= m1 / ((sqrt(m2) + eps * sqrt(c2)) / (lr * sqrt(c2) / c1))``: the same update in 7 passes
@@ -699,7 +703,7 @@ def _adamw(p, g, m1, m2, lr, wd, t: int, b1: float = 0.9, b2: float = 0.999, eps
     m1.lerp_(g, 1 - b1)
     m2.mul_(b2).addcmul_(g, g, value=1 - b2)
     r2 = math.sqrt(1 - b2 ** t)
-    denom = torch.sqrt(m2).add_(eps * r2).div_(lr * (r2 / (1 - b1 ** t)))
+    denom = torch.sqrt(m2, out=out).add_(eps * r2).div_(lr * (r2 / (1 - b1 ** t)))
     p.addcdiv_(m1, denom, value=-1)
 
 
