@@ -113,14 +113,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_sigkill_then_resume_equals_uninterrupted_build(tmp_path, workers):
-    """Killed in-process or with 2 worker processes (whose workers then exit), resumed in-process:
-    equal to an uninterrupted in-process build."""
+@pytest.mark.parametrize("workers,start", [(1, "fork"), (2, "fork"), (2, "spawn")])
+def test_sigkill_then_resume_equals_uninterrupted_build(tmp_path, workers, start):
+    """Killed in-process or with 2 worker processes (forked or spawned; they then exit), resumed
+    in-process: equal to an uninterrupted in-process build."""
     recipe = tmp_path / "kill.toml"
     recipe.write_text(RECIPE_TOML)
     killed, ref = tmp_path / "killed", tmp_path / "ref"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WSNETS_ZOO_WORKER_START=start)
     proc = subprocess.Popen([sys.executable, "-m", "wsnets", "zoo", "build", str(recipe), "--out", str(killed), "--json",
                              "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     n_done, deadline = 0, time.time() + 120
@@ -193,13 +193,16 @@ def test_zoo_filter_record_and_errors(tmp_path):
         open_zoo(tmp_path / "z")[0].load()
 
 
-def test_worker_processes_build_the_same_zoo_and_report_errors(tmp_path, monkeypatch):
-    """Two processes (this one and a worker) give the in-process zoo; an error raised while training a
-    group in a worker reaches the caller as itself; with two groups each process trains one (the
-    worker is sent one group at a time, so none waits in its pipe while this process idles)."""
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_worker_processes_build_the_same_zoo_and_report_errors(tmp_path, monkeypatch, start):
+    """Two processes (this one and a forked or spawned worker) give the in-process zoo; an error raised
+    while training a group in a worker reaches the caller as itself; with two groups each process
+    trains one (the worker is sent one group at a time, so none waits in its pipe while this process
+    idles)."""
     import dataclasses
     import importlib
     B = importlib.import_module("wsnets.zoo.build")
+    monkeypatch.setenv("WSNETS_ZOO_WORKER_START", start)
     r = _recipe(population=8, group_size=2, epochs=1, checkpoints=[1])
     s = build(r, tmp_path / "w2", progress=False, workers=2)
     assert s["workers"] == 2 and s["models_built"] == 8
@@ -219,6 +222,51 @@ def test_worker_processes_build_the_same_zoo_and_report_errors(tmp_path, monkeyp
     with pytest.raises(ConfigError, match="unknown optimizer"):
         build(bad, tmp_path / "bad", progress=False, workers=2)
     assert len(here) == 1
+
+
+FORK_AFTER_THREADS = """
+import sqlite3, sys, torch
+from wsnets.zoo import build
+from wsnets.zoo.recipe import parse_recipe
+RAW = {"name": "t", "seed": 3, "population": 12, "datasets": ["digits"], "epochs": 1, "checkpoints": [1], "batch_size": 128,
+       "group_size": 2, "architecture": {"kind": "mlp", "depth": [1, 2], "width": [8], "activation": ["relu", "tanh"]},
+       "hyperparameters": {"optimizer": ["sgd", "adam"], "dropout": {"uniform": [0, 0.3], "zero": 0.5}}}
+def _table(path):
+    con = sqlite3.connect(path + "/index.sqlite")
+    rows = con.execute("SELECT * FROM checkpoints ORDER BY model_id, epoch").fetchall()
+    con.close()
+    return rows
+torch.set_num_threads(2)  # this process's OpenMP pool is up (and idle) when the workers are forked
+a = torch.rand(600, 600)
+for _ in range(5):
+    (a @ a).tanh_().sum()
+r = parse_recipe(RAW)
+s = build(r, sys.argv[1] + "/w3", progress=False, workers=3)
+assert s["workers"] == 3 and torch.get_num_threads() == 2, s
+build(r, sys.argv[1] + "/w1", progress=False, workers=1)
+assert _table(sys.argv[1] + "/w3") == _table(sys.argv[1] + "/w1")
+"""
+
+
+def test_workers_forked_after_torch_used_its_thread_pool(tmp_path):
+    """Forked workers (one torch thread each) train correctly in a process whose OpenMP pool has run
+    (as torch's DataLoader workers do), do not hang, and give the in-process zoo; two of them make the
+    reader threads and the early release of idle workers run with more than one peer."""
+    from pathlib import Path as P
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WSNETS_ZOO_WORKER_START="fork")
+    res = subprocess.run([sys.executable, "-c", FORK_AFTER_THREADS, str(tmp_path)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(_table(P(tmp_path) / "w3")) == 12
+
+
+def test_worker_start_setting(monkeypatch):
+    from wsnets.zoo.build import worker_start
+    monkeypatch.setenv("WSNETS_ZOO_WORKER_START", "spawn")
+    assert worker_start() == "spawn"
+    monkeypatch.setenv("WSNETS_ZOO_WORKER_START", "thread")
+    with pytest.raises(ConfigError, match="WSNETS_ZOO_WORKER_START='thread'"):
+        worker_start()
 
 
 def test_resume_removes_temp_files_of_killed_writers_only(tmp_path):

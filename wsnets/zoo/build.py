@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -79,9 +80,8 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
 
     ``workers``: processes that train groups in parallel on CPU, this one included (each with one
     torch thread; this process also commits). ``None`` = one per available core (at most one per group
-    left) when the groups left hold at least ~5 s of training for one core or two groups per core and
-    64 models (smaller builds are not worth the ~1.5 s start of a worker), else 1 = train here, at the
-    caller's torch thread count. CUDA builds use one process.
+    left) when the groups left are worth a worker's start (see :func:`_n_workers`), else 1 = train
+    here, at the caller's torch thread count. CUDA builds use one process.
     A group's result does not depend on which process trained it; MLP groups are also bit-identical
     at any thread count, convolution groups are reproducible at a fixed thread count (oneDNN's
     reductions change with it: the CLI trains with one thread unless ``--threads``).
@@ -110,10 +110,11 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
     n_models = sum(len(g.runs) for g in todo)
     n_workers = _n_workers(workers, dev, todo, n_models)
     t0 = time.perf_counter()
-    bar = _bar(n_models, progress, f"zoo {recipe.name}")
     built = committed = 0
-    trainer = _Trainer(recipe, dev, bases, bar, n_workers, limit=limit, plan_index={g.group_id: j for j, g in enumerate(full)},
+    # workers first: forked ones start before the progress bar's monitor thread exists
+    trainer = _Trainer(recipe, dev, bases, None, n_workers, limit=limit, plan_index={g.group_id: j for j, g in enumerate(full)},
                        bases_path=Path(out) / "bases.safetensors")
+    bar = trainer.bar = _bar(n_models, progress, f"zoo {recipe.name}")
     try:
         for g, cks, seconds in trainer.run(todo):
             rows = [_row(recipe, r, c, k) for c in cks for k, r in enumerate(g.runs)]
@@ -152,14 +153,16 @@ def _cost(g: Group) -> int:
 
 def _n_workers(workers: int | None, dev: torch.device, todo: Sequence[Group], n_models: int) -> int:
     """Processes for a build: ``workers`` if given, else one per core (at most one per group) when the
-    work is worth a worker's ~1.5 s start: at least ~5 s of MLP training on one core (``_cost`` >= 2M),
-    or at least two groups per core and 64 models (convolutional groups cost more than ``_cost`` says)."""
+    work is worth a worker's start: at least ~1 s of MLP training on one core (``_cost`` >= 400k) for a
+    forked worker (~0.05 s to start), ~5 s (2M) for a spawned one (~1-1.5 s), or at least two groups
+    per core and 64 models (convolutional groups cost more than ``_cost`` says)."""
     if dev.type != "cpu" or not todo:
         return 1
     if workers is not None:
         return min(workers, len(todo))
     cores = _cores()
-    big = sum(map(_cost, todo)) >= 2_000_000 or (len(todo) >= 2 * cores and n_models >= 64)
+    least = 400_000 if worker_start() == "fork" else 2_000_000
+    big = sum(map(_cost, todo)) >= least or (len(todo) >= 2 * cores and n_models >= 64)
     return min(cores, len(todo)) if cores > 1 and len(todo) > 1 and big else 1
 
 
@@ -194,13 +197,14 @@ class _Banks(dict):
 class _Trainer:
     """Trains the groups of a build and yields ``(group, checkpoints, seconds)`` as they finish.
 
-    With ``workers > 1`` (CPU), ``workers - 1`` worker processes (``python -m wsnets.zoo.worker``, two
-    pipes each; a reader thread sends a worker its next group as soon as it returns one) and this
-    process itself train groups, largest first, every process with one torch thread; otherwise groups
-    train here one after another, with progress per optimizer step. Workers are plain subprocesses, so
-    a calling script needs no ``if __name__ == "__main__"`` guard. A worker exits when its input pipe
-    closes, so a killed build (even with SIGKILL) leaves no worker behind once its current group is
-    done; :meth:`close` kills workers still busy.
+    With ``workers > 1`` (CPU), ``workers - 1`` worker processes (forked, or ``python -m
+    wsnets.zoo.worker``: see :func:`worker_start`; two pipes each; a reader thread sends a worker its
+    next group as soon as it returns one) and this process itself train groups, largest first, every
+    process with one torch thread; otherwise groups train here one after another, with progress per
+    optimizer step. Workers are forked or plain subprocesses (never ``multiprocessing``), so a calling
+    script needs no ``if __name__ == "__main__"`` guard. A worker exits when its input pipe closes:
+    as soon as no group is left for it, and when a build is killed (even with SIGKILL) once its
+    current group is done; :meth:`close` kills workers still busy.
     """
 
     def __init__(self, recipe: Recipe, dev: torch.device, bases, bar, workers: int = 1, *, limit: int | None = None,
@@ -208,33 +212,31 @@ class _Trainer:
         """``plan_index`` (group id -> position in ``plan(recipe, limit)``) is needed with ``workers > 1``."""
         self.recipe, self.dev, self.bases, self.bar = recipe, dev, bases, bar
         self.banks = _Banks(dev)
-        self.workers: list[tuple[Any, int, int]] = []  # (Popen, fd we write, fd we read)
+        self.workers: list[tuple[Any, int, int]] = []  # (Popen or _Forked, fd we write, fd we read)
         self.threads = torch.get_num_threads()
         self.readers: list = []  # threads taking worker results off their pipes (see run)
         self.lock = threading.Lock()  # the task queue and the pipes to workers
         self.closed = False
+        self.released: set[int] = set()  # worker input pipes closed early (no work left for them)
         if workers > 1:
             self.plan_index = plan_index
-            import subprocess
-            import sys
-
-            import wsnets
             torch.set_num_threads(1)  # restored by close()
-            path = [str(Path(wsnets.__file__).resolve().parents[1])] + [
-                p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
+            start = worker_start()
             try:
                 for _ in range(workers - 1):
                     r_child, w_parent = os.pipe()
                     r_parent, w_child = os.pipe()
-                    proc = subprocess.Popen([sys.executable, "-m", "wsnets.zoo.worker", str(r_child), str(w_child)],
-                                            pass_fds=(r_child, w_child), env=env, stdin=subprocess.DEVNULL)
+                    if start == "fork":
+                        proc: Any = _fork_worker(r_child, w_child, recipe, limit, bases)
+                    else:
+                        proc = _spawn_worker(r_child, w_child)
                     os.close(r_child)
                     os.close(w_child)
                     self.workers.append((proc, w_parent, r_parent))
-                    # small messages only (a pipe holds 64 KB and the worker is still starting): the worker
-                    # plans the recipe itself and reads the bases from the zoo directory
-                    send_msg(w_parent, (recipe, limit, str(bases_path) if bases is not None else None))
+                    if start != "fork":
+                        # small messages only (a pipe holds 64 KB and the worker is still starting): the
+                        # worker plans the recipe itself and reads the bases from the zoo directory
+                        send_msg(w_parent, (recipe, limit, str(bases_path) if bases is not None else None))
             except BaseException:
                 self.close()
                 raise
@@ -258,11 +260,15 @@ class _Trainer:
         results: queue_mod.Queue = queue_mod.Queue()
 
         def feed(fd: int) -> None:
-            """Send worker ``fd`` the largest group left (under the lock: ``close`` may close ``fd``)."""
+            """Send worker ``fd`` the largest group left (under the lock: ``close`` may close ``fd``); with
+            none left, close its input so that it exits now, while this process may still be training."""
             with self.lock:
                 if queue and not self.closed:
                     i, g = queue.pop()
                     send_msg(fd, (i, self.plan_index[g.group_id], g.group_id))
+                elif not self.closed and fd not in self.released:
+                    self.released.add(fd)
+                    os.close(fd)
 
         def read(fd_in: int, fd_out: int) -> None:
             """A worker's results, taken off its pipe at once (a worker blocks on a full pipe while this
@@ -276,7 +282,8 @@ class _Trainer:
                     if msg[3] is None:
                         feed(fd_out)
                 except (EOFError, OSError) as e:
-                    results.put(e)
+                    if fd_out not in self.released:  # else: the worker exited because it was told to
+                        results.put(e)
                     return
         for _, w, _ in self.workers:
             feed(w)
@@ -307,7 +314,8 @@ class _Trainer:
         with self.lock:  # no reader thread writes to a pipe from now on
             self.closed = True
             for _, w, _ in self.workers:  # workers exit on EOF (after their current group)...
-                os.close(w)
+                if w not in self.released:
+                    os.close(w)
         for proc, _, _ in self.workers:
             try:
                 proc.wait(timeout=0.5)
@@ -320,6 +328,105 @@ class _Trainer:
             os.close(r)
         self.workers = []
         torch.set_num_threads(self.threads)
+
+
+def worker_start() -> str:
+    """How worker processes start: ``"fork"`` on Linux (~0.05 s: the child has torch, the recipe and
+    the bases already), else ``"spawn"`` (a fresh ``python -m wsnets.zoo.worker``, ~1-1.5 s to import
+    torch); ``WSNETS_ZOO_WORKER_START=fork|spawn`` overrides."""
+    import sys
+    how = os.environ.get("WSNETS_ZOO_WORKER_START", "fork" if sys.platform == "linux" else "spawn")
+    if how not in ("fork", "spawn") or (how == "fork" and not hasattr(os, "fork")):
+        raise ConfigError(f"WSNETS_ZOO_WORKER_START={how!r}: use fork (Linux) or spawn")
+    return how
+
+
+def _spawn_worker(r_child: int, w_child: int):
+    """A worker in a new interpreter (``python -m wsnets.zoo.worker``), given its two pipe ends."""
+    import subprocess
+    import sys
+
+    import wsnets
+    path = [str(Path(wsnets.__file__).resolve().parents[1])] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
+    return subprocess.Popen([sys.executable, "-m", "wsnets.zoo.worker", str(r_child), str(w_child)],
+                            pass_fds=(r_child, w_child), env=env, stdin=subprocess.DEVNULL)
+
+
+class _Forked:
+    """The parent's handle on a forked worker (the part of ``subprocess.Popen`` that builds use)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() >= deadline:
+                raise TimeoutError(f"zoo worker {self.pid} still running")
+            else:
+                time.sleep(0.005)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _fork_worker(r_child: int, w_child: int, recipe: Recipe, limit: int | None, bases) -> _Forked:
+    """A worker forked from this process (as torch's DataLoader forks its workers): the child keeps
+    only its two pipe ends (no other process's input pipe, so every worker still sees EOF when the
+    build ends or is killed), trains with one torch thread and leaves with ``os._exit`` (none of this
+    process's files, database connection or exit handlers are touched by the child)."""
+    import gc
+    import sys
+    import warnings
+    for f in (sys.stdout, sys.stderr):  # else the child would write this process's buffered output again
+        try:
+            f.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    with warnings.catch_warnings():  # Python >= 3.12 warns about fork with threads (torch's idle pools)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    code = 1
+    try:
+        gc.disable()  # no finalizer of an inherited object may run (and close a file of the parent)
+        for fd in _open_fds():
+            if fd > 2 and fd not in (r_child, w_child):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        from .worker import serve
+        code = serve(r_child, w_child, recipe, limit, bases)
+    except BaseException:  # noqa: BLE001 - report, never return into the parent's code
+        import traceback
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _open_fds() -> list[int]:
+    """This process's open file descriptors (Linux: /proc/self/fd; else every number up to the limit)."""
+    try:
+        return [int(f) for f in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024))
 
 
 def checkpoints_to_numpy(cks: Sequence[Checkpoint]) -> list[tuple[int, dict, dict]]:
