@@ -133,11 +133,16 @@ def insert_rows(con: sqlite3.Connection, rows: Sequence[Mapping[str, Any]], grou
             con.execute("INSERT OR REPLACE INTO groups VALUES (?, ?, ?, ?, ?, ?)", (*group, time.time()))
 
 
+_PLAIN = frozenset((int, float, str, bytes))
+
+
 def _q(c: str) -> str:
     return f'"{c}"'
 
 
 def _sql(v: Any) -> Any:
+    if v is None or type(v) in _PLAIN:  # most values: no conversion (a build commits ~100 of them per row)
+        return v
     if isinstance(v, (dict, list)):
         return json.dumps(v, sort_keys=True)
     if isinstance(v, torch.Tensor):

@@ -233,6 +233,7 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
             raise ConfigError("fused=True needs the MLP engine (Linear + activation stacks)")
         eng = _AutogradEngine(arch, params, bank, batch_size, drop, n_drop, gen)
     data_idx = didx[:, None] * Nmax  # offset of each model's dataset in the flattened bank
+    row_off = (torch.arange(K, device=dev) * Nmax)[None, :, None]  # offset of each model's row of y_train
     opt = _Optimizer(eng.blocks, runs, dev)
     frozen = torch.zeros(K, 1, dtype=torch.bool, device=dev)
     steps = math.ceil(int(bank.n.max()) / batch_size)
@@ -245,10 +246,15 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
             if e0 == 0:  # [K, n * steps * B]: fewer, larger sorts (a pass spanning two epochs is sorted once)
                 stream = _epoch_order(seeds, memb, n_sub, epoch - 1, steps * batch_size, Nmax,
                                       epochs=min(per_block, epochs - epoch + 1))
-            for s in range(e0 * steps, (e0 + 1) * steps):
-                idx = stream[:, s * batch_size:(s + 1) * batch_size].long()  # [K, B]
+            # this epoch's batches, step-major [steps, K, B]: rows of the flattened bank and their labels
+            # (three small ops per epoch instead of per step)
+            idx = stream[:, e0 * steps * batch_size:(e0 + 1) * steps * batch_size].reshape(K, steps, batch_size)
+            idx = idx.transpose(0, 1).long().contiguous()
+            labels = torch.take(y_train, idx + row_off)
+            idx += data_idx[None]
+            for s in range(steps):
                 opt.t += 1
-                eng.step(idx + data_idx, y_train.gather(1, idx), opt)
+                eng.step(idx[s], labels[s], opt)
                 if on_step is not None:
                     on_step(1)
             with torch.no_grad():
