@@ -580,14 +580,14 @@ class _MLPEngine:
         if bufs is None:
             k16 = (keep.reshape(-1, 1, 1).cpu().double() * 65536).round().clamp(1, 65535)
             thr = np.ascontiguousarray(np.broadcast_to(k16.numpy().astype(np.uint16), shape))
-            inv = np.ascontiguousarray(np.broadcast_to((65536 / k16).float().numpy(), shape))
-            bufs = self.drop_bufs[(a, layer)] = (thr, inv, np.empty(shape, bool), np.empty(shape, np.float32))
-        thr, inv, mask, out = bufs
+            mask = np.empty(shape, bool)
+            bufs = self.drop_bufs[(a, layer)] = (thr, mask, torch.from_numpy(mask.view(np.uint8)),
+                                                 (65536 / k16).float(), torch.empty(shape))
+        thr, mask, mask_t, inv, out = bufs
         count = thr.size
         raw = self.np_rng.bit_generator.random_raw((count + 3) // 4).view(np.uint16)[:count].reshape(shape)
         np.less(raw, thr, out=mask)
-        np.multiply(mask, inv, out=out)
-        return torch.from_numpy(out)
+        return torch.mul(mask_t.float(), inv, out=out)  # 0 or 1/keep exactly (torch casts ~3x faster than NumPy)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation logits ``[K, C, N]`` of inputs ``x`` ``[N, ...]`` (shared) or ``[K, N, ...]``,
