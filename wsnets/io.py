@@ -146,12 +146,37 @@ def read_torch(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def save(ws: WeightSpace, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
     """Atomically write ``ws`` as safetensors with its architecture in the metadata."""
-    from safetensors.torch import save_file
     path = Path(path)
     meta = {ARCH_KEY: ws.arch.to_json(), BATCH_KEY: "none" if ws.batch_size is None else str(ws.batch_size)}
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    tensors = {k: v.detach().contiguous().cpu() for k, v in ws.params.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_safetensors(path, ws.params, meta)
+    return path
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes that depend only on ``tensors`` and ``metadata``: the library writes the
+    metadata in a random order in every process (a Rust hash map), so the same zoo's shards differed
+    byte for byte; here the header is rewritten with its metadata keys sorted and its tensor entries in
+    data order (same format: any safetensors reader reads it)."""
+    from safetensors.torch import save
+    raw = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+               metadata=None if metadata is None else dict(metadata))
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    out = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    out.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
+    head = json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)  # the library's alignment of the data section
+    return len(head).to_bytes(8, "little") + head + raw[8 + n:]
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Atomically write a safetensors file whose bytes depend only on its content (:func:`safetensors_bytes`)."""
+    path = Path(path)
+    data = safetensors_bytes(tensors, metadata)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return path
 
 

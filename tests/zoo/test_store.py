@@ -159,6 +159,9 @@ def test_sigkill_then_resume_equals_uninterrupted_build(tmp_path, workers, start
         for k in wa.params:
             assert torch.equal(wa.params[k], wb.params[k])
     assert not list(killed.glob("shards/.*.tmp"))  # every shard in place, no temp files survive
+    shards = sorted(p.relative_to(killed) for p in killed.glob("shards/*.safetensors"))
+    assert shards == sorted(p.relative_to(ref) for p in ref.glob("shards/*.safetensors"))
+    assert all((killed / s).read_bytes() == (ref / s).read_bytes() for s in shards)  # byte for byte
 
 
 def test_shards_merge_to_the_full_zoo_and_resume_refuses_other_recipe(tmp_path):

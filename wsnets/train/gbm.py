@@ -17,7 +17,7 @@ import torch
 
 from ..arch import Architecture
 from ..errors import ConfigError
-from ..io import atomic_write, atomic_write_json, read_safetensors
+from ..io import atomic_write_json, read_safetensors, write_safetensors
 from .config import TrainConfig, from_dict
 from .meta_model import FORMAT, Predictor, is_classification, read_run
 
@@ -86,12 +86,10 @@ class GBMMetaModel(Predictor):
         return out
 
     def save(self, run: str | Path) -> Path:
-        from safetensors.torch import save_file
         run = Path(run)
         run.mkdir(parents=True, exist_ok=True)
-        tensors = {"X_train": self.X.contiguous(), **{f"y.{t}": v.contiguous() for t, v in self.y.items()}}
-        atomic_write(run / "model.safetensors",
-                     lambda tmp: save_file(tensors, str(tmp), metadata={"wsnets.metamodel": FORMAT}))
+        tensors = {"X_train": self.X, **{f"y.{t}": v for t, v in self.y.items()}}
+        write_safetensors(run / "model.safetensors", tensors, {"wsnets.metamodel": FORMAT})
         atomic_write_json(run / "config.json", {
             "format": FORMAT, "kind": "gbm", "config": self.config, "targets": self.targets, "classes": self.classes,
             "representation": self.representation, "feature_dim": self.feature_dim, "seed": self.seed,

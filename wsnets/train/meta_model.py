@@ -29,7 +29,7 @@ from torch import nn
 
 from ..arch import Architecture
 from ..errors import CheckpointError, ConfigError, MissingKeyError
-from ..io import atomic_write, atomic_write_json, read_safetensors
+from ..io import atomic_write_json, read_safetensors, write_safetensors
 from ..weights import WeightSpace
 from .config import CLASSIFICATION_TARGETS, TrainConfig, from_dict
 from .represent import represent
@@ -246,11 +246,9 @@ class MetaModel(Predictor, nn.Module):
     # -- artifact --------------------------------------------------------------------------------
     def save(self, run: str | Path) -> Path:
         """Write ``model.safetensors``, ``config.json`` and ``normalization.json`` into ``run`` (atomic)."""
-        from safetensors.torch import save_file
         run = Path(run)
         run.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(run / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"wsnets.metamodel": FORMAT}))
+        write_safetensors(run / "model.safetensors", self.state_dict(), {"wsnets.metamodel": FORMAT})
         atomic_write_json(run / "config.json", {
             "format": FORMAT, "kind": "nn", "config": self.config, "targets": self.targets, "classes": self.classes,
             "representation": self.representation, "feature_dim": self.feature_dim,

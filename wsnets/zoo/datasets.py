@@ -186,7 +186,7 @@ def _base(base: str) -> Split:
     a new process (a zoo-build worker) then loads it in milliseconds instead of importing scikit-learn
     (~1.7 s) or rerunning the MNIST-1D generator. A missing, unreadable or unwritable cache only
     means generating again."""
-    from ..io import atomic_write, cache_dir
+    from ..io import cache_dir, write_safetensors
     path = cache_dir("datasets") / f"{base}-v{_CACHE_VERSION}.safetensors"
     keys = ("x", "y", "xt", "yt")
     if path.is_file():
@@ -198,8 +198,7 @@ def _base(base: str) -> Split:
             pass
     split = _generate(base)
     try:
-        from safetensors.torch import save_file
-        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in zip(keys, split)}, str(tmp)))
+        write_safetensors(path, dict(zip(keys, split)))
     except OSError:
         pass
     return split

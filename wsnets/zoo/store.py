@@ -25,7 +25,7 @@ import torch
 
 from ..arch import Architecture
 from ..errors import CheckpointError, ConfigError
-from ..io import ARCH_KEY, atomic_write, read_safetensors, remove_stale_temps
+from ..io import ARCH_KEY, atomic_write, remove_stale_temps, write_safetensors
 
 INDEX = "index.sqlite"
 ROWS_KEY = "wsnets.zoo.rows"
@@ -113,8 +113,7 @@ class ZooWriter:
         for r in rows:
             r["shard"], r["group_id"] = str(shard), group_id
         meta = {ARCH_KEY: arch.to_json(), ROWS_KEY: json.dumps(rows, default=float), "wsnets.zoo.group": group_id}
-        from safetensors.torch import save_file
-        atomic_write(self.root / shard, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        write_safetensors(self.root / shard, tensors, meta)
         insert_rows(self.con, rows, group=(group_id, str(shard), len({r["model_id"] for r in rows}), seconds, device))
         return self.root / shard
 
