@@ -98,7 +98,8 @@ def register(sub) -> None:
     b.add_argument("--shard", default=None, help="build part I of N (0-based), e.g. 0/4; merge parts with 'zoo merge'")
     b.add_argument("--workers", type=int, default=None,
                    help="processes training groups in parallel on CPU (default: one per core, at most one per group, "
-                        "for builds of at least ~5 s of training, else 1)")
+                        "for builds of at least ~1 s of training with forked workers (Linux) or ~5 s with spawned "
+                        "ones (WSNETS_ZOO_WORKER_START=spawn, other systems), else 1)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads of an in-process build (default 1 on CPU)")
     b.add_argument("--tf32", action="store_true",
                    help="CUDA: allow TF32 matrix products in training (about 2x faster for MLP groups on an H100; "
