@@ -263,6 +263,23 @@ def test_workers_forked_after_torch_used_its_thread_pool(tmp_path):
     assert len(_table(P(tmp_path) / "w3")) == 12
 
 
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_fine_tuning_zoo_with_workers_equals_one_process(tmp_path, monkeypatch, start):
+    """Workers fine-tune from the build's pre-trained bases (in memory when forked, read from the zoo's
+    bases file when spawned): the zoo equals a one-process build, shard bytes included."""
+    monkeypatch.setenv("WSNETS_ZOO_WORKER_START", start)
+    r = _recipe(population=12, group_size=3, epochs=1, checkpoints=[1], datasets=["digits", "digits+invert"],
+                architecture={"kind": "mlp", "depth": 1, "width": 8, "activation": "relu"},
+                pretrain={"dataset": "digits", "bases": 2, "epochs": 1})
+    s = build(r, tmp_path / "w2", progress=False, workers=2)
+    assert s["workers"] == 2 and s["models_built"] == 12
+    build(r, tmp_path / "w1", progress=False, workers=1)
+    assert _table(tmp_path / "w2") == _table(tmp_path / "w1")
+    shards = sorted(p.name for p in (tmp_path / "w1" / "shards").glob("*.safetensors"))
+    assert len(shards) == 4 and all((tmp_path / "w2" / "shards" / n).read_bytes() == (tmp_path / "w1" / "shards" / n).read_bytes()
+                                    for n in shards)
+
+
 def test_worker_start_setting(monkeypatch):
     from wsnets.zoo.build import worker_start
     monkeypatch.setenv("WSNETS_ZOO_WORKER_START", "spawn")
