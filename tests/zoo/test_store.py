@@ -280,6 +280,37 @@ def test_fine_tuning_zoo_with_workers_equals_one_process(tmp_path, monkeypatch, 
                                     for n in shards)
 
 
+def test_forked_worker_runs_none_of_the_parents_signal_handlers(tmp_path):
+    """A SIGTERM handler of the building process (which might clean up its files) is not inherited: the
+    worker dies of the signal, the handler never runs in it; the worker also exits on EOF."""
+    import importlib
+    B = importlib.import_module("wsnets.zoo.build")
+    marker = tmp_path / "handler-ran"
+    old = signal.signal(signal.SIGTERM, lambda *a: marker.write_text(str(os.getpid())))
+    pipes = []
+    try:
+        procs = []
+        for _ in range(2):
+            r_child, w_parent = os.pipe()
+            r_parent, w_child = os.pipe()
+            procs.append(B._fork_worker(r_child, w_child, _recipe(), None, None))
+            os.close(r_child)
+            os.close(w_child)
+            pipes += [w_parent, r_parent]
+        os.kill(procs[0].pid, signal.SIGTERM)
+        assert procs[0].wait(30) == -signal.SIGTERM
+        os.close(pipes[2])  # the second worker's input: it exits on EOF, by itself
+        assert procs[1].wait(30) == 0
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        for fd in pipes:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    assert not marker.exists()
+
+
 def test_worker_start_setting(monkeypatch):
     from wsnets.zoo.build import worker_start
     monkeypatch.setenv("WSNETS_ZOO_WORKER_START", "spawn")

@@ -384,8 +384,9 @@ class _Forked:
 def _fork_worker(r_child: int, w_child: int, recipe: Recipe, limit: int | None, bases) -> _Forked:
     """A worker forked from this process (as torch's DataLoader forks its workers): the child keeps
     only its two pipe ends (no other process's input pipe, so every worker still sees EOF when the
-    build ends or is killed), trains with one torch thread and leaves with ``os._exit`` (none of this
-    process's files, database connection or exit handlers are touched by the child)."""
+    build ends or is killed), resets the usual signals to their default action, trains with one torch
+    thread and leaves with ``os._exit`` (none of this process's files, database connection, signal or
+    exit handlers are touched by the child)."""
     import gc
     import sys
     import warnings
@@ -401,6 +402,9 @@ def _fork_worker(r_child: int, w_child: int, recipe: Recipe, limit: int | None, 
         return _Forked(pid)
     code = 1
     try:
+        for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"):  # never run this process's handlers
+            if hasattr(signal, name):  # (they might clean up its files); Ctrl-C or a kill ends the worker
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
         gc.disable()  # no finalizer of an inherited object may run (and close a file of the parent)
         for fd in _open_fds():
             if fd > 2 and fd not in (r_child, w_child):
