@@ -311,6 +311,32 @@ def test_forked_worker_runs_none_of_the_parents_signal_handlers(tmp_path):
     assert not marker.exists()
 
 
+def test_forked_worker_writes_to_its_own_stderr(tmp_path, monkeypatch):
+    """A forked worker does not use the building process's ``sys.stderr`` object (here one that cannot
+    be written, like a notebook kernel's socket stream in a child): what a library prints while the
+    worker trains goes to file descriptor 2 and the build completes."""
+    import importlib
+    B = importlib.import_module("wsnets.zoo.build")
+    parent, real = os.getpid(), B.train_one
+
+    def warn_in_worker(*a, **k):
+        if os.getpid() != parent:
+            print("a message from a forked worker", file=sys.stderr, flush=True)
+        return real(*a, **k)
+
+    class Unwritable:
+        def write(self, s):
+            raise RuntimeError("this stream belongs to the building process")
+
+        def flush(self):
+            pass
+    monkeypatch.setenv("WSNETS_ZOO_WORKER_START", "fork")
+    monkeypatch.setattr(B, "train_one", warn_in_worker)
+    monkeypatch.setattr(sys, "stderr", Unwritable())
+    s = build(_recipe(population=8, group_size=2, epochs=1, checkpoints=[1]), tmp_path / "z", progress=False, workers=2)
+    assert s["models_built"] == 8
+
+
 def test_worker_start_setting(monkeypatch):
     from wsnets.zoo.build import worker_start
     monkeypatch.setenv("WSNETS_ZOO_WORKER_START", "spawn")

@@ -406,6 +406,7 @@ def _fork_worker(r_child: int, w_child: int, recipe: Recipe, limit: int | None, 
             if hasattr(signal, name):  # (they might clean up its files); Ctrl-C or a kill ends the worker
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
         gc.disable()  # no finalizer of an inherited object may run (and close a file of the parent)
+        _own_std_streams()
         for fd in _open_fds():
             if fd > 2 and fd not in (r_child, w_child):
                 try:
@@ -423,6 +424,20 @@ def _fork_worker(r_child: int, w_child: int, recipe: Recipe, limit: int | None, 
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _own_std_streams() -> None:
+    """In a forked worker: ``sys.stdout`` / ``sys.stderr`` write straight to file descriptors 1 and 2, as
+    a spawned worker's do. The inherited objects may be the parent's redirections (a notebook kernel's
+    socket-backed streams, a test's capture, a logger) that cannot work, or must not be used, here."""
+    import sys
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        try:
+            stream = open(fd, "w", buffering=1, closefd=False, errors="backslashreplace")
+        except OSError:
+            stream = open(os.devnull, "w")
+        setattr(sys, name, stream)
+    sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr
 
 
 def _open_fds() -> list[int]:
