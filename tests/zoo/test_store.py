@@ -337,6 +337,23 @@ def test_forked_worker_writes_to_its_own_stderr(tmp_path, monkeypatch):
     assert s["models_built"] == 8
 
 
+def test_forked_worker_handle_when_children_are_reaped_elsewhere():
+    """With SIGCHLD ignored (the kernel reaps children), waiting on a forked worker must not raise."""
+    import importlib
+    B = importlib.import_module("wsnets.zoo.build")
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        time.sleep(0.2)
+        handle = B._Forked(pid)
+        assert handle.wait(5) == 0
+        handle.kill()  # already gone: no error either
+    finally:
+        signal.signal(signal.SIGCHLD, old)
+
+
 def test_worker_start_setting(monkeypatch):
     from wsnets.zoo.build import worker_start
     monkeypatch.setenv("WSNETS_ZOO_WORKER_START", "spawn")
