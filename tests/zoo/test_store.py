@@ -293,7 +293,7 @@ def test_forked_worker_runs_none_of_the_parents_signal_handlers(tmp_path):
         for _ in range(2):
             r_child, w_parent = os.pipe()
             r_parent, w_child = os.pipe()
-            procs.append(B._fork_worker(r_child, w_child, _recipe(), None, None))
+            procs.append(B._fork_worker(r_child, w_child, _recipe(), B.plan(_recipe()), None))
             os.close(r_child)
             os.close(w_child)
             pipes += [w_parent, r_parent]

@@ -112,8 +112,7 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
     t0 = time.perf_counter()
     built = committed = 0
     # workers first: forked ones start before the progress bar's monitor thread exists
-    trainer = _Trainer(recipe, dev, bases, None, n_workers, limit=limit, plan_index={g.group_id: j for j, g in enumerate(full)},
-                       bases_path=Path(out) / "bases.safetensors")
+    trainer = _Trainer(recipe, dev, bases, None, n_workers, limit=limit, plan=full, bases_path=Path(out) / "bases.safetensors")
     bar = trainer.bar = _bar(n_models, progress, f"zoo {recipe.name}")
     try:
         for g, cks, seconds in trainer.run(todo):
@@ -208,8 +207,8 @@ class _Trainer:
     """
 
     def __init__(self, recipe: Recipe, dev: torch.device, bases, bar, workers: int = 1, *, limit: int | None = None,
-                 plan_index: dict[str, int] | None = None, bases_path: Path | None = None):
-        """``plan_index`` (group id -> position in ``plan(recipe, limit)``) is needed with ``workers > 1``."""
+                 plan: Sequence[Group] = (), bases_path: Path | None = None):
+        """``plan`` (= ``plan(recipe, limit)``) is needed with ``workers > 1``: tasks name groups by position."""
         self.recipe, self.dev, self.bases, self.bar = recipe, dev, bases, bar
         self.banks = _Banks(dev)
         self.workers: list[tuple[Any, int, int]] = []  # (Popen or _Forked, fd we write, fd we read)
@@ -219,7 +218,7 @@ class _Trainer:
         self.closed = False
         self.released: set[int] = set()  # worker input pipes closed early (no work left for them)
         if workers > 1:
-            self.plan_index = plan_index
+            self.plan_index = {g.group_id: j for j, g in enumerate(plan)}
             torch.set_num_threads(1)  # restored by close()
             start = worker_start()
             try:
@@ -227,7 +226,7 @@ class _Trainer:
                     r_child, w_parent = os.pipe()
                     r_parent, w_child = os.pipe()
                     if start == "fork":
-                        proc: Any = _fork_worker(r_child, w_child, recipe, limit, bases)
+                        proc: Any = _fork_worker(r_child, w_child, recipe, plan, bases)
                     else:
                         proc = _spawn_worker(r_child, w_child)
                     os.close(r_child)
@@ -385,11 +384,11 @@ class _Forked:
                 pass
 
 
-def _fork_worker(r_child: int, w_child: int, recipe: Recipe, limit: int | None, bases) -> _Forked:
+def _fork_worker(r_child: int, w_child: int, recipe: Recipe, groups: Sequence[Group], bases) -> _Forked:
     """A worker forked from this process (as torch's DataLoader forks its workers): the child keeps
     only its two pipe ends (no other process's input pipe, so every worker still sees EOF when the
-    build ends or is killed), resets the usual signals to their default action, trains with one torch
-    thread and leaves with ``os._exit`` (none of this process's files, database connection, signal or
+    build ends or is killed), resets the usual signals to their default action, trains the groups of
+    this process's plan ``groups`` with one torch thread and leaves with ``os._exit`` (none of this process's files, database connection, signal or
     exit handlers are touched by the child)."""
     import gc
     import sys
@@ -418,7 +417,7 @@ def _fork_worker(r_child: int, w_child: int, recipe: Recipe, limit: int | None, 
                 except OSError:
                     pass
         from .worker import serve
-        code = serve(r_child, w_child, recipe, limit, bases)
+        code = serve(r_child, w_child, recipe, groups, bases)
     except BaseException:  # noqa: BLE001 - report, never return into the parent's code
         import traceback
         traceback.print_exc()

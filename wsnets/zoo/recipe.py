@@ -34,6 +34,7 @@ Example (the start of ``zoo/digits-mlp.toml``)::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -96,14 +97,6 @@ class Recipe:
     description: str = ""
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
-    _archs: dict[tuple[str, str], tuple[Architecture, int, int]] = field(default_factory=dict, repr=False,
-                                                                         compare=False)
-
-    def __getstate__(self) -> dict[str, Any]:  # pickled to zoo workers: small, without the architecture cache
-        return {k: v for k, v in self.__dict__.items() if k != "_archs"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _archs={})
 
     @property
     def digest(self) -> str:
@@ -121,10 +114,7 @@ class Recipe:
         hp = dict(HYPER_DEFAULTS)
         hp.update({k: _draw(v, rng, f"hyperparameters.{k}") for k, v in sorted(self.hyperparameters.items())})
         dataset = self.datasets[rng.randrange(len(self.datasets))]
-        key = (json.dumps(a, sort_keys=True), dataset)
-        if key not in self._archs:  # one (immutable) Architecture per distinct draw: planning 1000 runs
-            self._archs[key] = build_arch(a, dataset)  # otherwise spends most of its time validating them
-        arch, width, depth = self._archs[key]
+        arch, width, depth = _shared_arch(json.dumps(a, sort_keys=True), dataset)
         base = rng.randrange(int(self.pretrain.get("bases", 1))) if self.pretrain else -1
         seed = zlib.crc32(f"{self.seed}:{i}".encode())
         return RunSpec(i, f"{self.name}-{i:06d}", seed, arch, dataset, hp, base, width, depth)
@@ -133,6 +123,13 @@ class Recipe:
         """The architecture of a fine-tuning zoo (fixed: every model starts from a shared base)."""
         a = {k: _draw(v, random.Random(0), k) for k, v in self.architecture.items()}
         return build_arch(a, self.datasets[0])[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_arch(fields: str, dataset: str) -> tuple[Architecture, int, int]:
+    """:func:`build_arch` once per distinct draw (``fields`` as sorted JSON): architectures are immutable,
+    and planning 1000 runs otherwise spends most of its time building and validating them."""
+    return build_arch(json.loads(fields), dataset)
 
 
 def build_arch(a: dict[str, Any], dataset: str) -> tuple[Architecture, int, int]:

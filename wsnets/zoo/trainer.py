@@ -246,19 +246,15 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
             if e0 == 0:  # [K, n * steps * B]: fewer, larger sorts (a pass spanning two epochs is sorted once)
                 stream = _epoch_order(seeds, memb, n_sub, epoch - 1, steps * batch_size, Nmax,
                                       epochs=min(per_block, epochs - epoch + 1))
+            ep = stream[:, e0 * steps * batch_size:(e0 + 1) * steps * batch_size].reshape(K, steps, batch_size)
             if dev.type == "cpu":  # this epoch's batches at once, step-major [steps, K, B]: rows of the
                 # flattened bank and their labels (three small ops per epoch instead of per step; on a GPU
                 # they are asynchronous anyway, and one epoch of int64 indices of a huge group is large)
-                idx = stream[:, e0 * steps * batch_size:(e0 + 1) * steps * batch_size].reshape(K, steps, batch_size)
-                idx = idx.transpose(0, 1).long().contiguous()
-                labels = torch.take(y_train, idx + row_off)
-                idx += data_idx[None]
-            for s in range(steps):
-                if dev.type == "cpu":
-                    fidx, yb = idx[s], labels[s]
-                else:
-                    i = stream[:, (e0 * steps + s) * batch_size:(e0 * steps + s + 1) * batch_size].long()  # [K, B]
-                    fidx, yb = i + data_idx, y_train.gather(1, i)
+                idx = ep.transpose(0, 1).long().contiguous()
+                batches = zip(idx + data_idx[None], torch.take(y_train, idx + row_off))
+            else:
+                batches = ((i + data_idx, y_train.gather(1, i)) for i in (ep[:, s].long() for s in range(steps)))
+            for fidx, yb in batches:  # [K, B] rows of the flattened bank, their labels
                 opt.t += 1
                 eng.step(fidx, yb, opt)
                 if on_step is not None:

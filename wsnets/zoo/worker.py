@@ -1,7 +1,8 @@
 """A zoo-build worker process: forked by :func:`wsnets.zoo.build.build` with ``workers > 1`` (Linux),
 or started as ``python -m wsnets.zoo.worker READ_FD WRITE_FD`` (elsewhere). A spawned worker first
-reads ``(recipe, limit, bases file)``. Either plans the recipe itself (the plan is a pure function of
-``(recipe, limit)``), then reads ``(index, plan position, group id)`` tasks from ``READ_FD``, trains
+reads ``(recipe, limit, bases file)`` and plans the recipe itself (the plan is a pure function of
+``(recipe, limit)``); a forked one has the parent's plan. Either reads ``(index, plan position, group id)``
+tasks from ``READ_FD``, trains
 each group with one torch thread and writes ``(index, [(epoch, params, metrics), ...], seconds,
 error)`` back (NumPy arrays, length-prefixed pickles over a private pipe: the parent is the only
 peer). It exits when ``READ_FD`` closes.
@@ -22,20 +23,21 @@ def main(read_fd: int, write_fd: int) -> int:
         recipe, limit, bases_path = recv_msg(read_fd, "")
     except EOFError:
         return 0
+    from .build import plan
     bases = None if bases_path is None else read_safetensors(bases_path)[0]
-    return serve(read_fd, write_fd, recipe, limit, bases)
+    return serve(read_fd, write_fd, recipe, plan(recipe, limit), bases)  # the parent's plan: a pure function
 
 
-def serve(read_fd: int, write_fd: int, recipe, limit: int | None, bases) -> int:
-    """Train the groups named on ``read_fd`` (one torch thread) until it closes; results to ``write_fd``.
-    Spawned workers come here from :func:`main`, forked ones directly (they have the recipe)."""
+def serve(read_fd: int, write_fd: int, recipe, groups, bases) -> int:
+    """Train the groups of the plan ``groups`` named on ``read_fd`` (one torch thread) until it closes;
+    results to ``write_fd``. Spawned workers come here from :func:`main`, forked ones directly (they
+    have the recipe and the plan)."""
     import torch
 
-    from .build import _Banks, checkpoints_to_numpy, plan, recv_msg, send_msg, train_one
+    from .build import _Banks, checkpoints_to_numpy, recv_msg, send_msg, train_one
     torch.set_num_threads(1)
     dev = torch.device("cpu")
     banks = _Banks(dev)
-    groups = plan(recipe, limit)  # the parent's plan: a pure function of (recipe, limit)
     while True:
         try:
             i, j, group_id = recv_msg(read_fd, "")
