@@ -107,10 +107,15 @@ def test_diverging_model_is_restored_and_frozen():
         torch.testing.assert_close(ck[-1].params[k][1], v[1])
 
 
-@pytest.mark.parametrize("use_numpy,device", [(True, "cpu"), (False, "cpu"), pytest.param(False, "cuda", marks=CUDA.marks)])
-def test_epoch_order_is_hash_sorted_passes(use_numpy, device):
+@pytest.mark.parametrize("use_numpy,fused,device", [(True, False, "cpu"), (True, None, "cpu"), (False, None, "cpu"),
+                                                    pytest.param(False, None, "cuda", marks=CUDA.marks)])
+def test_epoch_order_is_hash_sorted_passes(use_numpy, fused, device):
     """Each model's stream is its reshuffled passes over its subset, pass p ordered by hash(seed, p*N + pos),
-    whatever the chunking of the sort and whichever backend (NumPy on CPU, torch on devices)."""
+    whatever the chunking of the sort and whichever backend (NumPy or the fused C loop on CPU, torch on
+    devices)."""
+    from wsnets.zoo import cpu_kernels
+    if use_numpy and fused is None and cpu_kernels.load() is None:
+        pytest.skip(f"fused CPU loops unavailable: {cpu_kernels.status()}")
     N, total = 50, 64
     seeds = torch.tensor([11, 2 ** 32 - 5, 777, 3])
     member = torch.zeros(4, N, dtype=torch.bool)
@@ -121,7 +126,8 @@ def test_epoch_order_is_hash_sorted_passes(use_numpy, device):
     n_sub = member.sum(1)
     memb = _members(member)
     for epoch in (0, 1, 7):
-        got = _epoch_order(seeds.to(device), memb.to(device), n_sub.to(device), epoch, total, N, use_numpy=use_numpy).cpu()
+        got = _epoch_order(seeds.to(device), memb.to(device), n_sub.to(device), epoch, total, N, use_numpy=use_numpy,
+                           fused=fused).cpu()
         for k in range(4):
             pos = member[k].nonzero().flatten().tolist()
             key = lambda p, i: int(_mix(torch.tensor(((int(_mix(torch.tensor((int(seeds[k]) ^ 4))))) + (p * N + i) * 0x9E3779B1) & 0xFFFFFFFF)))
@@ -130,7 +136,7 @@ def test_epoch_order_is_hash_sorted_passes(use_numpy, device):
                 stream += sorted(pos, key=lambda i: key(p, i))
             off = epoch * total - ((epoch * total) // len(pos)) * len(pos)
             assert got[k].tolist() == stream[off:off + total], (epoch, k)
-    both = _epoch_order(seeds, memb, n_sub, 3, total, N, use_numpy=use_numpy, epochs=2)
+    both = _epoch_order(seeds, memb, n_sub, 3, total, N, use_numpy=use_numpy, epochs=2, fused=fused)
     assert torch.equal(both, torch.cat([_epoch_order(seeds, memb, n_sub, e, total, N) for e in (3, 4)], 1))
 
 
@@ -149,7 +155,7 @@ def test_epoch_order_torch_path_equals_numpy_in_any_chunking(cap, kernel):
     seeds = torch.randint(0, 2 ** 32, (K,), generator=g)
     memb, n_sub = _members(member), member.sum(1)
     for epoch, total, epochs in ((0, 40, 1), (2, 40, 3), (5, 7, 2)):
-        ref = _epoch_order(seeds, memb, n_sub, epoch, total, N, use_numpy=True, epochs=epochs)
+        ref = _epoch_order(seeds, memb, n_sub, epoch, total, N, use_numpy=True, epochs=epochs, fused=False)
         got = _epoch_order_torch(seeds.to(dev), memb.to(dev), n_sub.to(dev), epoch * total, total * epochs, N, 6,
                                  cap=cap, kernel=kernel)
         assert torch.equal(got.cpu(), ref), (cap, epoch)
@@ -188,13 +194,13 @@ def test_mlp_engine_gradients_match_autograd_with_chunks_and_dropout(act, in_pla
     params = init_params(arch, torch.arange(K), torch.full((K,), 1.5))
     drop = torch.tensor([0.0, 0.0, 0.0, 0.3, 0.5])
     masks = []
-    real = T._MLPEngine._dropout_scale
+    real = T._MLPEngine._dropout
 
     def record(self, *a):
         s = real(self, *a)
         masks.append(s.clone())
         return s
-    monkeypatch.setattr(T._MLPEngine, "_dropout_scale", record)
+    monkeypatch.setattr(T._MLPEngine, "_dropout", record)
     eng = T._MLPEngine(arch, params, bank, B, drop, 2, torch.Generator().manual_seed(0), chunk=2)
     eng.softmax_in_place = in_place
     idx = torch.randint(0, 50, (K, B))
@@ -244,10 +250,17 @@ def test_engines_agree_without_dropout(monkeypatch, flat):
         torch.testing.assert_close(a.metrics[k], b.metrics[k], rtol=1e-4, atol=1e-5)
 
 
-def test_dropout_scales_have_each_models_rate_and_mean_one():
+@pytest.mark.parametrize("fused", [True, False])
+def test_dropout_scales_have_each_models_rate_and_mean_one(monkeypatch, fused):
     """The MLP engine's CPU dropout factors are 0 or 1/keep' with keep' = keep rounded to 2**-16: each
-    model keeps its own fraction of units, the factor averages to 1 (inverted dropout), and masks change
-    from draw to draw."""
+    model keeps its own fraction of units, the factor averages to 1 (inverted dropout), masks change
+    from draw to draw, and the dropped activations are the inputs times the factors (with the fused C
+    loop or NumPy and torch)."""
+    from wsnets.zoo import cpu_kernels
+    if not fused:
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    elif cpu_kernels.load() is None:
+        pytest.skip(f"fused CPU loops unavailable: {cpu_kernels.status()}")
     from wsnets.zoo import trainer as T
     arch = wsnets.mlp(4, [64], 3)
     drop = torch.tensor([0.0, 0.1, 0.5, 0.8])
@@ -255,9 +268,13 @@ def test_dropout_scales_have_each_models_rate_and_mean_one():
                     torch.randn(1, 10, 4), torch.randint(0, 3, (1, 10)), torch.tensor([10]), 3)
     eng = T._MLPEngine(arch, init_params(arch, torch.arange(4), torch.ones(4)), bank, 256, drop, 3,
                        torch.Generator().manual_seed(0))
+    assert (eng.cpu_lib is not None) == fused
     keep = eng.keep[1:]
-    s1 = eng._dropout_scale(0, 0, 1, 4, keep).clone()
-    s2 = eng._dropout_scale(0, 0, 1, 4, keep)
+    y = torch.randn(3, 64, 256)
+    out = torch.full((3, 65, 256), float("nan"))
+    s1 = eng._dropout(0, 0, 1, 4, keep, y, out[:, :64]).clone()
+    assert torch.equal(out[:, :64], y * s1) and bool(out[:, 64].isnan().all())
+    s2 = eng._dropout(0, 0, 1, 4, keep, y, out[:, :64])
     assert s1.shape == (3, 64, 256) and not torch.equal(s1, s2)
     for r, p in enumerate([0.1, 0.5, 0.8]):
         k16 = round((1 - p) * 65536) / 65536

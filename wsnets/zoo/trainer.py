@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from ..arch import Architecture
 from ..errors import ConfigError
 from ..functional import activation, forward
+from . import cpu_kernels
 from . import datasets as zds
 from .recipe import RunSpec
 
@@ -262,7 +263,10 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
             with torch.no_grad():
                 bad = torch.zeros_like(frozen)
                 for b in eng.blocks + eng.buffers:
-                    bad |= ~torch.isfinite(b.flatten(1)).all(1, keepdim=True)
+                    if opt.lib is not None and b.is_contiguous() and b.dtype == torch.float32:
+                        cpu_kernels.rows_nonfinite(opt.lib, b, bad)
+                    else:
+                        bad |= ~torch.isfinite(b.flatten(1)).all(1, keepdim=True)
                 if bool(bad.any()):
                     for b, old in zip(eng.blocks + eng.buffers, snapshot):
                         b.copy_(torch.where(bad.reshape((-1,) + (1,) * (b.dim() - 1)), old, b))
@@ -381,7 +385,7 @@ class _MLPEngine:
     width 32). Each model's slice of an activation
     buffer is contiguous (fast elementwise kernels), and the softmax runs over dim 1 of ``[K, C, B]``
     (PyTorch's CPU softmax is ~30x faster there than over a last dim of size 10). Dropout (rows
-    ``K - n_drop:``) uses inverted masks (:meth:`_dropout_scale`).
+    ``K - n_drop:``) uses inverted masks (:meth:`_dropout`).
     """
 
     @staticmethod
@@ -394,9 +398,13 @@ class _MLPEngine:
     def __init__(self, arch, params, bank, batch_size, drop, n_drop, gen, chunk: int | None = None,
                  flat: bool | None = None, fused: bool | None = None):
         self.arch, self.gen = arch, gen
+        self.cpu_lib = None
         if drop.device.type == "cpu":
             import numpy as np
             self.np_rng = np.random.Generator(np.random.PCG64(gen.initial_seed()))
+            self.cpu_lib = cpu_kernels.load()
+            if self.cpu_lib is not None:  # the fused dropout loop advances its own copy of the stream
+                self.pcg = cpu_kernels.pcg64_state(self.np_rng.bit_generator)
         else:
             self.np_rng = None
         self.drop_bufs: dict[tuple[int, int], tuple] = {}
@@ -545,9 +553,8 @@ class _MLPEngine:
                 scale = None
             else:
                 y = _act_into(act.fn, z, z if act.fn in _FROM_OUTPUT else None, act.slope)
-                scale = self._dropout_scale(a, i, d0, n, keep)
                 hv[:d0].copy_(y[:d0])
-                torch.mul(y[d0:], scale, out=hv[d0:])
+                scale = self._dropout(a, i, d0, n, keep, y[d0:], hv[d0:])
             saved.append((z, y, scale))
         logits = torch.bmm(blocks[-1], inputs[-1], out=zs[-1])  # [n, C, B]
         # d(sum over models of mean cross-entropy)/d logits = (softmax - onehot) / B
@@ -566,30 +573,45 @@ class _MLPEngine:
             torch.cat([t.flatten(1) for t in g], 1, out=grads[0])
         return grads
 
-    def _dropout_scale(self, a: int, layer: int, d0: int, n: int, keep: torch.Tensor) -> torch.Tensor:
-        """Inverted-dropout factors ``[n - d0, out, B]`` for the dropout rows ``d0:n`` of the chunk at ``a``
-        after hidden layer ``layer``: ``1 / keep`` with probability ``keep`` (per model), else 0.
+    def _dropout(self, a: int, layer: int, d0: int, n: int, keep: torch.Tensor, y: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+        """Inverted dropout of the rows ``d0:n`` of the chunk at ``a`` after hidden layer ``layer``:
+        ``out = y * scale`` with ``scale`` (returned, ``[n - d0, out, B]``) ``1 / keep`` with probability
+        ``keep`` (per model), else 0.
 
         On CPU the mask is a 16-bit random number below ``round(keep * 2**16)`` (keep rounded to a
         multiple of 2**-16, the factor is its exact inverse), from a NumPy PCG64 stream seeded like
         ``gen``: ~4x cheaper than ``torch.rand`` + compare + divide, which was a fifth of the recipe's
-        training time. Other devices draw ``torch.rand`` from ``gen``."""
+        training time; with the fused CPU loops (:mod:`wsnets.zoo.cpu_kernels`) draw, compare, factor
+        and product are one pass over the same stream. Other devices draw ``torch.rand`` from ``gen``."""
         shape = (n - d0, self.lin[layer].out_features, self.B)
         if self.np_rng is None:
-            return (torch.rand(shape, generator=self.gen, device=keep.device) < keep) / keep
+            scale = (torch.rand(shape, generator=self.gen, device=keep.device) < keep) / keep
+            torch.mul(y, scale, out=out)
+            return scale
         import numpy as np
         bufs = self.drop_bufs.get((a, layer))
         if bufs is None:
             k16 = (keep.reshape(-1, 1, 1).cpu().double() * 65536).round().clamp(1, 65535)
-            thr = np.ascontiguousarray(np.broadcast_to(k16.numpy().astype(np.uint16), shape))
-            mask = np.empty(shape, bool)
-            bufs = self.drop_bufs[(a, layer)] = (thr, mask, torch.from_numpy(mask.view(np.uint8)),
-                                                 (65536 / k16).float(), torch.empty(shape))
-        thr, mask, mask_t, inv, out = bufs
+            inv = (65536 / k16).float()
+            if self.cpu_lib is not None:
+                bufs = (k16.reshape(-1).numpy().astype(np.uint16), inv.reshape(-1).contiguous(), torch.empty(shape))
+            else:
+                thr = np.ascontiguousarray(np.broadcast_to(k16.numpy().astype(np.uint16), shape))
+                mask = np.empty(shape, bool)
+                bufs = (thr, mask, torch.from_numpy(mask.view(np.uint8)), inv, torch.empty(shape))
+            self.drop_bufs[(a, layer)] = bufs
+        if self.cpu_lib is not None:
+            thr, inv, scale = bufs
+            cpu_kernels.dropout(self.cpu_lib, self.pcg, y, out, scale, thr, inv)
+            return scale
+        thr, mask, mask_t, inv, scale = bufs
         count = thr.size
         raw = self.np_rng.bit_generator.random_raw((count + 3) // 4).view(np.uint16)[:count].reshape(shape)
         np.less(raw, thr, out=mask)
-        return torch.mul(mask_t.float(), inv, out=out)  # 0 or 1/keep exactly (torch casts ~3x faster than NumPy)
+        torch.mul(mask_t.float(), inv, out=scale)  # 0 or 1/keep exactly (torch casts ~3x faster than NumPy)
+        torch.mul(y, scale, out=out)
+        return scale
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation logits ``[K, C, N]`` of inputs ``x`` ``[N, ...]`` (shared) or ``[K, N, ...]``,
@@ -631,6 +653,10 @@ class _Optimizer:
         self.m2 = [torch.zeros_like(m) for m in self.m1] if adam else [None] * len(blocks)
         self.t = 0
         self.step_lr = self.lr.clone()
+        # the fused AdamW loops: contiguous float32 blocks on the CPU (the trainer's are)
+        self.lib = None
+        if dev.type == "cpu" and all(b.is_contiguous() and b.dtype == torch.float32 for b in blocks):
+            self.lib = cpu_kernels.load()
         self.plans: dict[tuple[int, int], list] = {}
 
     def set_frozen(self, frozen: torch.Tensor) -> None:
@@ -648,7 +674,8 @@ class _Optimizer:
                          *(v[s:e].view(view) for v in hp[:2]),
                          hp[2][s:e].view(view) if bool(hp[2][s:e].any()) else None,  # no decay: skip the term
                          float(hp[1][s]) if bool((hp[1][s:e] == hp[1][s]).all()) else None,  # one momentum
-                         torch.empty_like(p[a:b][s:e]) if o == "adam" else None)  # AdamW's denominator
+                         torch.empty_like(p[a:b][s:e], memory_format=torch.contiguous_format)
+                         if o == "adam" else None)  # AdamW's denominator
                         for o, s, e in segs])
         return self.clip[a:b], out
 
@@ -670,13 +697,14 @@ class _Optimizer:
             for o, s, e, p, m1, m2, lr, mom, wd, mom1, buf in segs:
                 if o == "adam":
                     _adamw(p, g[s:e] if unclipped else g[s:e].mul_(coef[s:e].view(view)), m1, m2, lr, wd, self.t,
-                           out=buf)
-                elif unclipped and mom1 is not None:  # buf = mom * buf + g in one kernel
-                    torch.add(g[s:e], m1, alpha=mom1, out=m1)
-                    _sgd_rest(p, m1, lr, wd)
-                else:
-                    m1.mul_(mom).addcmul_(g[s:e], coef[s:e].view(view))
-                    _sgd_rest(p, m1, lr, wd)
+                           out=buf, lib=self.lib if g.is_contiguous() else None)
+                else:  # one momentum, no clipping: buf = mom * buf + g in one kernel
+                    one = unclipped and mom1 is not None
+                    args = (p, g[s:e], m1, lr, wd, mom1 if one else mom, None if one else coef[s:e].view(view))
+                    if self.lib is not None and g.is_contiguous():
+                        cpu_kernels.sgd_fused(self.lib, *args)
+                    else:
+                        cpu_kernels.sgd_torch(*args)
 
 
 def _segments(opts: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -690,29 +718,21 @@ def _segments(opts: Sequence[str]) -> list[tuple[str, int, int]]:
     return out
 
 
-def _sgd_rest(p, buf, lr, wd) -> None:
-    """The rest of ``torch.optim.SGD`` (momentum, L2 weight decay, no dampening) for a block of models,
-    in place, once ``buf = momentum * buf + clipped gradient``; ``wd`` None = no weight decay."""
-    if wd is not None:
-        buf.addcmul_(p, wd)
-    p.addcmul_(buf, lr, value=-1)
-
-
 def _adamw(p, g, m1, m2, lr, wd, t: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-           out: torch.Tensor | None = None) -> None:
+           out: torch.Tensor | None = None, lib=None) -> None:
     """``torch.optim.AdamW`` (decoupled weight decay) for a block of models, in place; ``wd`` None = 0;
-    ``out``: a scratch tensor shaped like ``p`` for the denominator (else a new one).
+    ``out``: a scratch tensor shaped like ``p`` for the denominator (else a new one); ``lib``: the fused
+    CPU loops (:func:`wsnets.zoo.cpu_kernels.load`, contiguous float32 CPU blocks and ``out`` only).
 
     ``p -= lr / c1 * m1 / (sqrt(m2 / c2) + eps)`` (``c = 1 - beta**t``) is computed as
     ``p -= m1 / ((sqrt(m2) + eps * sqrt(c2)) / (lr * sqrt(c2) / c1))``: the same update in 7 passes
-    over the block instead of 10 (the per-model factors are ``[K, 1]``)."""
-    if wd is not None:
-        p.mul_(1 - lr * wd)
-    m1.lerp_(g, 1 - b1)
-    m2.mul_(b2).addcmul_(g, g, value=1 - b2)
+    over the block instead of 10 (the per-model factors are ``[K, 1]``), or 3 with the fused loops."""
     r2 = math.sqrt(1 - b2 ** t)
-    denom = torch.sqrt(m2, out=out).add_(eps * r2).div_(lr * (r2 / (1 - b1 ** t)))
-    p.addcdiv_(m1, denom, value=-1)
+    args = (p, g, m1, m2, None if wd is None else 1 - lr * wd, lr * (r2 / (1 - b1 ** t)), eps * r2)
+    if lib is not None:
+        cpu_kernels.adamw_fused(lib, *args, out, b1, b2)
+    else:
+        cpu_kernels.adamw_torch(*args, out, b1, b2)
 
 
 def _members(member: torch.Tensor) -> torch.Tensor:
@@ -725,7 +745,7 @@ def _members(member: torch.Tensor) -> torch.Tensor:
 
 
 def _epoch_order(seeds: torch.Tensor, memb: torch.Tensor, n_sub: torch.Tensor, epoch: int, total: int,
-                 Nmax: int, use_numpy: bool | None = None, epochs: int = 1) -> torch.Tensor:
+                 Nmax: int, use_numpy: bool | None = None, epochs: int = 1, fused=None) -> torch.Tensor:
     """Sample indices ``[K, epochs * total]`` (int32) for epochs ``epoch, ..., epoch + epochs - 1`` (``total``
     samples each): each model walks its own stream of reshuffled passes over its subset. Pass ``p`` of model ``k`` orders its members (the first ``n_sub[k]`` entries of
     ``memb[k]``, see :func:`_members`) by the 32-bit key ``hash(seed_k, p * Nmax + position)``.
@@ -735,7 +755,9 @@ def _epoch_order(seeds: torch.Tensor, memb: torch.Tensor, n_sub: torch.Tensor, e
     its vectorized sort are ~5-10x faster than torch's int64 ops and row sorts), elsewhere in torch on
     the device (:func:`_epoch_order_torch`); both give the same stream (``use_numpy`` forces either).
     Only the members of the passes an epoch touches are sorted, in chunks of at most 4M elements
-    (NumPy; the torch path's chunks hold up to 64M keys).
+    (NumPy; the torch path's chunks hold up to 64M keys). On CPU the fused C loop
+    (:mod:`wsnets.zoo.cpu_kernels`, a radix sort per pass: ~5x faster) replaces NumPy where it is
+    available (``fused``: None = where available, False = NumPy, or the loaded library).
     """
     if use_numpy is None:
         use_numpy = memb.device.type == "cpu"
@@ -744,6 +766,11 @@ def _epoch_order(seeds: torch.Tensor, memb: torch.Tensor, n_sub: torch.Tensor, e
     total *= epochs
     if not use_numpy:
         return _epoch_order_torch(seeds, memb, n_sub, g0, total, Nmax, b)
+    lib = cpu_kernels.load() if fused is None else (fused or None)
+    if lib is not None:
+        import numpy as np
+        key = _mix_np(seeds.cpu().numpy().astype(np.uint32) ^ np.uint32(_STREAM["order"]))
+        return cpu_kernels.epoch_order(lib, key, memb.cpu().numpy(), n_sub.cpu().numpy(), g0, total, Nmax)
     xp = _NumpyOps()
     seeds, memb, n_sub = xp.asarray(seeds), xp.asarray(memb), xp.asarray(n_sub)
     K, Smax = memb.shape
@@ -890,9 +917,14 @@ def evaluate(logits: Callable[[torch.Tensor], torch.Tensor], bank: DataBank, did
     return out
 
 
-def _argmax_is(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _argmax_is(logits: torch.Tensor, y: torch.Tensor, lib=None) -> torch.Tensor:
     """``logits.argmax(1) == y`` for ``[K, C, N]`` logits (first maximum wins, NaN counts as maximum),
-    without torch's argmax over a non-innermost dim (~100x slower on CPU than ``amax``)."""
+    without torch's argmax over a non-innermost dim (~100x slower on CPU than ``amax``); on CPU with the
+    fused loops (``lib``: None = where available, False = torch) one pass instead of six."""
+    if lib is None and logits.device.type == "cpu":
+        lib = cpu_kernels.load()
+    if lib and logits.is_contiguous() and logits.dtype == torch.float32 and y.dtype == torch.long and y.stride(1) == 1:
+        return cpu_kernels.argmax_is(lib, logits, y)
     is_max = (logits == logits.amax(1, keepdim=True)) | logits.isnan()
     before = torch.arange(logits.shape[1], device=logits.device)[None, :, None] < y[:, None]
     return is_max.gather(1, y[:, None])[:, 0] & ~(is_max & before).any(1)
