@@ -221,6 +221,9 @@ class _Trainer:
             self.plan_index = {g.group_id: j for j, g in enumerate(plan)}
             torch.set_num_threads(1)  # restored by close()
             start = worker_start()
+            if start == "fork" and dev.type == "cpu":  # built and checked once, inherited by the workers
+                from . import cpu_kernels
+                cpu_kernels.load()
             try:
                 for _ in range(workers - 1):
                     r_child, w_parent = os.pipe()
