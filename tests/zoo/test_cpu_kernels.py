@@ -78,7 +78,7 @@ class _Perturbed:
         if attr != self.name:
             return fn
         if attr == "adamw_update":
-            return lambda p, m1, s, q, rows, cols, e: fn(p, m1, s, q, rows, cols, e * 1.5 + 1e-7)
+            return lambda p, m1, s, lr, qf, rows, cols, e: fn(p, m1, s, lr, qf, rows, cols, e * 1.5 + 1e-7)
         if attr == "sgd":
             return lambda p, g, buf, lr, wd, rows, cols, mom, moms, coef: fn(p, g, buf, lr, wd, rows, cols, mom * 0.999,
                                                                                 moms, coef)

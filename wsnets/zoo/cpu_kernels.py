@@ -49,16 +49,17 @@ SOURCE = r"""
 #include <string.h>
 #include <math.h>
 
-/* AdamW, first pass, on ``rows`` contiguous rows of ``cols`` float32 values: p *= decay[r] (if
-   decay), m1 = lerp(m1, g, w1) (PyTorch: fma(w1, g - m1, m1) for w1 < 0.5), m2 = m2 * b2 + c2 * g * g
+/* AdamW, first pass, on ``rows`` contiguous rows of ``cols`` float32 values: p *= 1 - lr[r] * wd[r]
+   (if wd), m1 = lerp(m1, g, w1) (PyTorch: fma(w1, g - m1, m1) for w1 < 0.5), m2 = m2 * b2 + c2 * g * g
    (PyTorch's addcmul: fma(c2 * g, g, m2 * b2)). */
 void adamw_moments(float *restrict p, const float *restrict g, float *restrict m1, float *restrict m2,
-                   const float *restrict decay, int64_t rows, int64_t cols, float w1, float b2, float c2) {
+                   const float *restrict lr, const float *restrict wd, int64_t rows, int64_t cols, float w1,
+                   float b2, float c2) {
     for (int64_t r = 0; r < rows; r++) {
         float *pr = p + r * cols, *ar = m1 + r * cols, *vr = m2 + r * cols;
         const float *gr = g + r * cols;
-        if (decay) {
-            const float f = decay[r];
+        if (wd) {
+            const float f = 1.0f - lr[r] * wd[r];
             for (int64_t j = 0; j < cols; j++) pr[j] = pr[j] * f;
         }
         for (int64_t j = 0; j < cols; j++) {
@@ -69,13 +70,13 @@ void adamw_moments(float *restrict p, const float *restrict g, float *restrict m
     }
 }
 
-/* AdamW, second pass: p += -m1 / ((s + e) / q[r]) with s = sqrt(m2) computed by the caller. */
+/* AdamW, second pass: p += -m1 / ((s + e) / (lr[r] * qf)) with s = sqrt(m2) computed by the caller. */
 void adamw_update(float *restrict p, const float *restrict m1, const float *restrict s,
-                  const float *restrict q, int64_t rows, int64_t cols, float e) {
+                  const float *restrict lr, float qf, int64_t rows, int64_t cols, float e) {
     for (int64_t r = 0; r < rows; r++) {
         float *pr = p + r * cols;
         const float *ar = m1 + r * cols, *sr = s + r * cols;
-        const float qr = q[r];
+        const float qr = lr[r] * qf;
         for (int64_t j = 0; j < cols; j++) pr[j] = pr[j] + (-ar[j]) / ((sr[j] + e) / qr);
     }
 }
@@ -260,8 +261,8 @@ void rows_nonfinite(const uint32_t *restrict x, int64_t rows, int64_t cols, uint
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
 _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "adamw_moments": [_P, _P, _P, _P, _P, _I64, _I64, _F, _F, _F],
-    "adamw_update": [_P, _P, _P, _P, _I64, _I64, _F],
+    "adamw_moments": [_P, _P, _P, _P, _P, _P, _I64, _I64, _F, _F, _F],
+    "adamw_update": [_P, _P, _P, _P, _F, _I64, _I64, _F],
     "sgd": [_P, _P, _P, _P, _P, _I64, _I64, _F, _P, _P],
     "pcg64_fill": [_P, _P, _I64],
     "dropout_forward": [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64],
@@ -336,26 +337,27 @@ def _cpu_flags() -> str:
 
 
 # -- the loops, and the torch/NumPy operations each replaces (the trainer's fallback path) -----------------
-def adamw_torch(p, g, m1, m2, decay, q, e: float, out, b1: float = 0.9, b2: float = 0.999) -> None:
-    """AdamW's passes in torch as the trainer runs them (``decay = 1 - lr * wd`` or None, ``q`` the
-    per-row step factor ``[rows, 1]``, ``e`` the scaled epsilon; ``out`` a scratch tensor like ``p``)."""
-    if decay is not None:
-        p.mul_(decay)
+def adamw_torch(p, g, m1, m2, lr, wd, qf: float, e: float, out, b1: float = 0.9, b2: float = 0.999) -> None:
+    """AdamW's passes in torch as the trainer runs them: ``lr``/``wd`` per row (``[rows, 1, ...]``; ``wd``
+    None = no decay), ``qf`` the step's bias-correction factor (the step is ``lr * qf``), ``e`` the
+    scaled epsilon; ``out`` a scratch tensor like ``p``."""
+    if wd is not None:
+        p.mul_(1 - lr * wd)
     m1.lerp_(g, 1 - b1)
     m2.mul_(b2).addcmul_(g, g, value=1 - b2)
-    denom = torch.sqrt(m2, out=out).add_(e).div_(q)
+    denom = torch.sqrt(m2, out=out).add_(e).div_(lr * qf)
     p.addcdiv_(m1, denom, value=-1)
 
 
-def adamw_fused(lib, p, g, m1, m2, decay, q, e: float, out, b1: float = 0.9, b2: float = 0.999) -> None:
+def adamw_fused(lib, p, g, m1, m2, lr, wd, qf: float, e: float, out, b1: float = 0.9, b2: float = 0.999) -> None:
     """:func:`adamw_torch` with the two fused loops (every tensor a contiguous float32 CPU block of
-    ``rows`` rows; ``decay`` and ``q`` contiguous, one value per row)."""
+    ``rows`` rows; ``lr`` and ``wd`` contiguous, one value per row)."""
     rows = p.shape[0]
     cols = p.numel() // max(rows, 1)
-    lib.adamw_moments(p.data_ptr(), g.data_ptr(), m1.data_ptr(), m2.data_ptr(),
-                      None if decay is None else decay.data_ptr(), rows, cols, 1 - b1, b2, 1 - b2)
+    lib.adamw_moments(p.data_ptr(), g.data_ptr(), m1.data_ptr(), m2.data_ptr(), lr.data_ptr(),
+                      None if wd is None else wd.data_ptr(), rows, cols, 1 - b1, b2, 1 - b2)
     torch.sqrt(m2, out=out)
-    lib.adamw_update(p.data_ptr(), m1.data_ptr(), out.data_ptr(), q.data_ptr(), rows, cols, e)
+    lib.adamw_update(p.data_ptr(), m1.data_ptr(), out.data_ptr(), lr.data_ptr(), qf, rows, cols, e)
 
 
 def sgd_torch(p, g, buf, lr, wd, mom, coef=None) -> None:
@@ -451,15 +453,13 @@ def _self_check(lib) -> str:
                 p, g, m1 = rand(rows, cols), rand(rows, cols, scale=0.1), rand(rows, cols, scale=0.01)
                 m2 = torch.rand(rows, cols, generator=gen) * 1e-3
                 lr = torch.rand(rows, 1, generator=gen) * 0.1
-                decay = (1 - lr * torch.rand(rows, 1, generator=gen) * 0.01) if wd else None
+                wdv = torch.rand(rows, 1, generator=gen) * 0.01 if wd else None
                 r2 = math.sqrt(1 - 0.999 ** t)
-                q = lr * (r2 / (1 - 0.9 ** t))
                 ref = [x.clone() for x in (p, m1, m2)]
-                adamw_torch(ref[0], g, ref[1], ref[2], decay, q, 1e-8 * r2, torch.empty_like(p))
-                adamw_fused(lib, p, g, m1, m2, decay, q, 1e-8 * r2, torch.empty_like(p))
+                adamw_torch(ref[0], g, ref[1], ref[2], lr, wdv, r2 / (1 - 0.9 ** t), 1e-8 * r2, torch.empty_like(p))
+                adamw_fused(lib, p, g, m1, m2, lr, wdv, r2 / (1 - 0.9 ** t), 1e-8 * r2, torch.empty_like(p))
                 if not all(torch.equal(a, b) for a, b in zip(ref, (p, m1, m2))):
                     bad.add("adamw")
-                wdv = torch.rand(rows, 1, generator=gen) * 0.01 if wd else None
                 moms = torch.where(torch.rand(rows, 1, generator=gen) < 0.5, 0.9, 0.0)
                 coef = torch.rand(rows, 1, generator=gen).clamp(min=0.5)
                 for mom, c in ((0.9, None), (moms, coef), (moms, torch.ones(rows, 1))):

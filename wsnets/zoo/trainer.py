@@ -728,7 +728,7 @@ def _adamw(p, g, m1, m2, lr, wd, t: int, b1: float = 0.9, b2: float = 0.999, eps
     ``p -= m1 / ((sqrt(m2) + eps * sqrt(c2)) / (lr * sqrt(c2) / c1))``: the same update in 7 passes
     over the block instead of 10 (the per-model factors are ``[K, 1]``), or 3 with the fused loops."""
     r2 = math.sqrt(1 - b2 ** t)
-    args = (p, g, m1, m2, None if wd is None else 1 - lr * wd, lr * (r2 / (1 - b1 ** t)), eps * r2)
+    args = (p, g, m1, m2, lr, wd, r2 / (1 - b1 ** t), eps * r2)
     if lib is not None:
         cpu_kernels.adamw_fused(lib, *args, out, b1, b2)
     else:
