@@ -75,10 +75,12 @@ class _Perturbed:
 
     def __getattr__(self, attr):
         fn = getattr(self.lib, attr)
-        if attr != self.name:
+        if attr not in self.name:
             return fn
         if attr == "adamw_update":
             return lambda p, m1, s, lr, qf, rows, cols, e: fn(p, m1, s, lr, qf, rows, cols, e * 1.5 + 1e-7)
+        if attr == "adamw_onepass":
+            return lambda *a: fn(*a[:12], a[12] * 1.5 + 1e-7, *a[13:])
         if attr == "sgd":
             return lambda p, g, buf, lr, wd, rows, cols, mom, moms, coef: fn(p, g, buf, lr, wd, rows, cols, mom * 0.999,
                                                                                 moms, coef)
@@ -96,14 +98,28 @@ class _Perturbed:
 
 
 @needs_loops
-@pytest.mark.parametrize("name,reported", [("adamw_update", "adamw"), ("sgd", "sgd"), ("dropout_forward", "dropout"),
+@pytest.mark.parametrize("name,reported", [(("adamw_update", "adamw_onepass"), "adamw"), ("sgd", "sgd"), ("dropout_forward", "dropout"),
                                            ("epoch_order", "epoch_order"), ("argmax_is", "argmax_is"),
                                            ("rows_nonfinite", "rows_nonfinite")])
 def test_check_rejects_a_loop_that_differs(name, reported):
     """The load-time check compares every loop with the operations it replaces: a loop that is off
     (another epsilon, momentum, a short row, another stream position) is named, and the trainer then
     keeps its torch path."""
-    assert cpu_kernels._self_check(_Perturbed(cpu_kernels.load(), name)) == reported
+    assert cpu_kernels._self_check(_Perturbed(cpu_kernels.load(), (name,) if isinstance(name, str) else name)) == reported
+
+
+@needs_loops
+def test_adamw_in_one_pass_and_in_two_equal_torch():
+    """AdamW in one C pass (PyTorch's own square root called from C, where this build exports it) and
+    in two passes around ``torch.sqrt`` both give the torch path's numbers."""
+    lib = cpu_kernels.load()
+    vsqrt = lib.vsqrt
+    try:
+        lib.vsqrt = None
+        assert not cpu_kernels._check_adamw(lib)
+    finally:
+        lib.vsqrt = vsqrt
+    assert not cpu_kernels._check_adamw(lib)
 
 
 def test_without_a_compiler_or_when_disabled_the_torch_path_is_used(monkeypatch, tmp_path):

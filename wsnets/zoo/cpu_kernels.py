@@ -81,6 +81,33 @@ void adamw_update(float *restrict p, const float *restrict m1, const float *rest
     }
 }
 
+/* AdamW in one pass: adamw_moments and adamw_update over tiles of 1024 values, the square root of each
+   tile by ``vsqrt`` (PyTorch's own: MKL's vmsSqrt, called as ATen calls it, with ``mode``). */
+typedef void (*vsqrt_t)(int n, const float *a, float *y, int64_t mode);
+
+void adamw_onepass(float *restrict p, const float *restrict g, float *restrict m1, float *restrict m2,
+                   const float *restrict lr, const float *restrict wd, int64_t rows, int64_t cols, float w1,
+                   float b2, float c2, float qf, float e, vsqrt_t vsqrt, int64_t mode) {
+    float s[1024];
+    for (int64_t r = 0; r < rows; r++) {
+        const float f = wd ? 1.0f - lr[r] * wd[r] : 1.0f, qr = lr[r] * qf;
+        for (int64_t j0 = 0; j0 < cols; j0 += 1024) {
+            const int64_t n = cols - j0 < 1024 ? cols - j0 : 1024;
+            float *pr = p + r * cols + j0, *ar = m1 + r * cols + j0, *vr = m2 + r * cols + j0;
+            const float *gr = g + r * cols + j0;
+            if (wd)
+                for (int64_t j = 0; j < n; j++) pr[j] = pr[j] * f;
+            for (int64_t j = 0; j < n; j++) {
+                const float a = ar[j], x = gr[j];
+                ar[j] = fmaf(w1, x - a, a);
+                vr[j] = fmaf(c2 * x, x, vr[j] * b2);
+            }
+            vsqrt((int)n, vr, s, mode);
+            for (int64_t j = 0; j < n; j++) pr[j] = pr[j] + (-ar[j]) / ((s[j] + e) / qr);
+        }
+    }
+}
+
 /* SGD with momentum. One momentum for the block (coef NULL): buf = g + mom * buf (PyTorch's add
    with alpha: fma(buf, mom, g)); else per row: buf = buf * moms[r] + g * coef[r] (mul_, then
    addcmul_: fma(g, coef, buf * mom)). Then buf += p * wd[r] if wd (addcmul: fma(p, wd, buf)) and
@@ -263,6 +290,7 @@ _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "adamw_moments": [_P, _P, _P, _P, _P, _P, _I64, _I64, _F, _F, _F],
     "adamw_update": [_P, _P, _P, _P, _F, _I64, _I64, _F],
+    "adamw_onepass": [_P, _P, _P, _P, _P, _P, _I64, _I64, _F, _F, _F, _F, _F, _P, _I64],
     "sgd": [_P, _P, _P, _P, _P, _I64, _I64, _F, _P, _P],
     "pcg64_fill": [_P, _P, _I64],
     "dropout_forward": [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64],
@@ -283,6 +311,9 @@ def load():
         else:
             try:
                 lib = _build()
+                lib.vsqrt = _torch_sqrt()
+                if lib.vsqrt is not None and _check_adamw(lib):  # not PyTorch's square root after all
+                    lib.vsqrt = None
                 bad = _self_check(lib)
                 if bad:
                     lib, reason = None, f"differs from torch in {bad}"
@@ -290,6 +321,21 @@ def load():
                 lib, reason = None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
         _STATE["lib"], _STATE["reason"] = lib, reason
     return _STATE["lib"]
+
+
+def _torch_sqrt() -> int | None:
+    """The address of the float32 square root PyTorch's CPU kernel calls (MKL's ``vmsSqrt`` inside
+    ``libtorch_cpu``), or None (another build: AdamW then runs in two loops around ``torch.sqrt``)."""
+    import sys
+    name = {"darwin": "libtorch_cpu.dylib", "win32": "torch_cpu.dll"}.get(sys.platform, "libtorch_cpu.so")
+    try:
+        fn = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name)).vmsSqrt
+    except (OSError, AttributeError):
+        return None
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+_VML_MODE = 0x2 | 0x140000 | 0x100  # VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE, as ATen's vml.h
 
 
 def status() -> str:
@@ -350,10 +396,16 @@ def adamw_torch(p, g, m1, m2, lr, wd, qf: float, e: float, out, b1: float = 0.9,
 
 
 def adamw_fused(lib, p, g, m1, m2, lr, wd, qf: float, e: float, out, b1: float = 0.9, b2: float = 0.999) -> None:
-    """:func:`adamw_torch` with the two fused loops (every tensor a contiguous float32 CPU block of
-    ``rows`` rows; ``lr`` and ``wd`` contiguous, one value per row)."""
+    """:func:`adamw_torch` with the fused loops (every tensor a contiguous float32 CPU block of ``rows``
+    rows; ``lr`` and ``wd`` contiguous, one value per row): one pass where PyTorch's square root can be
+    called from C (``lib.vsqrt``), else two around ``torch.sqrt``."""
     rows = p.shape[0]
     cols = p.numel() // max(rows, 1)
+    if lib.vsqrt is not None:
+        lib.adamw_onepass(p.data_ptr(), g.data_ptr(), m1.data_ptr(), m2.data_ptr(), lr.data_ptr(),
+                          None if wd is None else wd.data_ptr(), rows, cols, 1 - b1, b2, 1 - b2, qf, e, lib.vsqrt,
+                          _VML_MODE)
+        return
     lib.adamw_moments(p.data_ptr(), g.data_ptr(), m1.data_ptr(), m2.data_ptr(), lr.data_ptr(),
                       None if wd is None else wd.data_ptr(), rows, cols, 1 - b1, b2, 1 - b2)
     torch.sqrt(m2, out=out)
@@ -437,6 +489,28 @@ def rows_nonfinite(lib, block: torch.Tensor, bad: torch.Tensor) -> None:
     lib.rows_nonfinite(block.data_ptr(), rows, block.numel() // max(rows, 1), bad.data_ptr())
 
 
+def _check_adamw(lib) -> bool:
+    """Whether :func:`adamw_fused` differs from :func:`adamw_torch` anywhere on random blocks."""
+    gen = torch.Generator().manual_seed(4321)
+    for rows, cols in ((3, 1), (5, 33), (2, 4161), (7, 17), (4, 1000), (2, 2048)):
+        for wd in (False, True):
+            for t in (1, 9):
+                p = torch.randn(rows, cols, generator=gen)
+                g = torch.randn(rows, cols, generator=gen) * 0.1
+                m1 = torch.randn(rows, cols, generator=gen) * 0.01
+                m2 = torch.rand(rows, cols, generator=gen) * 1e-3
+                m2[0, ::3] = 0.0
+                lr = torch.rand(rows, 1, generator=gen) * 0.1
+                wdv = torch.rand(rows, 1, generator=gen) * 0.01 if wd else None
+                r2 = math.sqrt(1 - 0.999 ** t)
+                ref = [x.clone() for x in (p, m1, m2)]
+                adamw_torch(ref[0], g, ref[1], ref[2], lr, wdv, r2 / (1 - 0.9 ** t), 1e-8 * r2, torch.empty_like(p))
+                adamw_fused(lib, p, g, m1, m2, lr, wdv, r2 / (1 - 0.9 ** t), 1e-8 * r2, torch.empty_like(p))
+                if not all(torch.equal(a, b) for a, b in zip(ref, (p, m1, m2))):
+                    return True
+    return False
+
+
 def _self_check(lib) -> str:
     """Names of the loops whose results differ from the operations they replace on random inputs (odd
     lengths included); "" if none."""
@@ -447,19 +521,14 @@ def _self_check(lib) -> str:
     def rand(*shape, scale=1.0):
         return torch.randn(*shape, generator=gen) * scale
 
+    if _check_adamw(lib):
+        bad.add("adamw")
     for rows, cols in ((3, 1), (5, 33), (2, 4161), (7, 17), (4, 1000)):
         for wd in (False, True):
             for t in (1, 9):
                 p, g, m1 = rand(rows, cols), rand(rows, cols, scale=0.1), rand(rows, cols, scale=0.01)
-                m2 = torch.rand(rows, cols, generator=gen) * 1e-3
                 lr = torch.rand(rows, 1, generator=gen) * 0.1
                 wdv = torch.rand(rows, 1, generator=gen) * 0.01 if wd else None
-                r2 = math.sqrt(1 - 0.999 ** t)
-                ref = [x.clone() for x in (p, m1, m2)]
-                adamw_torch(ref[0], g, ref[1], ref[2], lr, wdv, r2 / (1 - 0.9 ** t), 1e-8 * r2, torch.empty_like(p))
-                adamw_fused(lib, p, g, m1, m2, lr, wdv, r2 / (1 - 0.9 ** t), 1e-8 * r2, torch.empty_like(p))
-                if not all(torch.equal(a, b) for a, b in zip(ref, (p, m1, m2))):
-                    bad.add("adamw")
                 moms = torch.where(torch.rand(rows, 1, generator=gen) < 0.5, 0.9, 0.0)
                 coef = torch.rand(rows, 1, generator=gen).clamp(min=0.5)
                 for mom, c in ((0.9, None), (moms, coef), (moms, torch.ones(rows, 1))):
