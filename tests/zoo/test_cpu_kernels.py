@@ -151,3 +151,26 @@ def test_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_STATE", {})
     assert cpu_kernels.load() is not None
     assert [f.stat().st_mtime_ns for f in (tmp_path / "kernels").iterdir()] == [stamp]
+
+
+@needs_loops
+def test_zoo_build_says_whether_the_loops_ran_and_builds_the_same_zoo(monkeypatch, tmp_path, capsys):
+    """``wsnets zoo build`` names the path it trained with; with the loops switched off it writes the
+    same shards byte for byte (and the same index rows)."""
+    from pathlib import Path
+
+    from wsnets.cli import main
+    root = Path(__file__).resolve().parents[2]
+    args = ["zoo", "build", str(root / "zoo" / "digits-mlp.toml"), "--limit", "12", "--workers", "1"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "fused CPU loops)" in out and "off" not in out
+    monkeypatch.setattr(cpu_kernels, "_STATE", {})
+    monkeypatch.setenv("WSNETS_CPU_KERNELS", "0")
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert "fused CPU loops off (disabled by WSNETS_CPU_KERNELS=0)" in capsys.readouterr().out
+    shards = {z: {f.name: f.read_bytes() for f in (tmp_path / z / "shards").iterdir()} for z in "ab"}
+    assert len(shards["a"]) >= 2 and shards["a"] == shards["b"]
+    rows = [[(r["model_id"], r["epoch"], r["test_acc"], r["train_loss"]) for r in wsnets.zoo.open(tmp_path / z).rows]
+            for z in "ab"]
+    assert len(rows[0]) == 36 and sorted(rows[0]) == sorted(rows[1])

@@ -135,7 +135,15 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
     dt = time.perf_counter() - t0
     return {"out": str(out), "recipe": recipe.name, "groups_total": len(groups), "groups_skipped": len(groups) - len(todo),
             "models_built": built, "seconds": round(dt, 3), "models_per_s": round(built / dt, 3) if dt > 0 else None,
-            "shard": f"{si}/{sn}", "device": str(dev), "workers": n_workers}
+            "shard": f"{si}/{sn}", "device": str(dev), "workers": n_workers, "cpu_loops": _cpu_loops(dev)}
+
+
+def _cpu_loops(dev: torch.device) -> str | None:
+    """On CPU: ``"ok"`` if the trainer used its fused C loops (:mod:`wsnets.zoo.cpu_kernels`), else why not."""
+    if dev.type != "cpu":
+        return None
+    from . import cpu_kernels
+    return cpu_kernels.status()
 
 
 def _cores() -> int:
