@@ -103,7 +103,10 @@ def register(sub) -> None:
                    help="processes training groups in parallel on CPU (default: one per core, at most one per group, "
                         "for builds of at least ~1 s of training with forked workers (Linux) or ~5 s with spawned "
                         "ones (WSNETS_ZOO_WORKER_START=spawn, other systems), else 1)")
-    b.add_argument("--threads", type=int, default=0, help="torch CPU threads of an in-process build (default 1 on CPU)")
+    b.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads of an in-process build (default 1 on CPU; the trainer's elementwise work runs "
+                        "in C loops built once with the system compiler, WSNETS_CPU_KERNELS=0 turns them off: the same "
+                        "zoo, ~1.2x slower)")
     b.add_argument("--tf32", action="store_true",
                    help="CUDA: allow TF32 matrix products in training (about 2x faster for MLP groups on an H100; "
                         "recorded metrics are still evaluated in float32)")
