@@ -698,7 +698,7 @@ class _Optimizer:
                 if o == "adam":
                     _adamw(p, g[s:e] if unclipped else g[s:e].mul_(coef[s:e].view(view)), m1, m2, lr, wd, self.t,
                            out=buf, lib=self.lib if g.is_contiguous() else None)
-                else:  # one momentum, no clipping: buf = mom * buf + g in one kernel
+                else:  # SGD; one momentum and no clipping: buf = mom * buf + g in one torch kernel
                     one = unclipped and mom1 is not None
                     args = (p, g[s:e], m1, lr, wd, mom1 if one else mom, None if one else coef[s:e].view(view))
                     if self.lib is not None and g.is_contiguous():
@@ -726,7 +726,8 @@ def _adamw(p, g, m1, m2, lr, wd, t: int, b1: float = 0.9, b2: float = 0.999, eps
 
     ``p -= lr / c1 * m1 / (sqrt(m2 / c2) + eps)`` (``c = 1 - beta**t``) is computed as
     ``p -= m1 / ((sqrt(m2) + eps * sqrt(c2)) / (lr * sqrt(c2) / c1))``: the same update in 7 passes
-    over the block instead of 10 (the per-model factors are ``[K, 1]``), or 3 with the fused loops."""
+    over the block instead of 10 (the per-model factors are ``[K, 1]``), or one with the fused loops (two
+    around ``torch.sqrt`` where PyTorch's square root cannot be called from C)."""
     r2 = math.sqrt(1 - b2 ** t)
     args = (p, g, m1, m2, lr, wd, r2 / (1 - b1 ** t), eps * r2)
     if lib is not None:
