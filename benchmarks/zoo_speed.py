@@ -14,7 +14,9 @@ Two workloads, each timed both ways in one run:
   CUDA the batched trainer runs its fused Triton kernel (:mod:`wsnets.zoo.fused`) when Triton is
   installed, timed twice: in float32 (PyTorch's default precision) and with TF32 allowed.
 
-Both methods run with the same torch thread count (``--threads``). ``--workers N`` adds a row for the
+Both methods run with the same torch thread count (``--threads``). On CPU the batched trainer uses its
+fused C loops (:mod:`wsnets.zoo.cpu_kernels`) where they load (the header line and the JSON say so;
+``WSNETS_CPU_KERNELS=0`` times the torch path, which trains the same numbers). ``--workers N`` adds a row for the
 recipe built by ``wsnets zoo build`` with ``N`` worker processes (groups in parallel, one thread each,
 commits included): the whole machine against the sequential loop at ``--threads``. The sequential loop is slow, so it
 runs on a subset (``--seq-models``) and its models/s is extrapolated per model (each model's cost is
@@ -51,6 +53,7 @@ from wsnets.io import atomic_write_json  # noqa: E402
 from wsnets.weights import WeightSpace  # noqa: E402
 from wsnets.zoo.build import plan  # noqa: E402
 from wsnets.zoo.recipe import RunSpec, load_recipe, parse_recipe  # noqa: E402
+from wsnets.zoo import cpu_kernels  # noqa: E402
 from wsnets.zoo.trainer import DataBank, init_params, train_group  # noqa: E402
 
 
@@ -305,12 +308,14 @@ def main(argv=None) -> int:
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "quick": a.quick,
            "load_average_before": [round(v, 2) for v in load0],
            "load_average_after": [round(v, 2) for v in os.getloadavg()], "warmup": warmup,
+           "cpu_loops": cpu_kernels.status() if dev.type == "cpu" else None,
            "note": "timed on a shared machine; ratios are from the same run"}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out, {"env": env, "results": results})
     print(f"device {env['device']}{' (' + env['gpu'] + ')' if env['gpu'] else ''}, {a.threads} torch thread(s) for both "
           f"methods, {env['cores']} cores, load average {load0[0]:.2f} before / {os.getloadavg()[0]:.2f} after; "
-          f"medians of {repeat} interleaved repeat(s)\n")
+          f"medians of {repeat} interleaved repeat(s)"
+          + (f"; batched trainer's fused CPU loops: {env['cpu_loops']}" if env["cpu_loops"] else "") + "\n")
     print("| workload | batched models/s | sequential models/s | speedup (wall) | speedup range | speedup (CPU time) "
           "| median test acc (batched / seq) |")
     print("|---|---:|---:|---:|---|---:|---|")
