@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import wsnets
+from tests.zoo.test_trainer import _runs as runs_of
 from wsnets.zoo import cpu_kernels
-from wsnets.zoo.recipe import RunSpec
 from wsnets.zoo.trainer import DataBank, train_group
 
 HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc"))
@@ -28,16 +28,16 @@ def _runs(arch, n: int):
     """Every branch of the loops: SGD with one momentum or mixed momenta, clipped or not, with and
     without weight decay; AdamW with and without decay; dropout; label noise; training subsets."""
     g = torch.Generator().manual_seed(5)
-    out = []
+    hps = []
     for i in range(n):
         u = torch.rand(8, generator=g).tolist()
-        hp = {"optimizer": "adam" if u[0] < 0.5 else "sgd", "lr": 0.003 + 0.05 * u[1] if u[0] < 0.5 else 0.02 + 0.3 * u[1],
-              "momentum": 0.9 if (i % 3) else 0.0, "weight_decay": 0.0 if u[2] < 0.4 else 1e-3 * u[3],
-              "init_scale": 0.5 + 2 * u[4], "dropout": 0.0 if u[5] < 0.5 else 0.4 * u[5],
-              "label_noise": 0.0 if u[6] < 0.5 else 0.3, "train_fraction": 0.2 + 0.8 * u[7],
-              "grad_clip": 1e9 if i % 4 else 0.5}
-        out.append(RunSpec(i, f"k-{i}", 300 + i, arch, "blobs2", hp))
-    return out
+        hps.append({"optimizer": "adam" if u[0] < 0.5 else "sgd",
+                    "lr": 0.003 + 0.05 * u[1] if u[0] < 0.5 else 0.02 + 0.3 * u[1],
+                    "momentum": 0.9 if (i % 3) else 0.0, "weight_decay": 0.0 if u[2] < 0.4 else 1e-3 * u[3],
+                    "init_scale": 0.5 + 2 * u[4], "dropout": 0.0 if u[5] < 0.5 else 0.4 * u[5],
+                    "label_noise": 0.0 if u[6] < 0.5 else 0.3, "train_fraction": 0.2 + 0.8 * u[7],
+                    "grad_clip": 1e9 if i % 4 else 0.5})
+    return runs_of(arch, hps)
 
 
 @needs_loops

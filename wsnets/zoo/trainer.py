@@ -767,13 +767,11 @@ def _epoch_order(seeds: torch.Tensor, memb: torch.Tensor, n_sub: torch.Tensor, e
     total *= epochs
     if not use_numpy:
         return _epoch_order_torch(seeds, memb, n_sub, g0, total, Nmax, b)
-    lib = cpu_kernels.load() if fused is None else (fused or None)
-    if lib is not None:
-        import numpy as np
-        key = _mix_np(seeds.cpu().numpy().astype(np.uint32) ^ np.uint32(_STREAM["order"]))
-        return cpu_kernels.epoch_order(lib, key, memb.cpu().numpy(), n_sub.cpu().numpy(), g0, total, Nmax)
     xp = _NumpyOps()
     seeds, memb, n_sub = xp.asarray(seeds), xp.asarray(memb), xp.asarray(n_sub)
+    lib = cpu_kernels.load() if fused is None else (fused or None)
+    if lib is not None:
+        return cpu_kernels.epoch_order(lib, xp.key(seeds), memb, n_sub, g0, total, Nmax)
     K, Smax = memb.shape
     p0 = g0 // n_sub
     J = (g0 + total - 1) // n_sub - p0 + 1  # passes touched this epoch, per model

@@ -18,12 +18,11 @@ import sys
 def main(read_fd: int, write_fd: int) -> int:
     """A spawned worker: reads the recipe, ``limit`` and the bases file from ``read_fd``, then serves."""
     from ..io import read_safetensors
-    from .build import recv_msg
+    from .build import plan, recv_msg
     try:
         recipe, limit, bases_path = recv_msg(read_fd, "")
     except EOFError:
         return 0
-    from .build import plan
     bases = None if bases_path is None else read_safetensors(bases_path)[0]
     return serve(read_fd, write_fd, recipe, plan(recipe, limit), bases)  # the parent's plan: a pure function
 
