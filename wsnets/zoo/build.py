@@ -27,7 +27,7 @@ import torch
 
 from ..arch import Architecture
 from ..errors import ConfigError
-from ..io import read_safetensors, write_safetensors
+from ..io import ARCH_KEY, BATCH_KEY, read_safetensors, write_safetensors
 from . import datasets as zds
 from .recipe import HYPER_DEFAULTS, Recipe, RunSpec, load_recipe
 from .store import ZooWriter
@@ -536,7 +536,7 @@ def _bases(recipe: Recipe, out: Path, dev: torch.device) -> dict[str, torch.Tens
     runs = [RunSpec(i, f"{recipe.name}-base{i}", 7919 * (recipe.seed + 1) + i, arch, dataset, hp) for i in range(n)]
     ck = list(train_group(arch, runs, epochs=epochs, checkpoints=[epochs], batch_size=batch,
                           bank=DataBank.build([dataset], dev), device=dev))[-1]
-    meta = {"wsnets.arch": arch.to_json(), "wsnets.batch_size": str(n), "dataset": dataset,
+    meta = {ARCH_KEY: arch.to_json(), BATCH_KEY: str(n), "dataset": dataset,
             "test_acc": ",".join(f"{a:.4f}" for a in ck.metrics["test_acc"].tolist())}
     write_safetensors(path, ck.params, meta)
     return {k: v.to(dev) for k, v in ck.params.items()}
