@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import WSNetsError
+from .errors import ConfigError, WSNetsError
 
 # command -> (module with register(subparsers), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,6 +54,31 @@ def emit(args: argparse.Namespace, obj: Any, text: str | Callable[[], str]) -> N
         print(json.dumps(obj, indent=2, default=str))
     else:
         print(text() if callable(text) else text)
+
+
+class PlotTarget:
+    """Where ``--plot ARG`` puts a command's plots; one meaning in every command.
+
+    ``ARG`` ending in ``.png`` (and not an existing folder) is a file: the command's main plot is written
+    there and any other plot beside it as ``<stem>_<name>.png``. Anything else is a folder (created) that
+    receives every plot under its own name. Another image suffix (``.pdf``, ``.svg``, ``.jpg``) is refused
+    rather than taken for a folder name.
+    """
+
+    def __init__(self, arg: str | os.PathLike) -> None:
+        p = Path(arg)
+        suffix = p.suffix.lower()
+        if suffix in (".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".tif", ".tiff", ".gif", ".webp") and not p.is_dir():
+            raise ConfigError(f"--plot {arg}: plots are written as PNG: give a .png file or a folder")
+        self.file = p if suffix == ".png" and not p.is_dir() else None
+        self.dir = p.parent if self.file is not None else p
+        self.prefix = f"{p.stem}_" if self.file is not None else ""
+
+    def path(self, name: str, main: bool = False) -> Path:
+        """The file for the plot ``name`` (e.g. ``"alpha_per_layer.png"``); ``main``: the command's main plot."""
+        if self.file is not None and main:
+            return self.file
+        return self.dir / f"{self.prefix}{name}"
 
 
 # -- wsnets graph --------------------------------------------------------------------------------
@@ -100,6 +127,12 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; bad input is one line on stderr and exit code 2, never a traceback.
+
+    Exit codes: 0 success, 2 bad input or a failed check (a :class:`WSNetsError`, a file that cannot be
+    read or written, a full disk), 130 Ctrl-C, 141 output pipe closed by its reader (``| head``: quietly,
+    as a program killed by SIGPIPE), 1 an internal error (a bug: ``WSNETS_DEBUG=1`` shows its traceback).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
@@ -111,17 +144,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if not argv else 2
+    sub = {"zoo": "zoo_command", "merge": "method", "landscape": "landscape_command"}.get(args.command)
+    name = " ".join(str(v) for v in (args.command, getattr(args, sub, None) if sub else None) if v)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _pipe_closed()
     except WSNetsError as e:
-        print(f"wsnets {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"wsnets {args.command}: error: {e.filename or e}: no such file", file=sys.stderr)
-        return 2
+        return _fail(name, str(e))
+    except OSError as e:
+        return _fail(name, _os_error_line(e))
     except KeyboardInterrupt:
-        print(f"wsnets {args.command}: interrupted", file=sys.stderr)
+        print(f"wsnets {name}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        return _fail(name, "out of memory (try a smaller batch, --limit, or a machine with more memory)", code=1)
+    except Exception as e:  # noqa: BLE001 - the CLI never prints a traceback; a bug is reported as one
+        if os.environ.get("WSNETS_DEBUG"):
+            raise
+        return _fail(name, f"internal error, a bug in wsnets ({type(e).__name__}: {_one_line(str(e))}); "
+                           "WSNETS_DEBUG=1 prints the traceback", code=1)
+
+
+def _one_line(msg: str) -> str:
+    return "; ".join(line.strip() for line in msg.splitlines() if line.strip())
+
+
+def _fail(name: str, msg: str, code: int = 2) -> int:
+    try:
+        print(f"wsnets {name}: error: {_one_line(msg)}", file=sys.stderr)
+    except (BrokenPipeError, OSError):
+        pass
+    return code
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line for a file the command could not read or write (or a full disk)."""
+    from .io import is_disk_full
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    if is_disk_full(e):
+        return f"{where}no space left ({e.strerror or e}); free space and rerun the same command"
+    if isinstance(e, FileNotFoundError):
+        return f"{where or str(e) + ': '}no such file or directory"
+    return f"{where}{e.strerror or e}"
+
+
+def _pipe_closed() -> int:
+    """The reader of our output went away (``wsnets esd --json | head``): stop quietly. Standard output is
+    pointed at /dev/null so that the interpreter's final flush does not complain either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a file (tests)
+        pass
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -44,3 +44,45 @@ class ArchitectureMismatchError(WSNetsError):
 
 class ConfigError(WSNetsError):
     """A bad configuration value, unknown key or wrong type."""
+
+
+class TensorFormatError(CheckpointError):
+    """A checkpoint entry that is not a dense real floating-point tensor under a string name (an integer
+    key, a sparse, complex, integer or boolean tensor)."""
+
+
+class MetadataError(CheckpointError):
+    """A safetensors file's wsnets metadata (the architecture JSON) is not what wsnets writes."""
+
+
+class CNNZooFormatError(CheckpointError):
+    """A Small CNN Zoo directory whose ``layout.csv``, ``metrics.csv`` or ``weights.npy`` do not fit together."""
+
+
+class RecipeError(ConfigError):
+    """A zoo recipe value of the wrong type, sign or range, naming the recipe file and key."""
+
+
+class OutputExistsError(ConfigError):
+    """An output (a run directory, a zoo) that exists and would be overwritten or mixed with other work."""
+
+
+class StoreError(CheckpointError):
+    """A zoo directory that cannot be used as it is (see the subclasses)."""
+
+
+class NotAZooError(StoreError):
+    """An ``index.sqlite`` that is not a wsnets zoo index (empty, garbage, another application's database,
+    corrupt). wsnets never writes to it."""
+
+
+class ZooNotReadyError(StoreError):
+    """A zoo whose build has not created its index yet."""
+
+
+class DamagedZooError(StoreError):
+    """A zoo whose committed rows point at missing or changed shards (deleted, truncated, overwritten)."""
+
+
+class DiskFullError(WSNetsError):
+    """No space left (or a file-size or quota limit) while writing; what was committed before is intact."""

@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import sqlite3
 import tempfile
 import zipfile
 from pathlib import Path
@@ -180,6 +182,16 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     return path
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def remove_stale_temps(directory: Path) -> int:
     """Delete the temporary files :func:`atomic_write` left in ``directory`` when its process was
     killed (same host, process gone); files of live writers are kept. Returns how many went."""
@@ -237,6 +249,7 @@ def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, file_mode(path))  # mkstemp makes 0600; a written file gets the mode open() would give it
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -244,6 +257,42 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def file_mode(path: str | os.PathLike) -> int:
+    """The permission bits a file written at ``path`` gets: an existing file's own, else ``0o666`` less the
+    process umask (what ``open(path, "w")`` gives a new file)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~umask()
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if e is not None)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says a write ran out of space: ``ENOSPC``, a quota (``EDQUOT``), a file-size limit
+    (``EFBIG``), or SQLite's ``database or disk is full``."""
+    if isinstance(e, OSError):
+        return e.errno in _FULL_ERRNOS
+    if isinstance(e, sqlite3.Error):
+        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(e)
+    return False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -14,9 +14,11 @@ process commits each group as it arrives, so the store has one writer.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..arch import Architecture
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError, DamagedZooError, OutputExistsError
 from ..io import ARCH_KEY, BATCH_KEY, read_safetensors, write_safetensors
 from . import datasets as zds
 from .recipe import HYPER_DEFAULTS, Recipe, RunSpec, load_recipe
@@ -95,18 +97,29 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     si, sn = parse_shard(shard)
-    writer = ZooWriter(out, recipe.name, recipe.digest, Path(recipe.source).read_text() if Path(recipe.source).is_file() else "",
-                       trainer=trainer_tag(dev))
-    full = plan(recipe, limit)
-    groups = [g for i, g in enumerate(full) if i % sn == si]
+    text = Path(recipe.source).read_text() if Path(recipe.source).is_file() else ""
+    writer = ZooWriter(out, recipe.name, recipe.digest, text, trainer=trainer_tag(dev),
+                       recipe_json=json.dumps(recipe.raw, sort_keys=True, default=str),
+                       plan={"limit": limit, "shard": f"{si}/{sn}"})
+    try:
+        full = plan(recipe, limit)
+        groups = [g for i, g in enumerate(full) if i % sn == si]
+        done = writer.committed_groups()
+        if writer.other_trainer and any(g.group_id not in done for g in groups):
+            raise ConfigError(f"{out}: its {len(done)} groups were trained by wsnets trainer version "
+                              f"{writer.other_trainer}, this build trains version {trainer_tag(dev)} (other numbers "
+                              "for the same recipe and seed): build into a new --out (or open the finished part as it is)")
+        repaired = _check_existing(writer, groups, limit, f"{si}/{sn}", out)
+    except BaseException:
+        writer.close()
+        raise
     done = writer.committed_groups()
     todo = [g for g in groups if g.group_id not in done]
-    if todo and writer.other_trainer:
-        writer.close()
-        raise ConfigError(f"{out}: its {len(done)} groups were trained by wsnets trainer version {writer.other_trainer}, "
-                          f"this build trains version {trainer_tag(dev)} (other numbers for the same recipe and seed): "
-                          "build into a new --out (or open the finished part as it is)")
-    bases = _bases(recipe, Path(out), dev) if recipe.pretrain else None
+    if repaired and progress:
+        print(f"{out}: {len(repaired)} committed group(s) had a missing or damaged shard ("
+              + "; ".join(f"{d['shard']} {d['problem']}" for d in repaired[:3]) + (" ..." if len(repaired) > 3 else "")
+              + "): training them again", file=sys.stderr)
+    bases = _bases(recipe, Path(out), dev, writer) if recipe.pretrain else None
     n_models = sum(len(g.runs) for g in todo)
     n_workers = _n_workers(workers, dev, todo, n_models)
     t0 = time.perf_counter()
@@ -135,7 +148,35 @@ def build(recipe: Recipe | str | Path, out: str | Path, *, limit: int | None = N
     dt = time.perf_counter() - t0
     return {"out": str(out), "recipe": recipe.name, "groups_total": len(groups), "groups_skipped": len(groups) - len(todo),
             "models_built": built, "seconds": round(dt, 3), "models_per_s": round(built / dt, 3) if dt > 0 else None,
-            "shard": f"{si}/{sn}", "device": str(dev), "workers": n_workers, "cpu_loops": _cpu_loops(dev)}
+            "shard": f"{si}/{sn}", "device": str(dev), "workers": n_workers, "cpu_loops": _cpu_loops(dev),
+            "groups_repaired": len(repaired), "repaired": [d["shard"] for d in repaired]}
+
+
+def _check_existing(writer: ZooWriter, groups: Sequence[Group], limit: int | None, shard: str,
+                    out: str | Path) -> list[dict[str, Any]]:
+    """Before building into an existing zoo: refuse one of another plan (``--limit``/``--shard``: its groups
+    would mix with these), and forget committed groups whose shard is missing or changed (deleted,
+    truncated, overwritten) so that they are trained again. Returns the forgotten groups' damage reports."""
+    planned = {g.group_id for g in groups}
+    committed = writer.committed_groups()
+    foreign = committed - planned
+    if foreign:
+        recorded = [f"--{k} {writer.meta[k]}" for k in ("limit", "shard") if k in writer.meta]
+        raise OutputExistsError(
+            f"{out} holds {len(foreign)} group(s) of another plan (built with {', '.join(recorded) or 'another --limit or --shard'}); "
+            f"this build is --limit {'none' if limit is None else limit} --shard {shard}: build into another --out "
+            "(or repeat the original command)")
+    lim = "none" if limit is None else str(limit)
+    if writer.meta.get("limit") != lim or writer.meta.get("shard") != shard:  # new, or an older zoo's first record
+        writer.set_meta({"limit": lim, "shard": shard})
+    damaged = writer.damaged_groups(committed)
+    if damaged and writer.other_trainer:
+        from .verify import describe_damage
+        raise DamagedZooError(describe_damage(Path(out), damaged) + "; they were trained by wsnets trainer version "
+                              f"{writer.other_trainer} and cannot be repaired by this one")
+    writer.forget_groups([d["group_id"] for d in damaged])
+    writer.record_checksums()  # groups of older versions, checked by structure above
+    return damaged
 
 
 def _cpu_loops(dev: torch.device) -> str | None:
@@ -518,14 +559,25 @@ def _row(recipe: Recipe, r: RunSpec, c: Checkpoint, k: int) -> dict[str, Any]:
             "key": f"e{c.epoch:04d}", "idx": k}
 
 
-def _bases(recipe: Recipe, out: Path, dev: torch.device) -> dict[str, torch.Tensor]:
+def _bases(recipe: Recipe, out: Path, dev: torch.device, writer: ZooWriter | None = None) -> dict[str, torch.Tensor]:
     """Pre-trained bases ``[n_bases, ...]`` of a fine-tuning zoo: trained once and cached in
-    ``bases.safetensors`` (deterministic, so every shard of a build trains identical bases)."""
+    ``bases.safetensors`` (deterministic, so every shard of a build trains identical bases). Its SHA-256
+    is recorded in the zoo's meta table; a missing, unreadable or changed file is trained again."""
+    from .verify import file_digest
     path = out / "bases.safetensors"
     arch = recipe.base_arch()
+    recorded = writer.meta.get("bases_sha256") if writer is not None else None
     if path.exists():
-        tensors, _ = read_safetensors(path)
-        return {k: v.to(dev) for k, v in tensors.items()}
+        try:
+            tensors, _ = read_safetensors(path)
+            sha = file_digest(path)
+            if recorded and sha != recorded:
+                raise CheckpointError(f"{path}: contents changed since it was written (SHA-256 differs)")
+            if writer is not None and not recorded:
+                writer.set_meta({"bases_sha256": sha})
+            return {k: v.to(dev) for k, v in tensors.items()}
+        except CheckpointError as e:
+            print(f"{e}: training the bases again", file=sys.stderr)
     pre = dict(recipe.pretrain or {})
     n = int(pre.pop("bases", 1))
     dataset = pre.pop("dataset")
@@ -539,4 +591,6 @@ def _bases(recipe: Recipe, out: Path, dev: torch.device) -> dict[str, torch.Tens
     meta = {ARCH_KEY: arch.to_json(), BATCH_KEY: str(n), "dataset": dataset,
             "test_acc": ",".join(f"{a:.4f}" for a in ck.metrics["test_acc"].tolist())}
     write_safetensors(path, ck.params, meta)
+    if writer is not None:
+        writer.set_meta({"bases_sha256": file_digest(path)})
     return {k: v.to(dev) for k, v in ck.params.items()}

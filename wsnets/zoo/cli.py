@@ -26,9 +26,11 @@ def _build(args: argparse.Namespace) -> int:
     loops = {None: "", "ok": ", fused CPU loops"}.get(s.get("cpu_loops"),
                                                        f"; fused CPU loops off ({s.get('cpu_loops')}): the same "
                                                        "zoo, trained ~1.2x slower")
+    repaired = f"; {s['groups_repaired']} damaged group(s) trained again" if s.get("groups_repaired") else ""
     emit(args, s, lambda: (f"{s['out']}: built {s['models_built']} models in {s['seconds']:.1f} s "
                            f"({s['models_per_s'] or 0:.2f} models/s), {s['groups_skipped']} of {s['groups_total']} "
-                           f"groups already done (shard {s['shard']}, {s['device']}, {s['workers']} worker(s){loops})"))
+                           f"groups already done (shard {s['shard']}, {s['device']}, {s['workers']} worker(s){loops})"
+                           f"{repaired}"))
     return 0
 
 
@@ -54,14 +56,24 @@ def summarize(zoo) -> dict[str, Any]:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .records import open as open_zoo
     zoo = open_zoo(args.dir)
+    store = (Path(args.dir) / "index.sqlite").exists()
+    check = _store_check(Path(args.dir), zoo.meta, args.verify) if store else {}
     if len(zoo) == 0:
-        raise ConfigError(f"{args.dir}: the zoo has no committed checkpoints yet")
+        raise ConfigError(f"{args.dir}: the zoo has no committed checkpoints yet"
+                          + (f" ({check['plan']['state']}: 0 of {check['plan']['planned_groups']} groups)"
+                             if check.get("plan", {}).get("planned_groups") else ""))
     s = summarize(zoo)
+    s.update(check)
+    if args.verify and not store:
+        s["verify"] = {"ok": True, "note": "Small CNN Zoo layout: weights.npy, metrics and layout checked when opened"}
     if args.plot:
+        from ..cli import PlotTarget
         from .plots import accuracy_histogram
-        s["plot"] = str(accuracy_histogram(zoo, args.plot))
+        s["plot"] = str(accuracy_histogram(zoo, PlotTarget(args.plot).path("zoo_test_accuracy.png", main=True)))
 
     def text() -> str:
         a = s["test_acc_last_epoch"]
@@ -74,11 +86,63 @@ def _info(args: argparse.Namespace) -> int:
                  "  models per task: " + ", ".join(f"{d} {n}" for d, n in s["per_task"].items()),
                  f"  architectures ({len(s['per_arch'])}): " + ", ".join(f"{d} {n}" for d, n in list(s["per_arch"].items())[:8])
                  + (" ..." if len(s["per_arch"]) > 8 else "")]
+        if "plan" in s:
+            lines.append("  " + _plan_line(s["plan"]))
+        if "verify" in s:
+            lines.append("  " + _verify_line(s["verify"]))
         if args.plot:
             lines.append(f"  histogram: {s['plot']}")
         return "\n".join(lines)
     emit(args, s, text)
+    v = s.get("verify")
+    if v and not v["ok"]:
+        from ..errors import DamagedZooError
+        from .verify import describe_damage
+        raise DamagedZooError(describe_damage(Path(args.dir), v["damaged"]) if v["damaged"] else
+                              f"{args.dir}: {v['orphan_rows']} rows belong to no committed group")
     return 0
+
+
+def _store_check(root, meta: dict, verify_shards: bool) -> dict[str, Any]:
+    """The plan status (complete / partial / mixed) and, with ``verify_shards``, every shard checked."""
+    from .index import INDEX, read_groups, read_index
+    from .store import read_rows
+    from .verify import plan_status, verify
+    groups, rows = read_index(root / INDEX, lambda con: (read_groups(con), read_rows(con) if verify_shards else []))
+    out: dict[str, Any] = {"plan": plan_status(meta, [g["group_id"] for g in groups])}
+    if verify_shards:
+        out["verify"] = verify(root, groups, rows)
+    return out
+
+
+def _plan_line(p: dict[str, Any]) -> str:
+    state = p["state"]
+    if state == "unknown":
+        return (f"plan: unknown ({p['committed_groups']} groups; the zoo records no recipe plan it can check: built by an "
+                "older wsnets with --limit or --shard?)")
+    where = f"--limit {p['limit'] if p['limit'] is not None else 'none'}, --shard {p['shard']}"
+    done = p["planned_groups"] - p["missing_groups"]
+    if state == "complete":
+        return f"plan: complete ({done} of {p['planned_groups']} groups, {p['planned_models']} models; {where})"
+    if state == "partial":
+        return (f"plan: PARTIAL: {done} of {p['planned_groups']} groups committed ({where}); an interrupted build: "
+                "run the same 'wsnets zoo build' again to finish it")
+    return (f"plan: MIXED: {p['foreign_groups']} group(s) belong to another plan than {where} (another --limit or "
+            "--shard built into this directory)")
+
+
+def _verify_line(v: dict[str, Any]) -> str:
+    if v.get("note"):
+        return f"verify: {v['note']}"
+    if v["ok"]:
+        old = (f"; {v['without_checksum']} committed before wsnets recorded checksums: checked by structure"
+               if v.get("without_checksum") else "")
+        return (f"verify: all {v['groups']} shards intact ({v['checked_bytes'] / 1e6:.2f} MB checked against the "
+                f"SHA-256 recorded at commit{old})")
+    return (f"verify: DAMAGED: {len(v['damaged'])} of {v['groups']} shards ("
+            + "; ".join(f"{d['shard']} {d['problem']}" for d in v["damaged"][:3])
+            + (" ..." if len(v["damaged"]) > 3 else "") + ")"
+            + (f", {v['orphan_rows']} rows without a committed group" if v["orphan_rows"] else ""))
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -114,7 +178,11 @@ def register(sub) -> None:
     i = add_parser(zsub, "info", "counts, accuracy spread and an accuracy histogram of a zoo",
                    "wsnets zoo info zoos/digits-mlp --plot zoo_acc.png", _info)
     i.add_argument("dir", help="zoo directory (wsnets store or Small CNN Zoo layout)")
-    i.add_argument("--plot", default=None, help="write a test-accuracy histogram PNG here")
+    i.add_argument("--plot", default=None, metavar="PNG_OR_DIR",
+                   help="write a test-accuracy histogram: a .png file, or a folder (zoo_test_accuracy.png in it)")
+    i.add_argument("--verify", action="store_true",
+                   help="check every committed shard against the size and SHA-256 recorded at commit (exit 2 if any "
+                        "is missing or damaged; running the zoo's build again repairs it)")
     add_common(i, device=False)
     m = add_parser(zsub, "merge", "union zoo parts built with --shard into one zoo",
                    "wsnets zoo merge zoos/all zoos/part0 zoos/part1", _merge)

@@ -20,7 +20,8 @@ from torch import nn
 from ..arch import Architecture
 from ..errors import CheckpointError, ConfigError, MissingKeyError
 from ..weights import WeightSpace, stack
-from .store import INDEX, connect, load_tensors, read_rows
+from .index import INDEX, connect_write, read_index, read_meta
+from .store import load_tensors, read_rows
 
 METRICS = ("train_acc", "test_acc", "train_loss", "test_loss", "gen_gap")
 
@@ -52,10 +53,12 @@ class Zoo:
     """A list of checkpoint records from one zoo directory; :meth:`filter` returns sub-zoos."""
 
     def __init__(self, root: Path, rows: Sequence[dict[str, Any]], loader: Callable[[Sequence[dict]], list[dict]],
-                 *, con=None, meta: dict[str, str] | None = None) -> None:
+                 *, meta: dict[str, str] | None = None, extra: dict[tuple[str, int], dict[str, float]] | None = None,
+                 writable: bool = False) -> None:
         self.root = Path(root)
         self._loader = loader
-        self._con = con
+        self._extra = extra if extra is not None else {}
+        self._writable = writable
         self.meta = meta or {}
         self.rows: list[Record] = [r if isinstance(r, Record) and r.zoo is self else Record(dict(r), self) for r in rows]
         self._arch_cache: dict[str, Architecture] = {}
@@ -87,7 +90,7 @@ class Zoo:
                 elif r.get(k) != v:
                     return False
             return fn is None or bool(fn(r))
-        sub = Zoo(self.root, [], self._loader, con=self._con, meta=self.meta)
+        sub = Zoo(self.root, [], self._loader, meta=self.meta, extra=self._extra, writable=self._writable)
         sub.rows = [r for r in self.rows if ok(r)]
         sub._arch_cache = self._arch_cache
         return sub
@@ -126,19 +129,22 @@ class Zoo:
 
     # -- extra metrics -----------------------------------------------------------------------------
     def record(self, row: dict[str, Any], name: str, value: float) -> None:
-        """Store an extra metric for a checkpoint (e.g. a robustness score) in the index."""
-        if self._con is None:
+        """Store an extra metric for a checkpoint (e.g. a robustness score) in the index (the only write
+        a :class:`Zoo` makes; opening and reading never write)."""
+        if not self._writable:
             raise ConfigError(f"{self.root}: this zoo is read-only (not a wsnets zoo directory)")
-        with self._con:
-            self._con.execute("INSERT OR REPLACE INTO extra VALUES (?, ?, ?, ?)",
-                              (row["model_id"], int(row["epoch"]), str(name), float(value)))
+        con = connect_write(self.root / INDEX, [])
+        try:
+            with con:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("INSERT OR REPLACE INTO extra VALUES (?, ?, ?, ?)",
+                            (row["model_id"], int(row["epoch"]), str(name), float(value)))
+        finally:
+            con.close()
+        self._extra.setdefault((row["model_id"], int(row["epoch"])), {})[str(name)] = float(value)
 
     def extra_metrics(self, row: dict[str, Any]) -> dict[str, float]:
-        if self._con is None:
-            return {}
-        cur = self._con.execute("SELECT name, value FROM extra WHERE model_id = ? AND epoch = ?",
-                                (row["model_id"], int(row["epoch"])))
-        return {n: v for n, v in cur.fetchall()}
+        return dict(self._extra.get((row["model_id"], int(row["epoch"])), {}))
 
     def __repr__(self) -> str:
         return f"Zoo({str(self.root)!r}, rows={len(self)}, models={len({r['model_id'] for r in self.rows})})"
@@ -149,11 +155,15 @@ def open(path: str | Path, where: str = "", params: Sequence[Any] = ()) -> Zoo: 
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such zoo directory")
-    if (root / INDEX).exists():
-        con = connect(root / INDEX)
-        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
-        rows = read_rows(con, where, params)
-        return Zoo(root, rows, lambda rs: load_tensors(root, rs), con=con, meta=meta)
+    if (root / INDEX).exists() or not (root / "weights.npy").exists() and (root / "shards").is_dir():
+        def read(con) -> tuple[dict, list, dict]:
+            extra: dict[tuple[str, int], dict[str, float]] = {}
+            has_extra = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'extra'").fetchone()
+            for m, e, n, v in con.execute("SELECT model_id, epoch, name, value FROM extra") if has_extra else ():
+                extra.setdefault((m, int(e)), {})[n] = v
+            return read_meta(con), read_rows(con, where, params), extra
+        meta, rows, extra = read_index(root / INDEX, read)  # read-only: never writes (see wsnets.zoo.index)
+        return Zoo(root, rows, lambda rs: load_tensors(root, rs), meta=meta, extra=extra, writable=True)
     if (root / "weights.npy").exists():
         from .cnnzoo import open_cnn_zoo
         return open_cnn_zoo(root)

@@ -24,43 +24,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from ..arch import Architecture
-from ..errors import CheckpointError, ConfigError
-from ..io import ARCH_KEY, atomic_write, remove_stale_temps, write_safetensors
+from ..errors import ConfigError, DamagedZooError, DiskFullError, StoreError
+from ..io import ARCH_KEY, atomic_write, is_disk_full, remove_stale_temps, safetensors_bytes
+from .index import COLUMNS, FORMAT, INDEX, connect_write, meta_rows, read_groups, read_index, read_meta
+from .verify import describe_damage, digest, verify
 
-INDEX = "index.sqlite"
 ROWS_KEY = "wsnets.zoo.rows"
-COLUMNS: dict[str, str] = {
-    "model_id": "TEXT NOT NULL", "run": "INTEGER", "seed": "INTEGER", "recipe": "TEXT", "arch": "TEXT",
-    "arch_desc": "TEXT", "depth": "INTEGER", "width": "INTEGER", "activation": "TEXT", "num_params": "INTEGER",
-    "dataset": "TEXT", "task": "TEXT", "base": "INTEGER", "optimizer": "TEXT", "lr": "REAL", "momentum": "REAL",
-    "weight_decay": "REAL", "init_scale": "REAL", "dropout": "REAL", "label_noise": "REAL",
-    "train_fraction": "REAL", "grad_clip": "REAL", "batch_size": "INTEGER", "hyperparameters": "TEXT",
-    "epoch": "INTEGER NOT NULL", "train_acc": "REAL", "test_acc": "REAL", "train_loss": "REAL", "test_loss": "REAL",
-    "gen_gap": "REAL", "diverged": "INTEGER", "group_id": "TEXT", "shard": "TEXT", "key": "TEXT", "idx": "INTEGER",
-}
-
-
-def connect(path: Path, *, create: bool = False) -> sqlite3.Connection:
-    """Open a zoo index with WAL journaling and a generous busy timeout (several writers may share it)."""
-    if not create and not path.exists():
-        raise CheckpointError(f"{path.parent}: not a zoo directory (no {INDEX})")
-    con = sqlite3.connect(str(path), timeout=120.0, isolation_level=None)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    if create:
-        cols = ", ".join(f'"{c}" {t}' for c, t in COLUMNS.items())
-        con.executescript(f"""
-            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-            CREATE TABLE IF NOT EXISTS checkpoints ({cols}, PRIMARY KEY (model_id, epoch));
-            CREATE TABLE IF NOT EXISTS groups (group_id TEXT PRIMARY KEY, shard TEXT, models INTEGER,
-                                               seconds REAL, device TEXT, finished REAL);
-            CREATE TABLE IF NOT EXISTS extra (model_id TEXT, epoch INTEGER, name TEXT, value REAL,
-                                              PRIMARY KEY (model_id, epoch, name));
-            CREATE INDEX IF NOT EXISTS ck_dataset ON checkpoints (dataset);
-            CREATE INDEX IF NOT EXISTS ck_arch ON checkpoints (arch_desc);
-        """)
-    return con
+__all__ = ["INDEX", "COLUMNS", "ROWS_KEY", "ZooWriter", "insert_rows", "read_rows", "load_tensors", "merge",
+           "read_index", "read_meta"]
 
 
 def _trainer_of(meta: Mapping[str, str]) -> str:
@@ -72,50 +43,115 @@ class ZooWriter:
     """Writes groups into a zoo directory; one instance per build process.
 
     ``trainer`` (a :data:`~wsnets.zoo.trainer.TRAINER_VERSION`) is recorded in the zoo's meta table;
-    ``other_trainer`` is set when an existing zoo with committed groups was trained by another one."""
+    ``other_trainer`` is set when an existing zoo with committed groups was trained by another one.
+    ``plan`` (``{"limit": ..., "shard": ...}``, the build's ``--limit`` and ``--shard``) is recorded
+    when the index is created, so that ``zoo info`` can tell a partial or mixed zoo."""
 
     other_trainer: str | None = None
 
     def __init__(self, root: str | Path, recipe_name: str, recipe_digest: str, recipe_text: str = "",
-                 trainer: str | None = None) -> None:
+                 trainer: str | None = None, *, recipe_json: str = "", plan: Mapping[str, Any] | None = None) -> None:
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root}: exists and is not a directory")
+        first = {"recipe": recipe_name, "recipe_digest": recipe_digest, "recipe_toml": recipe_text,
+                 "recipe_json": recipe_json or None, "format": FORMAT, "trainer": trainer,
+                 **{k: ("none" if v is None else v) for k, v in (plan or {}).items()}}
+        self.con = connect_write(self.root / INDEX, meta_rows(first))  # checks an existing index before any write
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
         for d in (self.root, self.root / "shards"):  # half-written shards of a killed build
             remove_stale_temps(d)
-        self.con = connect(self.root / INDEX, create=True)
         with self.con:
             self.con.execute("BEGIN IMMEDIATE")
-            got = dict(self.con.execute("SELECT key, value FROM meta").fetchall())
+            got = read_meta(self.con)
             if got and got.get("recipe_digest") != recipe_digest:
                 raise ConfigError(f"{self.root} holds a zoo of recipe {got.get('recipe')!r} "
                                   f"(digest {got.get('recipe_digest')}), not this recipe ({recipe_digest}): "
                                   "use another --out")
-            if not got:
-                self.con.executemany("INSERT INTO meta VALUES (?, ?)", [
-                    ("recipe", recipe_name), ("recipe_digest", recipe_digest), ("recipe_toml", recipe_text),
-                    ("format", "wsnets-zoo-1")] + ([("trainer", trainer)] if trainer else []))
+            if not got:  # an index of an old version killed before its meta rows committed
+                self.con.executemany("INSERT INTO meta VALUES (?, ?)", meta_rows(first))
             elif trainer and got.get("trainer") != trainer:
                 if self.con.execute("SELECT count(*) FROM groups").fetchone()[0]:
                     # checked by build() when it has groups left to train: extending would mix trainers
                     self.other_trainer = _trainer_of(got)
                 else:  # nothing committed yet: the zoo is this trainer's
                     self.con.execute("INSERT OR REPLACE INTO meta VALUES ('trainer', ?)", (trainer,))
+            if got and recipe_json and "recipe_json" not in got:  # an older zoo: recorded now (lazily, on write)
+                self.con.execute("INSERT OR REPLACE INTO meta VALUES ('recipe_json', ?)", (recipe_json,))
+        self.meta = read_meta(self.con)
 
     def committed_groups(self) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT group_id FROM groups")}
 
+    def groups(self) -> list[dict[str, Any]]:
+        return read_groups(self.con)
+
+    def set_meta(self, values: Mapping[str, Any]) -> None:
+        with self.con:
+            self.con.execute("BEGIN IMMEDIATE")
+            self.con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta_rows(values))
+        self.meta = read_meta(self.con)
+
+    def damaged_groups(self, group_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Committed groups (all, or those in ``group_ids``) whose shard is missing or changed."""
+        want = None if group_ids is None else set(group_ids)
+        gs = [g for g in self.groups() if want is None or g["group_id"] in want]
+        rows = read_rows(self.con, "group_id IN (SELECT group_id FROM groups)") if any(
+            not g.get("sha256") for g in gs) else []
+        return verify(self.root, gs, rows)["damaged"]
+
+    def record_checksums(self) -> int:
+        """Record size and SHA-256 of intact shards of groups committed before wsnets recorded them (a lazy
+        migration, on write only; call after :meth:`damaged_groups` has forgotten damaged ones)."""
+        from .verify import file_digest
+        todo = [g for g in self.groups() if not g.get("sha256")]
+        for g in todo:
+            path = self.root / g["shard"]
+            size, sha = path.stat().st_size, file_digest(path)
+            with self.con:
+                self.con.execute("BEGIN IMMEDIATE")
+                self.con.execute("UPDATE groups SET bytes = ?, sha256 = ? WHERE group_id = ?", (size, sha, g["group_id"]))
+        return len(todo)
+
+    def forget_groups(self, group_ids: Sequence[str]) -> None:
+        """Remove groups (their rows and records, in one transaction) so that a build retrains them."""
+        with self.con:
+            self.con.execute("BEGIN IMMEDIATE")
+            for g in group_ids:
+                self.con.execute("DELETE FROM checkpoints WHERE group_id = ?", (g,))
+                self.con.execute("DELETE FROM groups WHERE group_id = ?", (g,))
+
     def commit_group(self, group_id: str, arch: Architecture, epochs: Sequence[int],
                      params: Sequence[Mapping[str, torch.Tensor]], rows: Sequence[dict[str, Any]],
                      seconds: float = 0.0, device: str = "cpu") -> Path:
-        """Write the shard of one group (tensors ``e<epoch>/<key>`` stacked ``[K, ...]``), then commit its rows."""
+        """Write the shard of one group (tensors ``e<epoch>/<key>`` stacked ``[K, ...]``), then commit its
+        rows with the shard's size and SHA-256. A full disk raises :class:`DiskFullError`; what was
+        committed before stays as it was, and the group is trained again on resume."""
         shard = Path("shards") / f"{group_id}.safetensors"
         tensors = {f"e{e:04d}/{k}": v.detach().contiguous().cpu() for e, p in zip(epochs, params) for k, v in p.items()}
         for r in rows:
             r["shard"], r["group_id"] = str(shard), group_id
         meta = {ARCH_KEY: arch.to_json(), ROWS_KEY: json.dumps(rows, default=float), "wsnets.zoo.group": group_id}
-        write_safetensors(self.root / shard, tensors, meta)
-        insert_rows(self.con, rows, group=(group_id, str(shard), len({r["model_id"] for r in rows}), seconds, device))
+        data = safetensors_bytes(tensors, meta)
+        n_models = len({r["model_id"] for r in rows})
+        try:
+            atomic_write(self.root / shard, lambda tmp: Path(tmp).write_bytes(data))
+            insert_rows(self.con, rows, group=(group_id, str(shard), n_models, seconds, device, time.time(),
+                                               len(data), digest(data)))
+        except (OSError, sqlite3.Error) as e:
+            if group_id not in self.committed_groups():  # no row points at it: give its space back
+                (self.root / shard).unlink(missing_ok=True)
+            raise self._write_error(e, f"committing group {group_id}") from None
         return self.root / shard
+
+    def _write_error(self, e: BaseException, doing: str) -> Exception:
+        if is_disk_full(e):
+            return DiskFullError(f"{self.root}: no space left while {doing} ({e}); the groups committed before are "
+                                 "intact: free space and run the same command again to resume")
+        if isinstance(e, sqlite3.Error):
+            return StoreError(f"{self.root / INDEX}: could not commit ({e}) while {doing}; the groups committed "
+                              "before are intact: run the same command again to resume")
+        return e  # other OSErrors (permissions, ...): the CLI reports them in one line
 
     def close(self) -> None:
         self.con.close()
@@ -128,8 +164,9 @@ def insert_rows(con: sqlite3.Connection, rows: Sequence[Mapping[str, Any]], grou
     with con:
         con.execute("BEGIN IMMEDIATE")
         con.executemany(sql, [tuple(_sql(r.get(c)) for c in cols) for r in rows])
-        if group is not None:
-            con.execute("INSERT OR REPLACE INTO groups VALUES (?, ?, ?, ?, ?, ?)", (*group, time.time()))
+        if group is not None:  # (group_id, shard, models, seconds, device, finished, bytes, sha256)
+            con.execute("INSERT OR REPLACE INTO groups (group_id, shard, models, seconds, device, finished, bytes, "
+                        "sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", tuple(group))
 
 
 _PLAIN = frozenset((int, float, str, bytes))
@@ -158,6 +195,9 @@ def read_rows(con: sqlite3.Connection, where: str = "", params: Sequence[Any] = 
         raise ConfigError(f"bad row filter {where!r}: {e}") from None
 
 
+_REPAIR = "; 'wsnets zoo info DIR --verify' lists the damage and running the zoo's build again repairs it"
+
+
 def load_tensors(root: Path, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
     """The state dicts of ``rows`` (each a plain dict key -> tensor), reading each shard once."""
     from safetensors import safe_open
@@ -176,29 +216,35 @@ def load_tensors(root: Path, rows: Sequence[Mapping[str, Any]]) -> list[dict[str
         except (OSError, RuntimeError, Exception) as e:  # safetensors raises its own error type
             if isinstance(e, KeyError):
                 raise
-            raise CheckpointError(f"{path}: corrupt or unreadable shard ({str(e).splitlines()[0][:160]})") from None
+            raise DamagedZooError(f"{path}: corrupt or unreadable shard ({str(e).splitlines()[0][:160]}){_REPAIR}") \
+                from None
         for i in idxs:
             if not out[i]:
-                raise CheckpointError(f"{path}: no tensors under {rows[i]['key']!r} for {rows[i]['model_id']}")
+                raise DamagedZooError(f"{path}: no tensors under {rows[i]['key']!r} for {rows[i]['model_id']}{_REPAIR}")
     return out  # type: ignore[return-value]
 
 
 def merge(out: str | Path, parts: Iterable[str | Path]) -> dict[str, int]:
     """Union zoo directories built as disjoint parts (``--shard i/n``) of one recipe into ``out``.
 
-    Shards are copied (atomically) before their rows commit; rows already present are skipped, so a
-    merge can be re-run after a crash. Parts of different recipes are refused.
+    Every part is verified first (:mod:`~wsnets.zoo.verify`): a part with a missing or changed shard is
+    refused before anything is written, so damage is never copied. Shards are copied (atomically, and
+    checked against their recorded checksum) before their rows commit; rows already present are
+    skipped, so a merge can be re-run after a crash. Parts of different recipes, trainers or
+    ``--limit`` are refused.
     """
     import shutil
     out = Path(out)
     parts = [Path(p) for p in parts]
     if not parts:
         raise ConfigError("zoo merge needs at least one part")
-    metas = []
-    for p in parts:
-        con = connect(p / INDEX)
-        metas.append(dict(con.execute("SELECT key, value FROM meta").fetchall()))
-        con.close()
+    if any(p.resolve() == out.resolve() for p in parts):
+        raise ConfigError(f"zoo merge: the output {out} is also one of the parts")
+
+    def read(con: sqlite3.Connection) -> tuple[dict, list, list]:
+        return read_meta(con), read_groups(con), read_rows(con)
+    got = [read_index(p / INDEX, read) for p in parts]
+    metas = [m for m, _, _ in got]
     digests = {m.get("recipe_digest") for m in metas}
     if len(digests) != 1:
         raise ConfigError(f"cannot merge zoos of different recipes: {sorted(str(d) for d in digests)}")
@@ -206,27 +252,59 @@ def merge(out: str | Path, parts: Iterable[str | Path]) -> dict[str, int]:
     if len(trainers) != 1:
         raise ConfigError("cannot merge zoos trained by different wsnets trainer versions: "
                           + ", ".join(f"{p} ({_trainer_of(m)})" for p, m in zip(parts, metas)))
+    limits = {m["limit"] for m in metas if "limit" in m}
+    if len(limits) > 1:
+        raise ConfigError("cannot merge zoos built with different --limit: "
+                          + ", ".join(f"{p} ({m.get('limit', '?')})" for p, m in zip(parts, metas)))
+    damage = []
+    for p, (_, groups, rows) in zip(parts, got):
+        report = verify(p, groups, rows)
+        if report["damaged"]:
+            damage.append(describe_damage(p, report["damaged"], most=2))
+        elif report["orphan_rows"]:
+            damage.append(f"{p}: {report['orphan_rows']} rows belong to no committed group")
+    if damage:
+        raise DamagedZooError("zoo merge refused, nothing written: " + "; ".join(damage)
+                              + " (rebuild a part with the same 'wsnets zoo build' command to repair it)")
     m0 = metas[0]
-    writer = ZooWriter(out, m0.get("recipe", ""), m0["recipe_digest"], m0.get("recipe_toml", ""), m0.get("trainer"))
-    if writer.other_trainer:
-        raise ConfigError(f"{out} holds groups of trainer version {writer.other_trainer}, the parts "
-                          f"{_trainer_of(m0)}: merge into another directory")
-    have = writer.committed_groups()
-    n_groups = n_rows = 0
-    for p in parts:
-        con = connect(p / INDEX)
-        if (p / "bases.safetensors").exists() and not (out / "bases.safetensors").exists():
-            atomic_write(out / "bases.safetensors", lambda tmp: shutil.copyfile(p / "bases.safetensors", tmp))
-        for g in con.execute("SELECT * FROM groups").fetchall():
-            if g["group_id"] in have:
-                continue
-            src, dst = p / g["shard"], out / g["shard"]
-            atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
-            rows = read_rows(con, "group_id = ?", (g["group_id"],))
-            insert_rows(writer.con, rows, group=(g["group_id"], g["shard"], g["models"], g["seconds"], g["device"]))
-            have.add(g["group_id"])
-            n_groups += 1
-            n_rows += len(rows)
-        con.close()
-    writer.close()
+    shards = sorted({s for m in metas for s in (m.get("shard") or "").split(",") if s})
+    plan = {"limit": next(iter(limits)) if limits else None, "shard": ",".join(shards) or None} if limits or shards else None
+    writer = ZooWriter(out, m0.get("recipe", ""), m0["recipe_digest"], m0.get("recipe_toml", ""), m0.get("trainer"),
+                       recipe_json=m0.get("recipe_json", ""), plan=plan)
+    try:
+        if writer.other_trainer:
+            raise ConfigError(f"{out} holds groups of trainer version {writer.other_trainer}, the parts "
+                              f"{_trainer_of(m0)}: merge into another directory")
+        if plan and plan["shard"] and writer.meta.get("shard") != plan["shard"]:
+            have_shards = {s for s in (writer.meta.get("shard") or "").split(",") if s}
+            writer.set_meta({"shard": ",".join(sorted(have_shards | set(shards)))})
+        writer.forget_groups([d["group_id"] for d in writer.damaged_groups()])  # retaken from the parts
+        have = writer.committed_groups()
+        n_groups = n_rows = 0
+        for p, (meta, groups, rows) in zip(parts, got):
+            if (p / "bases.safetensors").exists() and not (out / "bases.safetensors").exists():
+                atomic_write(out / "bases.safetensors", lambda tmp: shutil.copyfile(p / "bases.safetensors", tmp))
+            by_group: dict[str, list] = {}
+            for r in rows:
+                by_group.setdefault(r["group_id"], []).append(r)
+            for g in groups:
+                if g["group_id"] in have:
+                    continue
+                src, dst = p / g["shard"], out / g["shard"]
+                data = src.read_bytes()
+                sha = digest(data)
+                if g.get("sha256") and sha != g["sha256"]:  # changed since verify() read it
+                    raise DamagedZooError(f"{src}: changed while merging (SHA-256 differs from its commit)")
+                try:
+                    atomic_write(dst, lambda tmp: Path(tmp).write_bytes(data))
+                    insert_rows(writer.con, by_group.get(g["group_id"], []),
+                                group=(g["group_id"], g["shard"], g["models"], g["seconds"], g["device"], time.time(),
+                                       len(data), sha))
+                except (OSError, sqlite3.Error) as e:
+                    raise writer._write_error(e, f"copying group {g['group_id']}") from None
+                have.add(g["group_id"])
+                n_groups += 1
+                n_rows += len(by_group.get(g["group_id"], []))
+    finally:
+        writer.close()
     return {"groups": n_groups, "rows": n_rows}
