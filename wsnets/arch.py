@@ -1,20 +1,42 @@
-"""Architectures as values: an ordered tuple of :class:`Layer` descriptions.
+"""Architectures as values: a DAG of operations, in topological order, each a :class:`Layer`.
 
 An :class:`Architecture` is what a checkpoint's weights mean. It is frozen and hashable (zoo rows of
 one architecture group by it), prints readably, and round-trips through JSON (it is stored in the
-metadata of every safetensors file wsnets writes).
+metadata of every safetensors file wsnets writes). :meth:`WeightSpace.to_module` rebuilds a module
+computing the same function, and :func:`wsnets.trace.trace` reads one from any traceable module.
 
-Supported layer kinds
----------------------
-weight layers   ``linear``, ``conv1d``, ``conv2d``
-normalization   ``batchnorm`` (1d or 2d, eval-mode statistics kept), ``layernorm`` (over features)
+Every layer reads the outputs of earlier layers: ``inputs`` holds their indices (``-1`` is the network
+input); empty ``inputs`` (the default, omitted from the JSON) means "the previous layer", so a
+sequential MLP/CNN is a plain chain and its JSON is exactly what it was before DAGs existed.
+
+The canonical operation vocabulary (what :mod:`wsnets.trace` converts torch code into)
+------------------------------------------------------------------------------------
+weight layers   ``linear``, ``conv1d``, ``conv2d`` (keys ``weight``, ``bias``)
+other weights   ``embedding`` (``weight [V, D]``; ``mode`` ``""`` looks up the input ids,
+                ``"positions"`` rows ``0..T-1`` for the ``T`` positions of axis ``dim`` of its input,
+                ``"zeros"`` row 0 at each of them), ``mha`` (``nn.MultiheadAttention``, batch first:
+                ``in_proj_weight [3D, D]``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``; kept
+                whole because its q/k/v weights are one tensor), ``param`` (a free tensor of ``shape``,
+                e.g. a class token or positional table, state-dict key = ``name``)
+normalization   ``batchnorm`` (1d or 2d, eval-mode statistics kept), ``layernorm`` and ``rmsnorm`` (over
+                the last axis), ``groupnorm`` (``heads`` groups of channels, channels-first)
 no parameters   ``act`` (relu, gelu, tanh, sigmoid, leaky_relu, elu, silu, softplus, identity),
                 ``dropout``, ``maxpool``/``avgpool`` (local, inside a conv stack), ``gap`` (global
-                average pooling to 1 or 1x1), ``flatten`` (of the input, or after ``gap``)
+                average pooling to 1 or 1x1), ``flatten`` (of the input, or after ``gap``),
+                ``add``/``mul`` (element-wise, broadcasting: residual connections, gates),
+                ``scale`` (times the constant ``value``), ``concat`` (along axis ``dim``), ``tokens``
+                (``[N, C, *S] -> [N, prod S, C]``: a patch embedding's positions become tokens),
+                ``mean``/``select`` (mean over, or entry ``index`` of, the token axis ``dim``),
+                ``attention`` (inputs q, k, v ``[N, T, heads*d]``: split into ``heads`` heads,
+                ``softmax(q k^T / sqrt(d)) v`` per head, heads merged; ``mode="causal"`` masks the future)
 
-Neurons come in *groups*: group 0 is the input (features or channels), group ``l`` is the output of
-weight layer ``l-1``; the last group is the network's output. Groups strictly between are hidden
-and are permuted by the network's symmetries (see :mod:`wsnets.symmetry`).
+Axes ``dim`` count in the full activation ``[N, ...]`` from the end (``-1`` is the last axis), so they
+do not depend on the batch size.
+
+Neurons come in *groups*. For a chain, group 0 is the input (features or channels), group ``l`` is the
+output of weight layer ``l-1``; the last group is the network's output. Groups strictly between are
+hidden and are permuted by the network's symmetries. For a DAG the groups are derived by
+:func:`wsnets.symmetry.permutation_spec` (residual adds, norms and attention couple axes).
 
 Examples
 --------
@@ -29,7 +51,9 @@ True
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from typing import Any, Iterable, Sequence
@@ -39,7 +63,11 @@ from .errors import ConfigError, ShapeMismatchError, SpatialFlattenError, Unsupp
 WEIGHT_KINDS = ("linear", "conv1d", "conv2d")
 NORM_KINDS = ("batchnorm", "layernorm")
 FREE_KINDS = ("act", "dropout", "maxpool", "avgpool", "gap", "flatten")
-KINDS = WEIGHT_KINDS + NORM_KINDS + FREE_KINDS
+CHAIN_KINDS = WEIGHT_KINDS + NORM_KINDS + FREE_KINDS   # what a sequential chain may hold
+DAG_PARAM_KINDS = ("embedding", "mha", "param")
+DAG_NORM_KINDS = ("groupnorm", "rmsnorm")
+DAG_FREE_KINDS = ("add", "mul", "scale", "concat", "tokens", "mean", "select", "attention")
+KINDS = CHAIN_KINDS + DAG_PARAM_KINDS + DAG_NORM_KINDS + DAG_FREE_KINDS
 ACTIVATIONS = ("identity", "relu", "gelu", "tanh", "sigmoid", "leaky_relu", "elu", "silu", "softplus")
 CONV_DIMS = {"conv1d": 1, "conv2d": 2}
 
@@ -70,12 +98,22 @@ class Layer:
     slope: float = 0.01
     p: float = 0.0
     dims: int = 0
+    # DAG fields (defaults are omitted from the JSON, so chains serialize as before)
+    inputs: tuple[int, ...] = ()   # producer layer indices, -1 = network input; () = the previous layer
+    heads: int = 0                 # attention / mha heads, groupnorm groups
+    dim: int = 0                   # axis (from the end) of concat, mean, select, positional embedding
+    index: int = 0                 # select: which entry
+    value: float = 1.0             # scale: the constant factor
+    shape: tuple[int, ...] = ()    # param: the tensor's shape
+    mode: str = ""                 # embedding: "", "positions", "zeros"; attention: "", "causal"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise UnsupportedLayerError(f"unknown layer kind {self.kind!r} at {self.name!r}")
         if self.kind == "act" and self.fn not in ACTIVATIONS:
             raise UnsupportedLayerError(f"unsupported activation {self.fn!r} (supported: {', '.join(ACTIVATIONS)})")
+        for f in ("inputs", "shape"):
+            object.__setattr__(self, f, tuple(int(v) for v in getattr(self, f)))
         for f in ("kernel_size", "stride", "padding", "dilation"):
             v = getattr(self, f)
             if not isinstance(v, tuple):
@@ -89,6 +127,11 @@ class Layer:
     @property
     def is_norm(self) -> bool:
         return self.kind in NORM_KINDS
+
+    @property
+    def has_params(self) -> bool:
+        """Whether the layer owns state-dict tensors."""
+        return bool(self.param_shapes())
 
     @property
     def kernel_numel(self) -> int:
@@ -109,9 +152,28 @@ class Layer:
             out = {"weight": (n,), "bias": (n,)} if self.affine else {}
             out.update(running_mean=(n,), running_var=(n,))
             return out
-        if self.kind == "layernorm":
+        if self.kind in ("layernorm", "groupnorm"):
             return {"weight": (self.out_features,), "bias": (self.out_features,)} if self.affine else {}
+        if self.kind == "rmsnorm":
+            return {"weight": (self.out_features,)} if self.affine else {}
+        if self.kind == "embedding":
+            return {"weight": (self.in_features, self.out_features)}
+        if self.kind == "mha":
+            d = self.out_features
+            out = {"in_proj_weight": (3 * d, d)}
+            if self.bias:
+                out["in_proj_bias"] = (3 * d,)
+            out["out_proj.weight"] = (d, d)
+            if self.bias:
+                out["out_proj.bias"] = (d,)
+            return out
+        if self.kind == "param":
+            return {"": self.shape}
         return {}
+
+    def key(self, suffix: str) -> str:
+        """Full state-dict key of one of this layer's tensors (a ``param`` layer's key is its name)."""
+        return f"{self.name}.{suffix}" if suffix else self.name
 
     def to_dict(self) -> dict[str, Any]:
         """Only the fields that differ from their defaults (compact JSON)."""
@@ -139,6 +201,23 @@ class Layer:
             s = f"BatchNorm{max(self.dims, 1)}d({self.out_features})"
         elif self.kind == "layernorm":
             s = f"LayerNorm({self.out_features})"
+        elif self.kind in ("rmsnorm", "groupnorm"):
+            s = f"RMSNorm({self.out_features})" if self.kind == "rmsnorm" else \
+                f"GroupNorm({self.heads}, {self.out_features})"
+        elif self.kind == "embedding":
+            s = f"Embedding({self.in_features}, {self.out_features}{', ' + self.mode if self.mode else ''})"
+        elif self.kind == "mha":
+            s = f"MultiheadAttention({self.out_features}, heads={self.heads})"
+        elif self.kind == "param":
+            s = f"Param{list(self.shape)}"
+        elif self.kind == "attention":
+            s = f"attention(heads={self.heads}{', causal' if self.mode == 'causal' else ''})"
+        elif self.kind in ("concat", "mean"):
+            s = f"{self.kind}(dim={self.dim})"
+        elif self.kind == "select":
+            s = f"select(dim={self.dim}, {self.index})"
+        elif self.kind == "scale":
+            s = f"scale({self.value:g})"
         elif self.kind == "act":
             s = self.fn
         elif self.kind == "dropout":
@@ -147,12 +226,18 @@ class Layer:
             s = f"{self.kind}{self.dims}d(k={self.kernel_size})"
         else:
             s = self.kind
+        if self.inputs:
+            s += f"<-{list(self.inputs)}"
         return f"{self.name}:{s}" if self.name else s
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """An ordered tuple of layers plus the input shape (without batch dimension), if known."""
+    """Layers in topological order plus the input shape (without batch dimension), if known.
+
+    A *chain* (every layer reads the previous one, chain kinds only) is today's sequential MLP/CNN; any
+    other architecture is a DAG and needs ``input_shape`` (its shapes are inferred and checked).
+    """
 
     layers: tuple[Layer, ...]
     input_shape: tuple[int, ...] | None = None
@@ -165,12 +250,42 @@ class Architecture:
 
     # -- structure -------------------------------------------------------------------------------
     @cached_property
+    def is_chain(self) -> bool:
+        """A sequential network: each layer reads the previous one and only chain kinds occur."""
+        return all(not l.inputs and l.kind in CHAIN_KINDS for l in self.layers)
+
+    @cached_property
+    def inputs(self) -> tuple[tuple[int, ...], ...]:
+        """For each layer, the indices of the layers it reads (``-1``: the network input)."""
+        return tuple(l.inputs if l.inputs else (i - 1,) for i, l in enumerate(self.layers))
+
+    @cached_property
+    def consumers(self) -> tuple[tuple[int, ...], ...]:
+        """For each layer, the layers that read its output (the last layer is the network output)."""
+        out: list[list[int]] = [[] for _ in self.layers]
+        for i, ins in enumerate(self.inputs):
+            for j in ins:
+                if j >= 0:
+                    out[j].append(i)
+        return tuple(map(tuple, out))
+
+    @cached_property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-sample output shape of every layer (DAGs; inferred from ``input_shape``)."""
+        if self.input_shape is None:
+            raise ShapeMismatchError("architecture has no input_shape: shapes are unknown")
+        return _infer_shapes(self)
+
+    @cached_property
     def weight_layers(self) -> tuple[Layer, ...]:
         return tuple(l for l in self.layers if l.is_weight)
 
     @cached_property
     def group_sizes(self) -> tuple[int, ...]:
-        """Neurons per group: input, each hidden layer, output."""
+        """Neurons per group: input, each hidden layer, output (a DAG: its permutation spec's groups)."""
+        if not self.is_chain:
+            from .symmetry import permutation_spec
+            return permutation_spec(self).group_sizes
         w = self.weight_layers
         return (w[0].in_features,) + tuple(l.out_features for l in w)
 
@@ -188,7 +303,9 @@ class Architecture:
 
     @cached_property
     def layer_group(self) -> tuple[int, ...]:
-        """For each layer, the neuron group its output lives in (0 before the first weight layer)."""
+        """For each layer of a chain, the neuron group its output lives in (0 before the first weight layer)."""
+        if not self.is_chain:
+            raise UnsupportedLayerError("layer_group is defined for sequential chains; use permutation_spec()")
         g, out = 0, []
         for l in self.layers:
             if l.is_weight:
@@ -199,7 +316,7 @@ class Architecture:
     @cached_property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Full state-dict key -> shape, in layer order."""
-        return {f"{l.name}.{k}": s for l in self.layers for k, s in l.param_shapes().items()}
+        return {l.key(k): s for l in self.layers for k, s in l.param_shapes().items()}
 
     @property
     def num_params(self) -> int:
@@ -215,7 +332,7 @@ class Architecture:
 
     @property
     def max_kernel_numel(self) -> int:
-        return max(l.kernel_numel for l in self.weight_layers)
+        return max((l.kernel_numel for l in self.weight_layers), default=1)
 
     @property
     def is_conv(self) -> bool:
@@ -228,7 +345,18 @@ class Architecture:
         return acts.pop() if len(acts) == 1 else ("identity" if not acts else "mixed")
 
     def describe(self) -> str:
-        """Short architecture string used as a key in zoo tables, e.g. ``mlp:64-32-32-10:relu``."""
+        """Short architecture string used as a key in zoo tables, e.g. ``mlp:64-32-32-10:relu``.
+
+        A DAG: ``family:input->output:<weight layers>w:<digest of the JSON>``, e.g.
+        ``resnet:3x8x8->10:9w:1f2e3d4c`` (families: transformer, resnet, resmlp, concat, dag)."""
+        if not self.is_chain:
+            kinds = {l.kind for l in self.layers}
+            fam = ("transformer" if kinds & {"attention", "mha"} else "resnet" if "add" in kinds and self.is_conv
+                   else "resmlp" if "add" in kinds else "concat" if "concat" in kinds else "dag")
+            n_w = sum(1 for l in self.layers if l.is_weight or l.kind in ("embedding", "mha"))
+            digest = hashlib.sha1(self.to_json().encode()).hexdigest()[:8]
+            shape = "x".join(map(str, self.input_shape or ()))
+            return f"{fam}:{shape}->{'x'.join(map(str, self.shapes[-1][1:]))}:{n_w}w:{digest}"
         kind = "cnn%dd" % max(l.dims for l in self.weight_layers) if self.is_conv else "mlp"
         extras = "".join(sorted({"+bn" if l.kind == "batchnorm" else "+ln" for l in self.layers if l.is_norm}))
         return f"{kind}:{'-'.join(map(str, self.group_sizes))}:{self.activation}{extras}"
@@ -236,6 +364,9 @@ class Architecture:
     # -- checks ----------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise a clear error if the layers do not chain into a network with a neural graph."""
+        if not self.is_chain:
+            self._validate_dag()
+            return
         if not self.weight_layers:
             raise UnsupportedLayerError("architecture has no Linear or Conv layer")
         prev: Layer | None = None  # last layer that fixed the feature count
@@ -293,6 +424,19 @@ class Architecture:
             if l.is_norm:
                 raise UnsupportedLayerError(f"{l.kind} at {l.name!r} after the output layer")
 
+    def _validate_dag(self) -> None:
+        if not self.layers:
+            raise UnsupportedLayerError("architecture has no layers")
+        if self.input_shape is None:
+            raise ShapeMismatchError("a non-sequential architecture needs input_shape (e.g. trace it with one)")
+        for i, ins in enumerate(self.inputs):
+            if not ins and self.layers[i].kind != "param":
+                raise ShapeMismatchError(f"{_at(self.layers[i], i)} reads nothing")
+            for j in ins:
+                if not -1 <= j < i:
+                    raise ShapeMismatchError(f"{_at(self.layers[i], i)} reads layer {j}, which is not before it")
+        self.shapes  # infers and checks every shape
+
     # -- serialization ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [l.to_dict() for l in self.layers],
@@ -329,6 +473,113 @@ class Architecture:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Architecture) and self.layers == other.layers and self.input_shape == other.input_shape
+
+
+def _at(l: Layer, i: int) -> str:
+    return f"{l.kind} at {l.name!r}" if l.name else f"{l.kind} (layer {i})"
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int = 1) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _infer_shapes(arch: Architecture) -> tuple[tuple[int, ...], ...]:
+    """Full output shape ``(N, ...)`` of every layer (``N = 2`` stands for any batch size), checked."""
+    x0 = (2, *arch.input_shape)
+    out: list[tuple[int, ...]] = []
+    for i, (l, ins) in enumerate(zip(arch.layers, arch.inputs)):
+        xs = [x0 if j < 0 else out[j] for j in ins]
+        where = _at(l, i)
+        x = xs[0] if xs else ()
+        k = l.kind
+
+        def need(cond: bool, what: str) -> None:
+            if not cond:
+                raise ShapeMismatchError(f"{where} {what} (input shape {list(x[1:])})")
+        if k == "linear":
+            need(len(x) >= 2 and x[-1] == l.in_features, f"expects {l.in_features} features on the last axis")
+            y = (*x[:-1], l.out_features)
+        elif k in ("conv1d", "conv2d"):
+            d = CONV_DIMS[k]
+            need(len(x) == d + 2 and x[1] == l.in_features, f"expects [N, {l.in_features}, {d} spatial axes]")
+            sp = tuple(_conv_out(n, kk, s, p, dl) for n, kk, s, p, dl in
+                       zip(x[2:], l.kernel_size, l.stride or (1,) * d, l.padding or (0,) * d, l.dilation or (1,) * d))
+            need(all(n > 0 for n in sp), "leaves no spatial positions")
+            y = (x[0], l.out_features, *sp)
+        elif k == "embedding":
+            if l.mode:
+                need(-len(x) < l.dim < 0, f"has no token axis {l.dim}")
+                y = (x[0], x[l.dim], l.out_features)
+                need(l.mode == "zeros" or y[1] <= l.in_features, f"needs {y[1]} positions, has {l.in_features}")
+            else:
+                y = (*x, l.out_features)
+        elif k == "mha":
+            need(len(x) == 3 and x[-1] == l.out_features and len(xs) in (1, 3), "expects [N, T, embed_dim]")
+            y = x
+        elif k == "param":
+            y = l.shape
+        elif k == "batchnorm":
+            need(len(x) >= 2 and x[1] == l.out_features, f"normalizes {l.out_features} channels on axis 1")
+            y = x
+        elif k in ("layernorm", "rmsnorm"):
+            need(x[-1] == l.out_features, f"normalizes {l.out_features} features on the last axis")
+            y = x
+        elif k == "groupnorm":
+            need(len(x) >= 2 and x[1] == l.out_features and l.out_features % max(l.heads, 1) == 0,
+                 f"normalizes {l.out_features} channels in {l.heads} groups on axis 1")
+            y = x
+        elif k in ("act", "dropout", "scale"):
+            y = x
+        elif k in ("add", "mul"):
+            try:
+                import torch
+                y = tuple(torch.broadcast_shapes(*xs))
+            except RuntimeError:
+                raise ShapeMismatchError(f"{where}: shapes {[list(s) for s in xs]} do not broadcast") from None
+        elif k == "concat":
+            r = len(x)
+            need(all(len(s) == r for s in xs) and -r <= l.dim < 0, f"concatenates along axis {l.dim}")
+            a = r + l.dim
+            try:
+                import torch
+                rest = tuple(torch.broadcast_shapes(*[s[:a] + (1,) + s[a + 1:] for s in xs]))
+            except RuntimeError:
+                raise ShapeMismatchError(f"{where} concatenates shapes {[list(s) for s in xs]}") from None
+            y = (*rest[:a], sum(s[a] for s in xs), *rest[a + 1:])
+        elif k == "tokens":
+            need(len(x) >= 3, "turns [N, C, *S] into tokens")
+            y = (x[0], math.prod(x[2:]), x[1])
+        elif k in ("mean", "select"):
+            need(len(x) >= 3 and -len(x) < l.dim < 0, f"reduces axis {l.dim}")
+            a = len(x) + l.dim
+            if k == "select":
+                need(-x[a] <= l.index < x[a], f"selects entry {l.index}")
+            y = x[:a] + x[a + 1:]
+        elif k == "attention":
+            need(len(xs) == 3 and all(len(s) == 3 for s in xs), "takes q, k, v of shape [N, T, heads*d]")
+            q, kk, v = xs
+            need(q[2] == kk[2] and kk[1] == v[1] and q[2] % l.heads == 0 and v[2] % l.heads == 0,
+                 f"gets q {list(q[1:])}, k {list(kk[1:])}, v {list(v[1:])} for {l.heads} heads")
+            y = (q[0], q[1], v[2])
+        elif k == "gap":
+            need(len(x) >= 3, "pools a map without spatial axes")
+            y = (*x[:2], *(1,) * (len(x) - 2))
+        elif k == "flatten":
+            before_weights = all(arch.layers[j].kind in FREE_KINDS for j in range(i))
+            if not before_weights and len(x) > 2 and math.prod(x[2:]) > 1:
+                raise SpatialFlattenError(f"{where}: flatten over spatial positions {list(x[2:])}: add global "
+                                          "average pooling before it (a flattened feature map has no neuron-level graph)")
+            y = (x[0], math.prod(x[1:]))
+        elif k in ("maxpool", "avgpool"):
+            d = l.dims
+            need(len(x) == d + 2, f"pools {d} spatial axes")
+            st = l.stride or l.kernel_size
+            y = (*x[:2], *(_conv_out(n, kk, s, p) for n, kk, s, p in
+                           zip(x[2:], l.kernel_size, st, l.padding or (0,) * d)))
+        else:  # pragma: no cover - Layer validates kinds
+            raise UnsupportedLayerError(f"{where}: no shape rule")
+        out.append(tuple(int(v) for v in y))
+    return tuple(out)
 
 
 # -- builders ------------------------------------------------------------------------------------

@@ -1,14 +1,15 @@
 """Conversions between ``nn.Module``s, bare state_dicts and :class:`~wsnets.arch.Architecture`.
 
-* :func:`arch_from_module` walks a module's leaves in order (``nn.Sequential`` nesting, or custom
-  containers whose ``forward`` applies their children in registration order, checked on a random
-  input) and names every unsupported leaf, e.g. ``LSTM at 'rnn'``.
+* :func:`arch_from_module` traces the module (:mod:`wsnets.trace`; a sequential network is the
+  simplest case) and names every unsupported layer or op, e.g. ``LSTM at 'rnn'``.
 * :func:`arch_from_state_dict` infers a sequential MLP/CNN from key order and shapes alone: 2-d
   weights are Linear, 3-d Conv1d, 4-d Conv2d; 1-d weights with running statistics BatchNorm, without
   LayerNorm. The activation is not stored in a state_dict, so it is an argument (default ReLU);
   convolutions default to stride 1 and "same" padding. A Linear whose input count equals the
   preceding conv's channel count is read as global average pooling + flatten between them.
-* :func:`build_module` makes a runnable ``nn.Sequential`` for an architecture.
+* :func:`build_module` makes a runnable module for an architecture: an ``nn.Sequential`` for a chain,
+  a :class:`DagModule` (real ``nn.Linear``/``nn.Conv2d``... under the original names, run by
+  :func:`wsnets.functional.forward`) for a DAG.
 """
 
 from __future__ import annotations
@@ -22,94 +23,13 @@ from torch import nn
 from .arch import Architecture, Layer, _name
 from .errors import ShapeMismatchError, UnsupportedLayerError
 
-_ACT_MODULES = {
-    nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.LeakyReLU: "leaky_relu",
-    nn.ELU: "elu", nn.SiLU: "silu", nn.Softplus: "softplus", nn.Identity: "identity",
-}
 _SKIP_KEYS = ("num_batches_tracked",)
 
 
-def _tup(v, n: int) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
-
-
-def _layer_from_module(name: str, m: nn.Module) -> Layer | None:
-    where = f"{type(m).__name__} at {name!r}"
-    if isinstance(m, nn.Linear):
-        return Layer("linear", name, m.in_features, m.out_features, bias=m.bias is not None)
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        d = 1 if isinstance(m, nn.Conv1d) else 2
-        if m.groups != 1:
-            raise UnsupportedLayerError(f"{where}: grouped convolution (groups={m.groups})")
-        if isinstance(m.padding, str):
-            if m.padding == "same" and all(k % 2 == 1 for k in m.kernel_size):
-                pad = tuple((k - 1) * dl // 2 for k, dl in zip(m.kernel_size, m.dilation))
-            elif m.padding == "valid":
-                pad = (0,) * d
-            else:
-                raise UnsupportedLayerError(f"{where}: padding={m.padding!r} with an even kernel")
-        else:
-            pad = _tup(m.padding, d)
-        if m.padding_mode != "zeros":
-            raise UnsupportedLayerError(f"{where}: padding_mode={m.padding_mode!r}")
-        return Layer(f"conv{d}d", name, m.in_channels, m.out_channels, kernel_size=_tup(m.kernel_size, d),
-                     stride=_tup(m.stride, d), padding=pad, dilation=_tup(m.dilation, d), bias=m.bias is not None, dims=d)
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if not m.track_running_stats:
-            raise UnsupportedLayerError(f"{where}: track_running_stats=False (no eval-mode statistics)")
-        return Layer("batchnorm", name, m.num_features, m.num_features, affine=m.affine, eps=m.eps,
-                     momentum=m.momentum,
-                     dims=2 if isinstance(m, nn.BatchNorm2d) else 0)
-    if isinstance(m, nn.LayerNorm):
-        if len(m.normalized_shape) != 1:
-            raise UnsupportedLayerError(f"{where}: normalized_shape={tuple(m.normalized_shape)} (only the last dim)")
-        return Layer("layernorm", name, m.normalized_shape[0], m.normalized_shape[0],
-                     affine=m.elementwise_affine, eps=m.eps)
-    for cls, fn in _ACT_MODULES.items():
-        if type(m) is cls:
-            return Layer("act", fn=fn, slope=m.negative_slope if isinstance(m, nn.LeakyReLU) else 0.01)
-    if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d)):
-        return Layer("dropout", p=float(m.p))
-    if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-        d = 1 if isinstance(m, nn.AdaptiveAvgPool1d) else 2
-        if any(s != 1 for s in _tup(m.output_size, d)):
-            raise UnsupportedLayerError(f"{where}: output_size={m.output_size} (only global pooling to 1)")
-        return Layer("gap", dims=d)
-    if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
-        d = 1 if isinstance(m, (nn.MaxPool1d, nn.AvgPool1d)) else 2
-        kind = "maxpool" if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)) else "avgpool"
-        k = _tup(m.kernel_size, d)
-        return Layer(kind, kernel_size=k, stride=_tup(m.stride or k, d), padding=_tup(m.padding, d), dims=d)
-    if isinstance(m, nn.Flatten):
-        return Layer("flatten")
-    raise UnsupportedLayerError(f"unsupported layer {where}")
-
-
-def _leaves(module: nn.Module, prefix: str = ""):
-    children = list(module.named_children())
-    if not children:
-        yield prefix, module, False
-        return
-    custom = not isinstance(module, nn.Sequential)
-    for name, child in children:
-        for item in _leaves(child, f"{prefix}.{name}" if prefix else name):
-            yield item[0], item[1], item[2] or custom
-
-
-def arch_from_module(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> tuple[Architecture, bool]:
-    """Architecture of ``module`` and whether a custom container was involved (forward unverified)."""
-    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)):
-        raise UnsupportedLayerError(f"unsupported layer {type(module).__name__} at ''")
-    layers, custom = [], False
-    for name, leaf, in_custom in _leaves(module):
-        if not name:  # the module itself is a leaf
-            name = type(leaf).__name__.lower()
-        layer = _layer_from_module(name, leaf)
-        custom |= in_custom
-        if layer is not None:
-            layers.append(layer)
-    layers = _insert_pooling(layers)
-    return Architecture(tuple(layers), input_shape or _mlp_input(layers)), custom
+def arch_from_module(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> Architecture:
+    """Architecture of ``module``: traced by :func:`wsnets.trace.trace` (the one path for every module)."""
+    from .trace import trace
+    return trace(module, input_shape)
 
 
 def _mlp_input(layers: list[Layer]) -> tuple[int, ...] | None:
@@ -227,14 +147,60 @@ def build_layer(l: Layer) -> nn.Module:
         return cls(l.kernel_size, stride=l.stride or None, padding=l.padding or 0)
     if l.kind == "flatten":
         return nn.Flatten()
+    if l.kind == "embedding":
+        return nn.Embedding(l.in_features, l.out_features)
+    if l.kind == "mha":
+        return nn.MultiheadAttention(l.out_features, l.heads, bias=l.bias, batch_first=True)
+    if l.kind == "groupnorm":
+        return nn.GroupNorm(l.heads, l.out_features, eps=l.eps, affine=l.affine)
+    if l.kind == "rmsnorm":
+        return nn.RMSNorm(l.out_features, eps=l.eps or None, elementwise_affine=l.affine)
     raise UnsupportedLayerError(f"cannot build layer {l!r}")  # pragma: no cover - Layer validates kinds
 
 
-def build_module(arch: Architecture) -> nn.Sequential:
-    """A flat ``nn.Sequential`` whose child ``i`` is layer ``i`` (parameters uninitialized-random)."""
+def build_module(arch: Architecture) -> nn.Module:
+    """A chain: a flat ``nn.Sequential`` whose child ``i`` is layer ``i``; a DAG: a :class:`DagModule`
+    (parameters uninitialized-random)."""
+    if not arch.is_chain:
+        return DagModule(arch)
     return nn.Sequential(*[build_layer(l) for l in arch.layers])
 
 
+class DagModule(nn.Module):
+    """A DAG architecture as an ``nn.Module``: its weight layers are real modules under their original
+    names (``state_dict()`` has the original keys), its forward is :func:`wsnets.functional.forward` on
+    ``K = 1`` views of them (so training mode updates BatchNorm statistics in place)."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.arch = arch
+        for l in sorted((l for l in arch.layers if l.has_params), key=lambda l: l.name.count(".")):
+            *path, leaf = l.name.split(".")
+            parent = self
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            if l.kind == "param":
+                parent.register_parameter(leaf, nn.Parameter(torch.randn(l.shape) * 0.02))
+            else:
+                parent.add_module(leaf, build_layer(l))
+        self._keys = tuple(arch.param_shapes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .functional import forward
+        state = dict(self.named_parameters())
+        state.update(self.named_buffers())
+        params = {k: state[k].unsqueeze(0) for k in self._keys}
+        return forward(self.arch, params, x, train=self.training)[0]
+
+    def extra_repr(self) -> str:
+        return self.arch.describe()
+
+
 def canonical(arch: Architecture) -> Architecture:
-    """The same architecture with layers named by position (the names :func:`build_module` uses)."""
+    """The same architecture with layers named by position (the names :func:`build_module` uses); a DAG
+    keeps its names (its module uses them)."""
+    if not arch.is_chain:
+        return arch
     return Architecture(_name(arch.layers), arch.input_shape)

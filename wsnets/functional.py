@@ -15,6 +15,13 @@ momentum rule, unbiased variance); dropout draws an independent mask per network
 networks with different dropout rates share one architecture and one computation (dropout is the
 identity at evaluation, so the stored architecture needs no dropout layer).
 
+Any other architecture (a DAG: residual networks, transformers, models with concatenation, see
+:mod:`wsnets.arch`) runs through :func:`_forward_dag`, an interpreter over the layers with the same
+batching: every activation is ``[K, N, ...]``, linear layers are ``baddbmm`` over the flattened
+positions, convolutions grouped, attention one ``scaled_dot_product_attention`` over ``K*N*heads``.
+The same interpreter is the ``forward`` of :meth:`WeightSpace.to_module` for DAGs (with ``K = 1``
+views of the module's own tensors, so BatchNorm's running statistics update in place in training).
+
 Examples
 --------
 >>> import torch, wsnets
@@ -82,10 +89,13 @@ def forward(arch: Architecture, params: Mapping[str, torch.Tensor], x: torch.Ten
     torch.Tensor ``[K, N, out]`` (``[K, N, C, *spatial]`` if the network ends in a convolution).
     """
     K = _num_models(arch, params)
-    h, shared = _prepare_input(arch, x, K)
     mode = bn or ("train" if train else "running")
     if mode not in ("running", "batch", "train"):
         raise ValueError(f"bn must be 'running', 'batch' or 'train', not {bn!r}")
+    if not arch.is_chain:
+        return _forward_dag(arch, params, x, K, train=train, dropout=dropout, generator=generator, mode=mode,
+                            bn_stats=bn_stats, activations=activations)
+    h, shared = _prepare_input(arch, x, K)
     last_weight = max(i for i, l in enumerate(arch.layers) if l.is_weight)
     last_group = arch.num_groups - 1
     for i, (l, g) in enumerate(zip(arch.layers, arch.layer_group)):
@@ -110,6 +120,155 @@ def forward(arch: Architecture, params: Mapping[str, torch.Tensor], x: torch.Ten
         if activations is not None and 0 < g < last_group and l.kind not in ("gap", "flatten", "dropout"):
             activations[g] = h
     return h
+
+
+def _forward_dag(arch: Architecture, params: Mapping[str, torch.Tensor], x: torch.Tensor, K: int, *,
+                 train: bool, dropout: torch.Tensor | None, generator: torch.Generator | None, mode: str,
+                 bn_stats: dict | None, activations: dict | None) -> torch.Tensor:
+    """:func:`forward` for a DAG architecture (see the module docstring)."""
+    nd = len(arch.input_shape)
+    if x.dim() == nd + 1:
+        x = x.unsqueeze(0).expand(K, *x.shape)
+    elif not (x.dim() == nd + 2 and x.shape[0] == K):
+        raise ShapeMismatchError(f"input of shape {tuple(x.shape)} fits neither [N, *{arch.input_shape}] "
+                                 f"nor [{K}, N, *{arch.input_shape}] for {arch.describe()}")
+    vals: list[torch.Tensor] = []
+    last = len(arch.layers) - 1
+    keep = _needed_until(arch)
+    fixed = _fixed_classes(arch) if activations is not None else None
+    for i, (l, ins) in enumerate(zip(arch.layers, arch.inputs)):
+        xs = [x if j < 0 else vals[j] for j in ins]
+        h = _dag_op(l, xs, params, K, train, generator, mode, bn_stats)
+        if l.kind == "act" and train and dropout is not None and i < last:
+            h = _dropout(h, dropout, generator)
+        vals.append(h)
+        if activations is not None and fixed is not None and i in fixed:
+            activations[fixed[i]] = h
+        for j in keep[i]:  # free what no later layer reads
+            if j != i:
+                vals[j] = None  # type: ignore[call-overload]
+    return vals[last]
+
+
+def _needed_until(arch: Architecture) -> list[list[int]]:
+    """``out[i]``: the layers whose output is last read by layer ``i`` (freed after it)."""
+    last_use = {j: i for i, ins in enumerate(arch.inputs) for j in ins if j >= 0}
+    out: list[list[int]] = [[] for _ in arch.layers]
+    for j, i in last_use.items():
+        out[i].append(j)
+    return out
+
+
+def _fixed_classes(arch: Architecture) -> dict[int, int]:
+    """Layer index -> hidden group whose activation it produces (the first such layer of each group)."""
+    from .symmetry import permutation_spec
+    return permutation_spec(arch).activation_layers
+
+
+def _right_align(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Insert singleton axes after ``K`` so every operand has the same rank (torch broadcasting per network)."""
+    r = max(t.dim() for t in ts)
+    return [t if t.dim() == r else t.reshape(t.shape[0], *(1,) * (r - t.dim()), *t.shape[1:]) for t in ts]
+
+
+def _dag_op(l: Layer, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor], K: int, train: bool,
+            generator: torch.Generator | None, mode: str, bn_stats: dict | None) -> torch.Tensor:
+    k = l.kind
+    h = xs[0] if xs else None
+    if k == "linear":
+        lead = h.shape[:-1]
+        return _linear(h.reshape(K, -1, h.shape[-1]), params, l, False).reshape(*lead, l.out_features)
+    if k in ("conv1d", "conv2d"):
+        return _conv(h, params, l, False, K)
+    if k == "embedding":
+        w = params[l.key("weight")]  # [K, V, D]
+        if l.mode == "positions":
+            return w[:, None, :h.shape[l.dim]]                                    # [K, 1, T, D]
+        if l.mode == "zeros":
+            return w[:, None, None, 0]                                            # [K, 1, 1, D]
+        kk = torch.arange(K, device=w.device).reshape(K, *(1,) * (h.dim() - 1))
+        return w[kk, h.long()]
+    if k == "param":
+        return params[l.key("")]
+    if k == "mha":
+        return _mha(l, xs, params, K)
+    if k == "attention":
+        return _attention(*xs, l.heads, l.mode == "causal", l.value)
+    if k in ("add", "mul"):
+        ts = _right_align(xs)
+        out = ts[0]
+        for t in ts[1:]:
+            out = out + t if k == "add" else out * t
+        return out
+    if k == "scale":
+        return h * l.value
+    if k == "concat":
+        ts = _right_align(xs)
+        shape = list(torch.broadcast_shapes(*[t.shape[:l.dim] + (1,) + t.shape[t.dim() + l.dim + 1:] for t in ts]))
+        ts = [t.expand(*shape[:len(shape) + l.dim], t.shape[l.dim], *shape[len(shape) + l.dim + 1:]) for t in ts]
+        return torch.cat(ts, dim=l.dim)
+    if k == "tokens":
+        return h.flatten(3).transpose(-1, -2)
+    if k == "mean":
+        return h.mean(dim=l.dim)
+    if k == "select":
+        return h.select(l.dim, l.index)
+    if k in ("layernorm", "rmsnorm"):
+        if k == "layernorm":
+            out = F.layer_norm(h, (l.out_features,), eps=l.eps)
+        else:
+            out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + (l.eps or torch.finfo(h.dtype).eps))
+        if l.affine:
+            view = (K,) + (1,) * (h.dim() - 2) + (l.out_features,)
+            out = out * params[l.key("weight")].reshape(view)
+            if k == "layernorm":
+                out = out + params[l.key("bias")].reshape(view)
+        return out
+    if k == "groupnorm":
+        N, C = h.shape[1], h.shape[2]
+        out = F.group_norm(h.reshape(K * N, C, *h.shape[3:]), l.heads, eps=l.eps).reshape(h.shape)
+        if l.affine:
+            view = (K, 1, C) + (1,) * (h.dim() - 3)
+            out = out * params[l.key("weight")].reshape(view) + params[l.key("bias")].reshape(view)
+        return out
+    return _other(h, params, l, train, generator, mode, bn_stats)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False,
+               scale: float = 1.0) -> torch.Tensor:
+    """Multi-head softmax attention on ``[K, N, T, heads*d]`` q, k, v (heads split, attended, merged)."""
+    lead = q.shape[:-2]
+    T, S = q.shape[-2], k.shape[-2]
+
+    def split(t: torch.Tensor, n: int) -> torch.Tensor:
+        t = t.expand(*lead, *t.shape[-2:]) if t.shape[:-2] != lead else t
+        return t.reshape(-1, n, heads, t.shape[-1] // heads).transpose(1, 2)     # [M, heads, n, d]
+    qh, kh, vh = split(q, T), split(k, S), split(v, S)
+    d = qh.shape[-1]
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale / d ** 0.5)
+    return out.transpose(1, 2).reshape(*lead, T, v.shape[-1])
+
+
+def _mha(l: Layer, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor], K: int) -> torch.Tensor:
+    """``nn.MultiheadAttention`` (batch first, no masks) for ``K`` networks."""
+    D = l.out_features
+    w = params[l.key("in_proj_weight")]                                          # [K, 3D, D]
+    b = params.get(l.key("in_proj_bias"))
+    q_in, k_in, v_in = (xs * 3)[:3] if len(xs) == 1 else xs
+    proj = []
+    for i, t in enumerate((q_in, k_in, v_in)):
+        wi = w[:, i * D:(i + 1) * D]
+        lead = t.shape[:-1]
+        t2 = t.reshape(K, -1, D)
+        y = torch.bmm(t2, wi.transpose(1, 2)) if b is None else torch.baddbmm(b[:, None, i * D:(i + 1) * D], t2,
+                                                                              wi.transpose(1, 2))
+        proj.append(y.reshape(*lead, D))
+    o = _attention(*proj, l.heads)
+    wo, bo = params[l.key("out_proj.weight")], params.get(l.key("out_proj.bias"))
+    lead = o.shape[:-1]
+    o2 = o.reshape(K, -1, D)
+    y = torch.bmm(o2, wo.transpose(1, 2)) if bo is None else torch.baddbmm(bo[:, None], o2, wo.transpose(1, 2))
+    return y.reshape(*lead, D)
 
 
 def _num_models(arch: Architecture, params: Mapping[str, torch.Tensor]) -> int:
@@ -189,6 +348,8 @@ def _other(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, train:
         return h.mean(dim=tuple(range(3, h.dim())), keepdim=True)
     if l.kind == "flatten":
         return h.flatten(2)
+    if l.kind == "scale":
+        return h * l.value
     if l.kind in ("maxpool", "avgpool"):
         K, N = h.shape[:2]
         pool = getattr(F, f"{'max' if l.kind == 'maxpool' else 'avg'}_pool{l.dims}d")

@@ -1,14 +1,34 @@
-"""Permutation symmetry of a network: the one source of truth.
+"""Permutation symmetry of a network: the one source of truth, derived from the architecture's DAG.
 
-The :class:`PermutationSpec` of an architecture says which axis of which tensor belongs to which
-neuron group (as Git Re-Basin's ``PermutationSpec``, Ainsworth et al. 2023). Group 0 is the input,
-group ``L`` the output; both are fixed. The hidden groups ``1..L-1`` may be permuted freely without
-changing the network's function: a weight layer's output axis and its bias follow the permutation of
-its output group, the next layer's input axis follows it too, and BatchNorm/LayerNorm parameters and
-running statistics move with their channel.
+The :class:`PermutationSpec` of an architecture says which axis of which tensor is permuted by which
+permutation (as Git Re-Basin's ``PermutationSpec``, Ainsworth et al. 2023, "Git Re-Basin: Merging
+Models modulo Permutation Symmetries"). It is *derived*, not written per layer kind:
 
-The graph converter, :func:`permute`, weight matching (:mod:`wsnets.merge`), the equivariant layers
-and :mod:`wsnets.testing` all read this spec, so a new layer kind is taught here once.
+1. Every weight layer (Linear, Conv, Embedding, the projections of attention) starts a new *axis* of
+   neurons: its output features. A parameter-free op, a normalization, an activation or pooling
+   keeps the axis of its input (they act on every neuron alike or per neuron).
+2. Axes joined by an element-wise op with two operands (a residual ``add``, a gating ``mul``, a
+   learned positional table added to tokens, a token concatenation) must be permuted together: they
+   are merged, union-find style, into one *group*. This is why a residual stream of a ResNet or a
+   transformer is one group however many blocks write into it (Kofinas et al. 2024, "Graph Neural
+   Networks for Learning Equivariant Representations of Neural Networks"; Lim et al. 2024, "Graph
+   Metanetworks for Processing Diverse Neural Architectures").
+3. A concatenation along the feature axis makes a *block* group: its permutation is the direct sum of
+   its parts' permutations, which stay free (a concatenated axis is not one free group).
+4. Attention (``attention``, ``mha``) couples its query and key axes into one group and its value axis
+   with its output; both are *head-structured*: a permutation of the heads, shared by q/k and v/o of
+   one attention, composed with an independent permutation inside each head (Transformer-NFN, Tran et
+   al., ICLR 2025, "Equivariant Neural Functional Networks for Transformers"). GroupNorm's groups are
+   head-structured the same way.
+5. The network's input and output axes are fixed, and so is every group merged with them.
+
+A group's permutation acts on every tensor axis of that group (output axis and bias of the layer that
+starts it, the input axis of every layer that reads it, norm parameters and running statistics).
+Hidden groups are the groups that are neither fixed nor blocks. For a sequential MLP/CNN this gives
+the classic spec: group 0 input, groups ``1..L-1`` the hidden layers, group ``L`` the output.
+
+The graph converter, :func:`permute`/:func:`random_permute`, weight and activation matching
+(:mod:`wsnets.merge.align`), the equivariant layers and :mod:`wsnets.testing` all read this spec.
 """
 
 from __future__ import annotations
@@ -29,27 +49,55 @@ class PermutationSpec:
 
     Attributes
     ----------
-    group_sizes : neurons per group (input, hidden..., output).
-    axes : state-dict key -> tuple with, per axis, the group index or None (kernel axes).
+    group_sizes : neurons per group (for a chain: input, hidden..., output).
+    axes : state-dict key -> tuple with, per axis, the group index or None (kernel, vocabulary and
+        position axes).
+    fixed_groups : groups that never move (network input/output and what is merged with them).
+    blocks : block group -> its parts (a concatenated axis; its permutation is the parts' direct sum).
+    heads : head-structured group -> (number of heads, tie): groups with one tie share the head
+        permutation (q/k with v/o of one attention).
+    layer_groups : for each layer, the group of its output's feature axis (None: token ids).
     """
 
     group_sizes: tuple[int, ...]
     axes: tuple[tuple[str, tuple[int | None, ...]], ...]
+    fixed_groups: tuple[int, ...] = ()
+    blocks: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    heads: tuple[tuple[int, int, int], ...] = ()
+    layer_groups: tuple[int | None, ...] = ()
 
     @property
     def hidden(self) -> tuple[int, ...]:
-        """Indices of the permutable groups."""
-        return tuple(range(1, len(self.group_sizes) - 1))
+        """Indices of the permutable groups (neither fixed nor blocks)."""
+        skip = set(self.fixed_groups) | {g for g, _ in self.blocks}
+        return tuple(g for g in range(len(self.group_sizes)) if g not in skip)
 
     @property
     def fixed(self) -> tuple[int, ...]:
-        return (0, len(self.group_sizes) - 1)
+        return self.fixed_groups
+
+    @property
+    def head_structure(self) -> dict[int, tuple[int, int]]:
+        return {g: (h, t) for g, h, t in self.heads}
 
     def axes_of(self, key: str) -> tuple[int | None, ...]:
         return dict(self.axes)[key]
 
+    def parts(self, g: int) -> list[tuple[int, int]]:
+        """``[(group, offset), ...]``: the atomic groups a (block) group is made of, with their offsets."""
+        blocks = dict(self.blocks)
+        if g not in blocks:
+            return [(g, 0)]
+        out, off = [], 0
+        for c in blocks[g]:
+            for cg, o in self.parts(c):
+                out.append((cg, off + o))
+            off += self.group_sizes[c]
+        return out
+
     def group_members(self) -> dict[int, list[tuple[str, int]]]:
-        """group -> [(key, axis), ...]: every tensor axis a group's permutation acts on."""
+        """group -> [(key, axis), ...]: every whole tensor axis a group's permutation acts on (a block
+        axis is listed under the block group; :meth:`slices` resolves it into its parts)."""
         out: dict[int, list[tuple[str, int]]] = {g: [] for g in range(len(self.group_sizes))}
         for key, ax in self.axes:
             for a, g in enumerate(ax):
@@ -57,26 +105,292 @@ class PermutationSpec:
                     out[g].append((key, a))
         return out
 
+    def slices(self) -> dict[int, list[tuple[str, int, int]]]:
+        """atomic group -> [(key, axis, offset), ...]: where its permutation acts, block axes resolved."""
+        out: dict[int, list[tuple[str, int, int]]] = {}
+        for key, ax in self.axes:
+            for a, g in enumerate(ax):
+                if g is not None:
+                    for cg, off in self.parts(g):
+                        out.setdefault(cg, []).append((key, a, off))
+        return out
+
+    @property
+    def activation_layers(self) -> dict[int, int]:
+        """Layer index -> hidden (non-head) group, for the last layer whose output carries that group
+        before the next weight layer (activation matching compares these activations)."""
+        heads = self.head_structure
+        last: dict[int, int] = {}
+        for i, g in enumerate(self.layer_groups):
+            if g is not None and g in self.hidden and g not in heads:
+                last[g] = i
+        return {i: g for g, i in last.items()}
+
     def rebasin(self) -> dict[str, tuple[str | None, ...]]:
-        """Git Re-Basin style: key -> per-axis permutation name (``"P1"``...), None where fixed."""
+        """Git Re-Basin style: key -> per-axis permutation name (``"P1"``...), None where fixed; a block
+        axis is named by its parts (``"P3+P5"``)."""
         fixed = set(self.fixed)
-        return {k: tuple(None if g is None or g in fixed else f"P{g}" for g in ax) for k, ax in self.axes}
+
+        def name(g):
+            if g is None:
+                return None
+            parts = [c for c, _ in self.parts(g)]
+            names = [f"P{c}" for c in parts if c not in fixed]
+            if not names:
+                return None
+            return "+".join(f"P{c}" if c not in fixed else "I" for c in parts) if len(parts) > 1 else names[0]
+        return {k: tuple(name(g) for g in ax) for k, ax in self.axes}
+
+
+class _Groups:
+    """Union-find over neuron axes with fixed flags, block (concatenated) axes and head structure."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.fixed: list[bool] = []
+        self.block: dict[int, list[int]] = {}
+        self.heads: dict[int, tuple[int, int]] = {}
+        self.tie_parent: list[int] = []
+
+    def new(self, n: int, fixed: bool = False, block: list[int] | None = None) -> int:
+        e = len(self.parent)
+        self.parent.append(e)
+        self.size.append(int(n))
+        self.fixed.append(fixed)
+        if block is not None:
+            self.block[e] = block
+        return e
+
+    def find(self, e: int) -> int:
+        while self.parent[e] != e:
+            self.parent[e] = self.parent[self.parent[e]]
+            e = self.parent[e]
+        return e
+
+    def tie(self) -> int:
+        self.tie_parent.append(len(self.tie_parent))
+        return len(self.tie_parent) - 1
+
+    def tie_find(self, t: int) -> int:
+        while self.tie_parent[t] != t:
+            t = self.tie_parent[t]
+        return t
+
+    def fix(self, e: int) -> None:
+        r = self.find(e)
+        self.fixed[r] = True
+
+    def set_heads(self, e: int, n: int, tie: int) -> None:
+        r = self.find(e)
+        if r in self.block or self.size[r] % n:
+            self.fixed[r] = True
+            return
+        if r in self.heads:
+            h, t = self.heads[r]
+            if h != n:
+                self.fixed[r] = True
+            else:
+                self.tie_parent[self.tie_find(tie)] = self.tie_find(t)
+            return
+        self.heads[r] = (n, tie)
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return a
+        if self.size[a] != self.size[b]:
+            raise ShapeMismatchError(f"axes of {self.size[a]} and {self.size[b]} neurons are joined")
+        if a in self.block and b in self.block:
+            pa, pb = self.block[a], self.block[b]
+            if [self.size[x] for x in pa] == [self.size[x] for x in pb]:
+                for x, y in zip(pa, pb):
+                    self.union(x, y)
+            else:
+                self.fixed[a] = self.fixed[b] = True
+        elif b in self.block or a in self.block:
+            if b in self.block:
+                a, b = b, a
+            if b in self.heads:   # a plain axis that must follow a block structure and a head structure
+                self.fixed[a] = True
+        else:
+            if b in self.heads:
+                if a in self.heads:
+                    (ha, ta), (hb, tb) = self.heads[a], self.heads[b]
+                    if ha == hb:
+                        self.tie_parent[self.tie_find(tb)] = self.tie_find(ta)
+                    else:
+                        self.fixed[a] = True
+                else:
+                    self.heads[a] = self.heads[b]
+        self.parent[b] = a
+        self.fixed[a] = self.fixed[a] or self.fixed[b]
+        return a
+
+
+def _derive(arch: Architecture) -> PermutationSpec:
+    G = _Groups()
+    n = len(arch.layers)
+    cls: list[int | None] = [None] * n
+    feat: list[int] = [-1] * n           # feature axis of each output, counted from the end
+    shapes = arch.shapes if not arch.is_chain else None
+    ids_input = any(l.kind == "embedding" and not l.mode and -1 in ins for l, ins in zip(arch.layers, arch.inputs))
+    input_cls: list[int | None] = []
+    axes: list[tuple[str, tuple[int | None, ...]]] = []
+    seen_weight = False
+
+    def rank(j: int) -> int:
+        if shapes is None:
+            return 2
+        return len(shapes[j]) if j >= 0 else 1 + len(arch.input_shape)
+
+    def of(j: int) -> int | None:
+        if j >= 0:
+            return cls[j]
+        if ids_input:
+            return None
+        if not input_cls:
+            first = arch.weight_layers[0] if arch.weight_layers else None
+            size = (arch.input_shape[0] if last_axis_input is False else arch.input_shape[-1]) if arch.input_shape \
+                else first.in_features
+            input_cls.append(G.new(size, fixed=True))
+        return input_cls[0]
+
+    def feat_of(j: int) -> int:
+        if j >= 0:
+            return feat[j]
+        return -1 if rank(-1) == 2 or last_axis_input else 1 - rank(-1)
+
+    # the input's feature axis: the last one if the ops reading it work on the last axis (tokens)
+    readers = {arch.layers[i].kind for i, ins in enumerate(arch.inputs) if -1 in ins}
+    last_axis_input = bool(readers & {"linear", "layernorm", "rmsnorm", "mha", "attention", "mean", "select"}) \
+        and not readers & {"conv1d", "conv2d", "batchnorm", "groupnorm", "maxpool", "avgpool", "gap"}
+
+    for i, (l, ins) in enumerate(zip(arch.layers, arch.inputs)):
+        k = l.kind
+        x = ins[0] if ins else None
+        c_in = of(x) if x is not None else None
+        f_in = feat_of(x) if x is not None else -1
+        if k in ("linear", "conv1d", "conv2d"):
+            out = G.new(l.out_features)
+            kern = (None,) * len(l.kernel_size)
+            axes.append((l.key("weight"), (out, c_in, *kern)))
+            if l.bias:
+                axes.append((l.key("bias"), (out,)))
+            cls[i], feat[i] = out, (-1 if k == "linear" else 1 - rank(i))
+            seen_weight = True
+        elif k == "embedding":
+            out = G.new(l.out_features)
+            axes.append((l.key("weight"), (None, out)))
+            cls[i], feat[i] = out, -1
+            seen_weight = True
+        elif k == "mha":
+            D, H, t = l.out_features, l.heads, G.tie()
+            qk, v, out = G.new(D), G.new(D), G.new(D)
+            G.set_heads(qk, H, t)
+            G.set_heads(v, H, t)
+            blk = G.new(3 * D, block=[qk, qk, v])
+            axes.append((l.key("in_proj_weight"), (blk, c_in)))
+            if l.bias:
+                axes.append((l.key("in_proj_bias"), (blk,)))
+            axes.append((l.key("out_proj.weight"), (out, v)))
+            if l.bias:
+                axes.append((l.key("out_proj.bias"), (out,)))
+            cls[i], feat[i] = out, -1
+            seen_weight = True
+        elif k == "param":
+            out = G.new(l.shape[-1]) if l.shape else None
+            axes.append((l.key(""), (*(None,) * (len(l.shape) - 1), out) if l.shape else ()))
+            cls[i], feat[i] = out, -1
+        elif k in ("batchnorm", "layernorm", "rmsnorm", "groupnorm"):
+            if k == "groupnorm" and c_in is not None:
+                G.set_heads(c_in, l.heads, G.tie())
+            for suffix in l.param_shapes():
+                axes.append((l.key(suffix), (c_in,)))
+            cls[i], feat[i] = c_in, f_in
+        elif k in ("add", "mul"):
+            cs = [(of(j), feat_of(j), rank(j)) for j in ins]
+            r = max(cr for _, _, cr in cs)
+            # operands broadcast from the right: a feature axis at the same place from the end is one axis
+            joined = [c for c, f, _ in cs if c is not None]
+            for c in joined[1:]:
+                G.union(joined[0], c)
+            cls[i] = joined[0] if joined else None
+            feat[i] = next((f for c, f, _ in cs if c is not None), -1) if r else -1
+        elif k == "concat":
+            cs = [of(j) for j in ins]
+            if l.dim == f_in and all(c is not None for c in cs):
+                cls[i] = G.new(sum(G.size[G.find(c)] for c in cs), block=list(cs))
+            else:
+                joined = [c for c in cs if c is not None]
+                for c in joined[1:]:
+                    G.union(joined[0], c)
+                cls[i] = joined[0] if joined else None
+            feat[i] = f_in
+        elif k == "attention":
+            q, kk, v = (of(j) for j in ins)
+            t = G.tie()
+            G.union(q, kk)
+            G.set_heads(q, l.heads, t)
+            G.set_heads(v, l.heads, t)
+            cls[i], feat[i] = v, -1
+        elif k == "tokens":
+            cls[i], feat[i] = c_in, -1
+        elif k in ("mean", "select"):
+            if l.dim == f_in and c_in is not None:
+                G.fix(c_in)
+            cls[i], feat[i] = c_in, (f_in + 1 if l.dim > f_in else f_in)
+        elif k == "flatten":
+            if not seen_weight and x == -1 and (arch.input_shape is None or len(arch.input_shape) > 1):
+                nxt = next((w for w in arch.layers[i:] if w.is_weight), None)
+                size = 1
+                for s_ in (arch.input_shape or ()):
+                    size *= s_
+                cls[i] = G.new(size if arch.input_shape else nxt.in_features, fixed=True)
+                if input_cls == []:
+                    input_cls.append(None)
+            else:
+                cls[i] = c_in
+            feat[i] = -1
+        elif k == "gap":
+            cls[i], feat[i] = c_in, f_in
+        else:  # act, dropout, scale, pools: per neuron or per channel
+            cls[i], feat[i] = c_in, f_in
+    if cls[-1] is not None:
+        G.fix(cls[-1])
+    for e in range(len(G.parent)):  # a fixed block fixes its parts; a block with a fixed root stays a block
+        r = G.find(e)
+        if G.fixed[r] and r in G.block:
+            for c in G.block[r]:
+                G.fix(c)
+    # number the groups by first appearance (chains: input, hidden layers in order, output)
+    number: dict[int, int] = {}
+    order = [G.find(e) for e in range(len(G.parent))]
+    for r in order:
+        if r not in number and (G.size[r] > 0):
+            number[r] = len(number)
+
+    def num(e):
+        return None if e is None else number[G.find(e)]
+    sizes = [0] * len(number)
+    for r, g in number.items():
+        sizes[g] = G.size[r]
+    ties: dict[int, int] = {}
+    heads = []
+    for r, (h, t) in sorted(G.heads.items(), key=lambda kv: number[kv[0]]):
+        if r == G.find(r) and not G.fixed[r]:
+            heads.append((number[r], h, ties.setdefault(G.tie_find(t), len(ties))))
+    return PermutationSpec(
+        tuple(sizes), tuple((k, tuple(num(e) for e in ax)) for k, ax in axes),
+        tuple(sorted(number[r] for r in number if G.fixed[r])),
+        tuple((number[r], tuple(num(c) for c in G.block[r])) for r in sorted(number, key=number.get) if r in G.block),
+        tuple(heads), tuple(num(c) for c in cls))
 
 
 @lru_cache(maxsize=256)
 def permutation_spec(arch: Architecture) -> PermutationSpec:
-    """The :class:`PermutationSpec` of a sequential architecture."""
-    axes: list[tuple[str, tuple[int | None, ...]]] = []
-    for l, g in zip(arch.layers, arch.layer_group):
-        if l.is_weight:
-            k = (None,) * len(l.kernel_size)
-            axes.append((f"{l.name}.weight", (g, g - 1, *k)))
-            if l.bias:
-                axes.append((f"{l.name}.bias", (g,)))
-        elif l.is_norm:
-            for key in l.param_shapes():
-                axes.append((f"{l.name}.{key}", (g,)))
-    return PermutationSpec(arch.group_sizes, tuple(axes))
+    """The :class:`PermutationSpec` of an architecture (derived from its DAG; see the module docstring)."""
+    return _derive(arch)
 
 
 PermLike = Mapping[int, torch.Tensor] | Sequence[torch.Tensor]
@@ -110,6 +424,16 @@ def permute(ws, perms: PermLike, *, allow_fixed: bool = False):
     from .weights import WeightSpace
     spec = permutation_spec(ws.arch)
     d = _as_dict(spec, perms, allow_fixed)
+    blocks = dict(spec.blocks)
+    for g in blocks:  # a block axis moves by the direct sum of its parts' permutations
+        parts = spec.parts(g)
+        if any(c in d for c, _ in parts):
+            ref = next(d[c] for c, _ in parts if c in d)
+            pieces = []
+            for c, off in parts:
+                p = d[c] if c in d else torch.arange(spec.group_sizes[c], device=ref.device).expand(*ref.shape[:-1], -1)
+                pieces.append(p + off)
+            d[g] = torch.cat(pieces, dim=-1)
     lead = 0 if ws.batch_size is None else 1
     params = dict(ws.params)
     for key, ax in spec.axes:
@@ -131,15 +455,26 @@ def permute(ws, perms: PermLike, *, allow_fixed: bool = False):
 
 def random_permutations(arch: Architecture, batch_size: int | None = None, *,
                         generator: torch.Generator | None = None) -> dict[int, torch.Tensor]:
-    """Uniformly random permutations of every hidden group (``[n]``, or ``[B, n]`` if batched)."""
+    """Uniformly random permutations of every hidden group (``[n]``, or ``[B, n]`` if batched); a
+    head-structured group gets a random head permutation (shared with its tie) composed with an
+    independent random permutation inside each head."""
     spec = permutation_spec(arch)
+    B = 1 if batch_size is None else batch_size
+    heads = spec.head_structure
+    tie_perm: dict[int, torch.Tensor] = {}
     out = {}
     for g in spec.hidden:
         n = spec.group_sizes[g]
-        if batch_size is None:
-            out[g] = torch.randperm(n, generator=generator)
+        if g in heads:
+            H, t = heads[g]
+            d = n // H
+            if t not in tie_perm:
+                tie_perm[t] = torch.rand(B, H, generator=generator).argsort(dim=1)
+            inner = torch.rand(B, H, d, generator=generator).argsort(dim=2)
+            p = (tie_perm[t].unsqueeze(2) * d + inner).reshape(B, n)   # new (h, i) <- old (pi[h], sigma_h[i])
         else:
-            out[g] = torch.rand(batch_size, n, generator=generator).argsort(dim=1)
+            p = torch.rand(B, n, generator=generator).argsort(dim=1)
+        out[g] = p[0] if batch_size is None else p
     return out
 
 
@@ -163,6 +498,8 @@ def fold_batchnorm(ws):
     """
     from .arch import Architecture
     from .weights import WeightSpace
+    if not ws.arch.is_chain:
+        raise UnsupportedLayerError("fold_batchnorm() folds sequential networks; a DAG keeps BatchNorm as is")
     layers = list(ws.arch.layers)
     params = dict(ws.params)
     out_layers: list[Layer] = []

@@ -19,26 +19,17 @@ from torch import nn
 TOLERANCES = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4, torch.float64: 1e-10}
 
 
-def _guess_input_shape(module: nn.Module) -> tuple[int, ...]:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            return (m.in_channels, 8, 8)
-        if isinstance(m, nn.Conv1d):
-            return (m.in_channels, 16)
-        if isinstance(m, nn.Linear):
-            return (m.in_features,)
-    raise ValueError("cannot guess an input shape; pass input_shape=")
-
-
 def assert_same_function(a: nn.Module, b: nn.Module, x: torch.Tensor | None = None, *,
                          input_shape: tuple[int, ...] | None = None, n: int = 16, rtol: float | None = None,
                          seed: int = 0) -> None:
-    """Assert two modules compute the same outputs (eval mode) on ``x`` or on random inputs."""
+    """Assert two modules compute the same outputs (eval mode) on ``x`` or on random inputs (token ids
+    for a network that starts with an embedding; the shape guessed from the first layer if not given)."""
     if x is None:
-        shape = input_shape or _guess_input_shape(a)
-        g = torch.Generator().manual_seed(seed)
-        dtype = next(iter(a.parameters()), torch.empty(0)).dtype
-        x = torch.randn((n, *shape), generator=g).to(dtype)
+        from .trace import example_input
+        try:
+            x = example_input(a, input_shape, n, seed=seed)
+        except Exception:
+            raise ValueError("cannot guess an input shape; pass input_shape=") from None
     was = a.training, b.training
     a.eval(), b.eval()
     try:
@@ -126,3 +117,43 @@ def _flatten(obj: Any) -> torch.Tensor:
     if hasattr(obj, "weights") and hasattr(obj, "biases"):
         return torch.cat([_flatten(obj.weights), _flatten(obj.biases)])
     raise TypeError(f"cannot flatten {type(obj).__name__}")
+
+
+def assert_spec_exact(ws, x: torch.Tensor | None = None, *, seed: int = 0, rtol: float | None = None) -> None:
+    """Assert that a network's derived permutation spec is exact, both ways.
+
+    (a) a random permutation from the spec (every hidden group, head structure respected) leaves the
+    function unchanged; (b) the spec couples nothing it need not: for every hidden group whose
+    permutation acts on two or more tensor axes, permuting only one of them changes the function, and
+    so does permuting the input axis (if the input has one).
+    """
+    from .symmetry import permutation_spec, permute, random_permutations
+    spec = permutation_spec(ws.arch)
+    g = torch.Generator().manual_seed(seed)
+    if x is None:
+        from .trace import example_input
+        m = ws.to_module()
+        x = example_input(m, ws.arch.input_shape, 8, seed=seed)
+    ref = ws.to_module()
+    assert_same_function(ref, permute(ws, random_permutations(ws.arch, generator=g)).to_module(), x, rtol=rtol)
+    with torch.no_grad():
+        y = ref(x)
+    for grp, members in sorted(spec.slices().items()):
+        if grp not in spec.hidden or len(members) < 2 or spec.group_sizes[grp] < 2:
+            continue
+        key, axis, off = members[0]
+        n = spec.group_sizes[grp]
+        p = torch.randperm(n, generator=g)
+        while bool((p == torch.arange(n)).all()):
+            p = torch.randperm(n, generator=g)
+        params = dict(ws.params)
+        t = params[key]
+        idx = torch.arange(t.shape[axis])
+        idx[off:off + n] = p + off
+        params[key] = t.index_select(axis, idx)
+        from .weights import WeightSpace
+        with torch.no_grad():
+            y2 = WeightSpace(ws.arch, params, check=False).to_module()(x)
+        if not (y - y2).abs().max().item() > 1e-6 * max(1.0, y.abs().max().item()):
+            raise AssertionError(f"permuting only axis {axis} of {key!r} (group {grp}) leaves the function "
+                                 "unchanged: the spec couples axes that are independent")

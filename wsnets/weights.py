@@ -60,21 +60,13 @@ class WeightSpace:
     @classmethod
     def from_module(cls, module: nn.Module, input_shape: tuple[int, ...] | None = None, *,
                     check_function: bool = True) -> "WeightSpace":
-        """Read an ``nn.Module`` (see :func:`wsnets.convert.arch_from_module`)."""
-        from .convert import arch_from_module
-        arch, custom = arch_from_module(module, input_shape)
-        sd = {k: v.detach().clone() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
-        ws = cls(arch, sd)
-        if custom and check_function:
-            from .testing import assert_same_function
-            try:
-                assert_same_function(module, ws.to_module(), n=4)
-            except AssertionError as e:
-                from .errors import UnsupportedLayerError
-                raise UnsupportedLayerError(
-                    f"{type(module).__name__}: its forward does not apply its layers in registration order "
-                    f"({str(e).splitlines()[0]})") from None
-        return ws
+        """Read an ``nn.Module``: traced into its architecture (:func:`wsnets.trace.trace`), which is checked
+        to compute the module's function on an example input (``check_function``); tensors the
+        architecture does not use (a constant ``position_ids`` buffer, say) are left out."""
+        from .trace import trace
+        arch = trace(module, input_shape, check=check_function)
+        sd = module.state_dict()
+        return cls(arch, {k: sd[k].detach().clone() for k in arch.param_shapes})
 
     @classmethod
     def random(cls, arch: Architecture, batch_size: int | None = None, *, generator: torch.Generator | None = None,
@@ -84,9 +76,9 @@ class WeightSpace:
         params = {}
         for l in arch.layers:
             for k, shape in l.param_shapes().items():
-                key = f"{l.name}.{k}"
-                if l.is_weight:
-                    fan_in = l.in_features * l.kernel_numel
+                key = l.key(k)
+                if l.is_weight or (l.kind == "mha" and k.endswith("weight")):
+                    fan_in = (l.in_features if l.is_weight else l.out_features) * l.kernel_numel
                     bound = scale / fan_in ** 0.5
                     t = (torch.rand((B, *shape), generator=generator) * 2 - 1) * bound
                 elif k == "running_var" or (k == "weight" and l.is_norm):
@@ -199,12 +191,17 @@ class WeightSpace:
         return self
 
     # -- conversions -----------------------------------------------------------------------------
-    def to_module(self) -> nn.Sequential:
-        """A runnable ``nn.Sequential`` (eval mode) holding these weights; child ``i`` is layer ``i``."""
+    def to_module(self) -> nn.Module:
+        """A runnable module (eval mode) holding these weights: for a chain an ``nn.Sequential`` whose child
+        ``i`` is layer ``i``; for a DAG a :class:`~wsnets.convert.DagModule` with the original keys."""
         if self.batch_size is not None:
             raise TypeError("to_module() needs a single network; index the batch first (ws[i])")
         from .convert import build_module
         module = build_module(self.arch)
+        if not self.arch.is_chain:
+            missing, unexpected = module.load_state_dict(self.params, strict=False)
+            assert not unexpected and all(m.endswith("num_batches_tracked") for m in missing), (missing, unexpected)
+            return module.to(self.dtype).eval()
         sd = {}
         for i, l in enumerate(self.arch.layers):
             for k in l.param_shapes():

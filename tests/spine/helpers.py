@@ -40,3 +40,36 @@ class Skippy(Custom):
 
     def forward(self, x):
         return self.fc2(self.fc1(x))
+
+
+def dag_models():
+    """(name, module, input_shape) for the non-sequential families of issue 18 (small, seeded, BatchNorm
+    statistics randomized so permutations of them matter)."""
+    from wsnets import models as M
+    torch.manual_seed(0)
+    tiny_bert = M.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=32, max_position_embeddings=20)
+    out = [
+        ("resmlp", M.ResidualMLP(12, 8, 2, 5), (12,)),
+        ("resmlp-bn", M.ResidualMLP(12, 8, 1, 5, norm="batchnorm"), (12,)),
+        ("resnet", M.small_resnet(5, widths=(4, 6), in_channels=2), (2, 8, 8)),
+        ("transformer", M.Transformer(8, 16, 2, 2, 32, 5), (5, 8)),
+        ("vit", M.ViT(8, 4, 1, 16, 2, 1, 32, 5), (1, 8, 8)),
+        ("encoder-layer", nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), (5, 16)),
+        ("bert-block", M.BertLayer(M.BertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32)), (5, 16)),
+        ("bert", M.Bert(tiny_bert), (7,)),
+        ("concat", M.ConcatMLP(12, 6, 10, 5), (12,)),
+    ]
+    for _, m, _ in out:
+        for mod in m.modules():
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                with torch.no_grad():
+                    mod.running_mean.normal_()
+                    mod.running_var.uniform_(0.5, 1.5)
+                    mod.weight.normal_()
+                    mod.bias.normal_()
+        m.eval()
+    return out
+
+
+DAG_IDS = [d[0] for d in dag_models()]
