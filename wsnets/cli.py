@@ -48,6 +48,22 @@ def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True, device: bo
         p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps")
 
 
+def add_arch_options(p: argparse.ArgumentParser) -> None:
+    """``--module``/``--arch``: how a user gives the architecture of a bare checkpoint."""
+    p.add_argument("--module", metavar="FILE.py:CLASS", default=None,
+                   help="architecture of bare checkpoints: a Python file defining an nn.Module class, built with "
+                        "no arguments or FILE.py:CLASS(arg=...) with literal keyword arguments")
+    p.add_argument("--arch", metavar="ARCH.json", default=None,
+                   help="architecture of bare checkpoints as JSON (wsnets Architecture.to_json())")
+
+
+def load_checkpoint(path: str, args: argparse.Namespace, **kwargs: Any):
+    """``wsnets.load`` with the ``--module``/``--arch``/``--activation`` options of a command."""
+    from .io import load
+    return load(path, module=getattr(args, "module", None), arch=getattr(args, "arch", None),
+                **({"activation": args.activation} if getattr(args, "activation", None) else {}), **kwargs)
+
+
 def emit(args: argparse.Namespace, obj: Any, text: str | Callable[[], str]) -> None:
     """Print ``obj`` as JSON with ``--json``, else the human text."""
     if getattr(args, "json", False):
@@ -84,8 +100,7 @@ class PlotTarget:
 # -- wsnets graph --------------------------------------------------------------------------------
 def _graph(args: argparse.Namespace) -> int:
     from .graph import graph_summary
-    from .io import load
-    ws = load(args.path, activation=args.activation, allow_nonfinite=args.allow_nonfinite)
+    ws = load_checkpoint(args.path, args, allow_nonfinite=args.allow_nonfinite)
     s = graph_summary(ws)
     s["path"] = args.path
 
@@ -105,6 +120,7 @@ def register(sub) -> None:
     p.add_argument("path", help="checkpoint: .safetensors, .pt or .pth")
     p.add_argument("--activation", default="relu", help="activation assumed for a bare state_dict")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf weights")
+    add_arch_options(p)
     add_common(p, device=False)
 
 

@@ -2,11 +2,13 @@
 
 * :func:`arch_from_module` traces the module (:mod:`wsnets.trace`; a sequential network is the
   simplest case) and names every unsupported layer or op, e.g. ``LSTM at 'rnn'``.
-* :func:`arch_from_state_dict` infers a sequential MLP/CNN from key order and shapes alone: 2-d
-  weights are Linear, 3-d Conv1d, 4-d Conv2d; 1-d weights with running statistics BatchNorm, without
-  LayerNorm. The activation is not stored in a state_dict, so it is an argument (default ReLU);
-  convolutions default to stride 1 and "same" padding. A Linear whose input count equals the
-  preceding conv's channel count is read as global average pooling + flatten between them.
+* :func:`arch_from_state_dict` infers a sequential MLP from keys and shapes alone, never guessing:
+  layers in the natural order of their keys (``'2'`` before ``'10'``), 2-d weights Linear, 1-d
+  weights with running statistics BatchNorm, without LayerNorm; the activation is not stored in a
+  state_dict, so it is an argument (default ReLU). What keys and shapes do not determine is refused
+  with a message saying how to give the architecture (:data:`HOW_TO_GIVE`): a convolution (padding,
+  stride, pooling), and any key layout other than an ``nn.Sequential``'s (skip connections,
+  attention, embeddings).
 * :func:`build_module` makes a runnable module for an architecture: an ``nn.Sequential`` for a chain,
   a :class:`DagModule` (real ``nn.Linear``/``nn.Conv2d``... under the original names, run by
   :func:`wsnets.functional.forward`) for a DAG.
@@ -14,7 +16,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Mapping
 
 import torch
@@ -38,42 +39,68 @@ def _mlp_input(layers: list[Layer]) -> tuple[int, ...] | None:
     return (first.in_features,) if first is not None and first.kind == "linear" else None
 
 
-def _insert_pooling(layers: list[Layer]) -> list[Layer]:
-    """A Linear right after a conv stack whose input count equals the channel count reads pooled channels
-    (global average pooling + flatten are inserted). Anything else is left for validation to reject."""
-    out: list[Layer] = []
-    conv: Layer | None = None
-    for l in layers:
-        if l.kind in ("conv1d", "conv2d"):
-            conv = l
-        elif l.kind in ("gap", "flatten"):
-            conv = None
-        elif l.kind == "linear" and conv is not None:
-            if l.in_features == conv.out_features:
-                out += [Layer("gap", dims=conv.dims), Layer("flatten")]
-            conv = None
-        out.append(l)
-    return out
+HOW_TO_GIVE = ("give the architecture: the module (wsnets.load(path, module=MyNet())), --module file.py:Class, "
+               "or --arch arch.json")
+
+
+def natural_key(prefix: str) -> tuple:
+    """Sort key of a layer prefix by its numeric structure: ``'2'`` before ``'10'``, ``'net.2'`` before
+    ``'net.10'`` (safetensors files store keys alphabetically, so file order means nothing)."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in prefix.split("."))
+
+
+def _sequential_prefixes(prefixes: list[str]) -> str | None:
+    """None if the prefixes look like one (possibly nested) ``nn.Sequential``, else the first that does not."""
+    for p in prefixes:
+        parts = p.split(".")
+        i = next((k for k, x in enumerate(parts) if x.isdigit()), None)
+        if i is None or not all(x.isdigit() for x in parts[i:]):
+            return p
+    heads = {".".join(x for x in p.split(".") if not x.isdigit()) for p in prefixes}
+    if len(heads) > 1:
+        return sorted(prefixes, key=natural_key)[-1]
+    return None
 
 
 def arch_from_state_dict(sd: Mapping[str, torch.Tensor], activation: str = "relu",
                          input_shape: tuple[int, ...] | None = None) -> Architecture:
-    """Infer a sequential MLP/CNN from a bare state_dict (see module docstring for the rules)."""
-    groups: "OrderedDict[str, dict[str, torch.Tensor]]" = OrderedDict()
+    """Infer a sequential MLP from a bare state_dict, or refuse (see module docstring).
+
+    Layers are ordered by the numeric structure of their keys (natural order), never by file order.
+    Only what keys and shapes determine is accepted: Linear layers (2-d weights) with BatchNorm (1-d
+    weight and running statistics) or LayerNorm (1-d weight, no statistics) between them, under the
+    keys of an ``nn.Sequential``. A convolution (its padding, stride and pooling are not stored), a
+    non-sequential key layout (a skip connection, attention, embeddings cannot be seen in keys) or
+    tensors of another kind are refused with a message saying how to give the architecture.
+    """
+    groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
         prefix, _, leaf = key.rpartition(".")
         if leaf in _SKIP_KEYS:
             continue
         groups.setdefault(prefix, {})[leaf] = t
+    order = sorted(groups, key=natural_key)
+    groups = {p: groups[p] for p in order}
+    for prefix, g in groups.items():
+        w = g.get("weight")
+        if w is not None and w.dim() in (3, 4):
+            raise UnsupportedLayerError(
+                f"layer {prefix!r} is a convolution: its padding, stride and pooling are not in a state_dict; "
+                + HOW_TO_GIVE)
+        unknown = set(g) - {"weight", "bias", "running_mean", "running_var"}
+        if unknown:
+            raise UnsupportedLayerError(f"unsupported layer at {prefix!r}: unexpected tensors {sorted(unknown)}; "
+                                        + HOW_TO_GIVE)
+    odd = _sequential_prefixes(order)
+    if odd is not None:
+        raise UnsupportedLayerError(
+            f"keys like {odd!r} are not those of an nn.Sequential: skip connections, attention or embeddings "
+            f"cannot be read from keys and shapes; " + HOW_TO_GIVE)
     layers: list[Layer] = []
     act = [] if activation == "identity" else [Layer("act", fn=activation)]
     weight_layers = [p for p, g in groups.items() if "weight" in g and g["weight"].dim() >= 2]
     for prefix, g in groups.items():
         w = g.get("weight")
-        where = f"layer {prefix!r}"
-        unknown = set(g) - {"weight", "bias", "running_mean", "running_var"}
-        if unknown:
-            raise UnsupportedLayerError(f"unsupported layer at {prefix!r}: unexpected tensors {sorted(unknown)}")
         if w is None:
             if "running_mean" in g:  # BatchNorm without affine parameters
                 n = g["running_mean"].shape[0]
@@ -82,17 +109,10 @@ def arch_from_state_dict(sd: Mapping[str, torch.Tensor], activation: str = "relu
             raise UnsupportedLayerError(f"unsupported layer at {prefix!r}: bias without weight")
         if w.dim() == 2:
             layers.append(Layer("linear", prefix, w.shape[1], w.shape[0], bias="bias" in g))
-        elif w.dim() in (3, 4):
-            d = w.dim() - 2
-            k = tuple(w.shape[2:])
-            layers.append(Layer(f"conv{d}d", prefix, w.shape[1], w.shape[0], kernel_size=k, stride=(1,) * d,
-                                padding=tuple(x // 2 for x in k), dilation=(1,) * d, bias="bias" in g, dims=d))
         elif w.dim() == 1:
             n = w.shape[0]
             if "running_mean" in g:
-                prev_conv = next((l for l in reversed(layers) if l.is_weight), None)
-                dims = prev_conv.dims if prev_conv is not None and prev_conv.kind != "linear" else 0
-                layers.append(Layer("batchnorm", prefix, n, n, dims=dims))
+                layers.append(Layer("batchnorm", prefix, n, n, dims=0))
             else:
                 layers.append(Layer("layernorm", prefix, n, n))
         else:
@@ -101,11 +121,6 @@ def arch_from_state_dict(sd: Mapping[str, torch.Tensor], activation: str = "relu
             layers += act
     if not weight_layers:
         raise UnsupportedLayerError("state_dict holds no Linear or Conv weight")
-    layers = _insert_pooling(layers)
-    for i in range(1, len(layers)):
-        a, b = layers[i - 1], layers[i]
-        if a.kind == "linear" and b.kind in ("conv1d", "conv2d"):
-            raise ShapeMismatchError(f"layer {b.name!r} is a convolution after dense layer {a.name!r}")
     return Architecture(tuple(layers), input_shape or _mlp_input(layers))
 
 

@@ -32,6 +32,7 @@ filled in bulk; :func:`to_batch` returns a ready ``Batch`` without building one 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Sequence
@@ -44,7 +45,8 @@ from .weights import WeightSpace
 
 NODE_FEATURES = ("bias", "norm_weight", "norm_bias", "norm_mean", "norm_var")
 NODE_DEFAULTS = (0.0, 1.0, 0.0, 0.0, 1.0)
-EDGE_TYPES = {"linear": 0, "conv1d": 1, "conv2d": 2}
+EDGE_TYPES = {"linear": 0, "conv1d": 1, "conv2d": 2, "table": 3, "identity": 4, "query_key": 5, "key_value": 6,
+              "product": 7, "scale": 8}
 NODE_TYPES = ("input", "hidden", "output")
 _NORM_KEYS = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}
 
@@ -71,6 +73,8 @@ class Topology:
 @lru_cache(maxsize=512)
 def topology(arch: Architecture) -> Topology:
     """Node and edge structure of an architecture's neural graph (cached)."""
+    if not arch.is_chain:
+        return _DagGraph(arch).build()
     sizes = arch.group_sizes
     L = len(sizes) - 1
     offsets = [0]
@@ -109,6 +113,8 @@ def topology(arch: Architecture) -> Topology:
 
 def _features(ws: WeightSpace, topo: Topology, edge_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Node features [B, N, 5] and edge features [B, E, D] for a batched WeightSpace."""
+    if isinstance(topo, DagTopology):
+        return _dag_features(ws, topo, edge_dim)
     B = ws.batch_size
     arch = ws.arch
     dtype = ws.dtype
@@ -288,11 +294,13 @@ def from_graph(data: Data) -> WeightSpace:
         key = layer * data.num_nodes + ids
         order = key.argsort()
         sorted_layer = layer[order]
-        first = torch.zeros(len(arch.group_sizes), dtype=torch.long).scatter_reduce(
+        first = torch.zeros(int(layer.max()) + 1, dtype=torch.long).scatter_reduce(
             0, sorted_layer, torch.arange(data.num_nodes), reduce="amin", include_self=False)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(data.num_nodes) - first[sorted_layer]
         local[hidden] = rank[hidden]
+    if isinstance(topo, DagTopology):
+        return _dag_from_graph(data, arch, topo, local)
     params: dict[str, torch.Tensor] = {}
     src, dst = data.edge_index
     x = data.x
@@ -323,3 +331,260 @@ def graph_summary(ws: WeightSpace) -> dict:
     return {"architecture": ws.arch.describe(), "layers": [repr(l) for l in ws.arch.layers],
             "groups": list(ws.arch.group_sizes), "nodes": topo.num_nodes, "edges": topo.num_edges,
             "edge_dim": ws.arch.max_kernel_numel, "parameters": ws.num_params}
+
+
+# -- DAG architectures ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DagTopology:
+    """The neural graph structure of a DAG architecture (same attributes as :class:`Topology`, plus what
+    :func:`_dag_features` and :func:`from_graph` need: edge blocks and node-feature sources)."""
+
+    arch: Architecture
+    num_nodes: int
+    num_edges: int
+    edge_index: torch.Tensor
+    node_type: torch.Tensor
+    node_layer: torch.Tensor
+    node_pos: torch.Tensor
+    node_act: torch.Tensor
+    edge_type: torch.Tensor
+    edge_layer: torch.Tensor
+    arch_json: str
+    set_sizes: tuple[int, ...]
+    blocks: tuple   # (key or None, value, transpose, dst sets, src sets, n_edges, kernel shape)
+    feats: tuple    # (key, column, sets)
+
+
+class _DagGraph:
+    """Builds a :class:`DagTopology` (see :func:`to_graph`'s notes on DAGs)."""
+
+    def __init__(self, arch: Architecture) -> None:
+        from .symmetry import permutation_spec
+        self.arch, self.spec = arch, permutation_spec(arch)
+        self.set_sizes: list[int] = []
+        self.set_type: list[int] = []
+        self.set_act: list[int] = []
+        self.set_norm: list[bool] = []
+        self.set_offset: list[int] = [0]
+        self.blocks: list = []
+        self.feats: list = []
+        self.src: list[torch.Tensor] = []
+        self.dst: list[torch.Tensor] = []
+        self.etype: list[int] = []
+
+    def new_set(self, n: int, type_: int = 1) -> int:
+        self.set_sizes.append(int(n))
+        self.set_type.append(type_)
+        self.set_act.append(0)
+        self.set_norm.append(False)
+        self.set_offset.append(self.set_offset[-1] + int(n))
+        return len(self.set_sizes) - 1
+
+    def nodes(self, sets: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(self.set_offset[s], self.set_offset[s + 1]) for s in sets])
+
+    def block(self, etype: int, dst: list[int], src: list[int], key: str | None = None, value: float = 1.0,
+              dense: bool = True, transpose: bool = False, kernel: tuple[int, ...] = ()) -> None:
+        """Edges from the nodes of ``src`` sets to those of ``dst`` sets: all pairs (a weight matrix,
+        row-major over ``[dst, src]``, or ``[src, dst]`` if ``transpose``) or one-to-one (identity)."""
+        d, s = self.nodes(dst), self.nodes(src)
+        if dense:
+            if transpose:
+                ss, dd = s.repeat_interleave(len(d)), d.repeat(len(s))
+            else:
+                dd, ss = d.repeat_interleave(len(s)), s.repeat(len(d))
+        else:
+            dd, ss = d, s
+        self.src.append(ss)
+        self.dst.append(dd)
+        self.etype.append(torch.full((len(dd),), etype))
+        self.blocks.append((key, value, transpose, tuple(dst), tuple(src), len(dd), kernel))
+
+    def identity(self, sets: list[int], etype: int = 4, value: float = 1.0) -> int:
+        n = sum(self.set_sizes[s] for s in sets)
+        out = self.new_set(n)
+        self.block(etype, [out], sets, value=value, dense=False)
+        return out
+
+    def build(self) -> DagTopology:
+        arch, spec = self.arch, self.spec
+        n = len(arch.layers)
+        sets: list[list[int] | None] = [None] * n
+        ids_input = spec.layer_groups and any(
+            l.kind == "embedding" and not l.mode and -1 in ins for l, ins in zip(arch.layers, arch.inputs))
+        in_sets: list[int] = []
+        owned: list[bool] = [False] * n   # the layer made its node set and may decorate it
+
+        def of(j: int) -> list[int]:
+            if j >= 0:
+                return sets[j]
+            if not in_sets:
+                size = spec.group_sizes[0]
+                in_sets.append(self.new_set(size, 0))
+            return in_sets
+
+        for i, (l, ins) in enumerate(zip(arch.layers, arch.inputs)):
+            k = l.kind
+            x = of(ins[0]) if ins and not (k == "embedding" and not l.mode) else None
+            single = ins and ins[0] >= 0 and len(arch.consumers[ins[0]]) == 1 and owned[ins[0]]
+            if k in ("linear", "conv1d", "conv2d"):
+                out = self.new_set(l.out_features)
+                self.block(EDGE_TYPES[k], [out], x, l.key("weight"), kernel=l.kernel_size)
+                if l.bias:
+                    self.feats.append((l.key("bias"), 0, (out,)))
+                sets[i], owned[i] = [out], True
+            elif k == "embedding" or k == "param":
+                rows = l.in_features if k == "embedding" else max(1, math.prod(l.shape[:-1]))
+                width = l.out_features if k == "embedding" else l.shape[-1]
+                src = self.new_set(rows, 0)
+                out = self.new_set(width)
+                self.block(3, [out], [src], l.key("weight" if k == "embedding" else ""), transpose=True)
+                sets[i], owned[i] = [out], True
+            elif k == "mha":
+                D = l.out_features
+                q, kk, v = self.new_set(D), self.new_set(D), self.new_set(D)
+                self.block(0, [q, kk, v], x, l.key("in_proj_weight"))
+                if l.bias:
+                    self.feats.append((l.key("in_proj_bias"), 0, (q, kk, v)))
+                self._attention_edges([q], [kk], [v], l.heads)
+                out = self.new_set(D)
+                self.block(0, [out], [v], l.key("out_proj.weight"))
+                if l.bias:
+                    self.feats.append((l.key("out_proj.bias"), 0, (out,)))
+                sets[i], owned[i] = [out], True
+            elif k == "attention":
+                self._attention_edges(of(ins[0]), of(ins[1]), of(ins[2]), l.heads)
+                sets[i] = of(ins[2])
+            elif k in ("batchnorm", "layernorm", "rmsnorm", "groupnorm"):
+                s = x if single and len(x) == 1 and not self.set_norm[x[0]] and not self.set_act[x[0]] \
+                    else [self.identity(x)]
+                for suffix in l.param_shapes():
+                    self.feats.append((l.key(suffix), _NORM_KEYS[suffix], (s[0],)))
+                self.set_norm[s[0]] = True
+                sets[i], owned[i] = s, True
+            elif k == "act":
+                s = x if single and len(x) == 1 and not self.set_act[x[0]] else [self.identity(x)]
+                self.set_act[s[0]] = ACTIVATIONS.index(l.fn)
+                sets[i], owned[i] = s, True
+            elif k in ("add", "mul"):
+                out = self.new_set(spec.group_sizes[spec.layer_groups[i]])
+                for j in ins:
+                    self.block(4 if k == "add" else 7, [out], of(j), dense=False)
+                sets[i], owned[i] = [out], True
+            elif k == "scale":
+                sets[i], owned[i] = [self.identity(x, 8, l.value)], True
+            elif k == "concat":
+                if spec.layer_groups[i] is not None and dict(spec.blocks).get(spec.layer_groups[i]):
+                    sets[i] = [s for j in ins for s in of(j)]
+                else:
+                    out = self.new_set(spec.group_sizes[spec.layer_groups[i]])
+                    for j in ins:
+                        self.block(4, [out], of(j), dense=False)
+                    sets[i], owned[i] = [out], True
+            elif k == "flatten" and x is not None and ins[0] == -1 and spec.layer_groups[i] != spec.layer_groups[0]:
+                in_sets.clear()
+                sets[i] = [self.new_set(spec.group_sizes[spec.layer_groups[i]], 0)]
+            else:  # dropout, pooling, gap, flatten, tokens, mean, select: the same neurons
+                sets[i] = x
+        out_sets = sets[-1]
+        for s in out_sets:
+            self.set_type[s] = 2
+        return self._topology()
+
+    def _attention_edges(self, q: list[int], k: list[int], v: list[int], heads: int) -> None:
+        """q(h, i) -> k(h, i) (the dot product pairs them) and k(h, i) -> v(h, j) (head h's keys weigh its
+        values): edge types 5 and 6, weight 1."""
+        qn, kn, vn = self.nodes(q), self.nodes(k), self.nodes(v)
+        self.src.append(qn)
+        self.dst.append(kn)
+        self.etype.append(torch.full((len(qn),), 5))
+        self.blocks.append((None, 1.0, False, tuple(k), tuple(q), len(qn), ()))
+        dk, dv = len(kn) // heads, len(vn) // heads
+        h = torch.arange(heads)
+        ks = (h.view(-1, 1, 1) * dk + torch.arange(dk).view(1, -1, 1)).expand(heads, dk, dv).reshape(-1)
+        vs = (h.view(-1, 1, 1) * dv + torch.arange(dv).view(1, 1, -1)).expand(heads, dk, dv).reshape(-1)
+        self.src.append(kn[ks])
+        self.dst.append(vn[vs])
+        self.etype.append(torch.full((len(ks),), 6))
+        self.blocks.append((None, 1.0, False, tuple(v), tuple(k), len(ks), ()))
+
+    def _topology(self) -> DagTopology:
+        N = self.set_offset[-1]
+        sizes = torch.tensor(self.set_sizes)
+        node_layer = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        node_type = torch.repeat_interleave(torch.tensor(self.set_type), sizes)
+        local = torch.arange(N) - torch.tensor(self.set_offset[:-1]).repeat_interleave(sizes)
+        node_pos = torch.where(node_type == 1, torch.full_like(local, -1), local)
+        node_act = torch.repeat_interleave(torch.tensor(self.set_act), sizes)
+        counts = torch.tensor([b[5] for b in self.blocks])
+        edge_layer = torch.repeat_interleave(torch.arange(len(self.blocks)), counts)
+        ei = torch.stack([torch.cat(self.src), torch.cat(self.dst)])
+        return DagTopology(self.arch, N, ei.shape[1], ei, node_type, node_layer, node_pos, node_act,
+                           torch.cat(self.etype), edge_layer, self.arch.to_json(), tuple(self.set_sizes),
+                           tuple(self.blocks), tuple(self.feats))
+
+
+def _dag_features(ws: WeightSpace, topo: DagTopology, edge_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Node features [B, N, 5] and edge features [B, E, D] of a batched WeightSpace of a DAG."""
+    B, dtype = ws.batch_size, ws.dtype
+    x = torch.tensor(NODE_DEFAULTS, dtype=dtype).repeat(B, topo.num_nodes, 1)
+    offs = [0]
+    for n in topo.set_sizes:
+        offs.append(offs[-1] + n)
+    for key, col, sets in topo.feats:
+        t = ws.params[key]
+        x[:, torch.cat([torch.arange(offs[s], offs[s + 1]) for s in sets]), col] = t
+    edges = []
+    for key, value, transpose, dst, src, n, kernel in topo.blocks:
+        if key is None:
+            e = torch.full((B, n, 1), float(value), dtype=dtype)
+        else:
+            w = ws.params[key]
+            if w.dim() == 2:                # a [*P, D] param of one row
+                w = w.unsqueeze(1)
+            if transpose:                    # tables [V, D] / [*P, D]: edges row-major over [V, D]
+                w = w.reshape(B, n, 1)
+            else:
+                w = w.reshape(B, n, -1)
+            e = w
+        k = e.shape[-1]
+        if k > edge_dim:
+            raise ShapeMismatchError(f"tensor {key!r} has a {k}-entry kernel, more than edge_dim={edge_dim}")
+        edges.append(torch.nn.functional.pad(e, (0, edge_dim - k)) if k < edge_dim else e)
+    return x, torch.cat(edges, dim=1)
+
+
+def _dag_from_graph(data, arch: Architecture, topo: DagTopology, local: torch.Tensor) -> WeightSpace:
+    x, (src, dst) = data.x, data.edge_index
+    layer = data.node_layer
+    params: dict[str, torch.Tensor] = {}
+    shapes = arch.param_shapes
+
+    def rows(sets: tuple[int, ...], nodes: torch.Tensor) -> torch.Tensor:
+        table = torch.full((len(topo.set_sizes),), -1, dtype=torch.long)
+        off = 0
+        for s in sets:
+            table[s] = off
+            off += topo.set_sizes[s]
+        return table[layer[nodes]] + local[nodes]
+    for b, (key, value, transpose, dsets, ssets, n, kernel) in enumerate(topo.blocks):
+        if key is None:
+            continue
+        m = data.edge_layer == b
+        r, c = rows(dsets, dst[m]), rows(ssets, src[m])
+        shape = shapes[key]
+        k = max(1, math.prod(kernel)) if kernel else 1
+        if transpose:
+            w = x.new_zeros(math.prod(shape[:-1]) if len(shape) > 1 else 1, shape[-1])
+            w[c, r] = data.edge_attr[m, 0]
+            params[key] = w.reshape(shape)
+        else:
+            w = x.new_zeros(shape[0], shape[1], k)
+            w[r, c] = data.edge_attr[m, :k]
+            params[key] = w.reshape(shape)
+    for key, col, sets in topo.feats:
+        nodes = torch.isin(layer, torch.tensor(sets)).nonzero().squeeze(1)
+        t = x.new_zeros(shapes[key][0])
+        t[rows(sets, nodes)] = x[nodes, col]
+        params[key] = t
+    return WeightSpace(arch, params)

@@ -34,7 +34,8 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 
 
 def load(obj: Any, *, activation: str = "relu", input_shape: tuple[int, ...] | None = None,
-         allow_nonfinite: bool = False) -> WeightSpace:
+         allow_nonfinite: bool = False, module: "nn.Module | str | None" = None,
+         arch: "Architecture | str | os.PathLike | None" = None) -> WeightSpace:
     """Load anything that holds weights into a :class:`WeightSpace`.
 
     Parameters
@@ -44,6 +45,10 @@ def load(obj: Any, *, activation: str = "relu", input_shape: tuple[int, ...] | N
     activation : hidden activation assumed for a bare state_dict (not stored in one).
     input_shape : input shape without batch dim, if known (``(64,)``, ``(1, 8, 8)``).
     allow_nonfinite : keep NaN/Inf weights instead of raising :class:`NonFiniteWeightsError`.
+    module : the architecture of a bare state_dict/file, as a module (its weights are replaced by the
+        file's) or ``"file.py:Class"`` / ``"file.py:Class(arg=...)"`` (a class built with those literal
+        keyword arguments). Tensors of the file the module does not use are reported by a warning.
+    arch : the architecture as an :class:`Architecture` or a path to its JSON (``arch.to_json()``).
 
     Examples
     --------
@@ -53,7 +58,17 @@ def load(obj: Any, *, activation: str = "relu", input_shape: tuple[int, ...] | N
     (4, 8, 2)
     """
     source = ""
-    if isinstance(obj, WeightSpace):
+    given = resolve_arch(module, arch, input_shape)
+    if given is not None and not isinstance(obj, (WeightSpace, nn.Module)):
+        if isinstance(obj, (str, os.PathLike)):
+            source = str(obj)
+            sd = _read_any(Path(obj))
+        elif isinstance(obj, Mapping):
+            sd = obj
+        else:
+            raise TypeError(f"cannot load weights from {type(obj).__name__}")
+        ws = _with_arch(sd, given, source)
+    elif isinstance(obj, WeightSpace):
         ws = obj
     elif isinstance(obj, nn.Module):
         ws = WeightSpace.from_module(obj, input_shape)
@@ -65,6 +80,95 @@ def load(obj: Any, *, activation: str = "relu", input_shape: tuple[int, ...] | N
     else:
         raise TypeError(f"cannot load weights from {type(obj).__name__}")
     return ws if allow_nonfinite else ws.check_finite(source)
+
+
+def resolve_arch(module, arch, input_shape=None) -> Architecture | None:
+    """The architecture given by ``module`` (a module or ``"file.py:Class(...)"``) or ``arch`` (an
+    Architecture or a JSON file), or None."""
+    if module is not None and arch is not None:
+        from .errors import ConfigError
+        raise ConfigError("give the architecture once: a module or an architecture JSON, not both")
+    if module is not None:
+        from .trace import trace
+        m = load_module_spec(module) if isinstance(module, str) else module
+        return trace(m, input_shape)
+    if arch is None or isinstance(arch, Architecture):
+        return arch
+    path = Path(arch)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such architecture file")
+    try:
+        return Architecture.from_json(path.read_text())
+    except WSNetsError as e:
+        raise type(e)(f"{path}: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        from .errors import ConfigError
+        raise ConfigError(f"{path}: not an architecture JSON ({_first_line(e)})") from None
+
+
+def load_module_spec(spec: str) -> nn.Module:
+    """Build the module named by ``"path/file.py:Class"`` or ``"path/file.py:Class(arg=1, name='x')"``
+    (keyword arguments are Python literals; nothing else is evaluated)."""
+    import ast
+    import importlib.util
+    from .errors import ConfigError
+    file, sep, rest = spec.rpartition(":")
+    if not sep or not file.endswith(".py"):
+        raise ConfigError(f"--module {spec!r}: expected file.py:Class or file.py:Class(arg=...)")
+    if not Path(file).is_file():
+        raise ConfigError(f"--module {spec!r}: no such file {file}")
+    name, _, args = rest.partition("(")
+    kwargs = {}
+    if args:
+        try:
+            call = ast.parse(f"f({args}", mode="eval").body
+            if call.args:
+                raise ValueError("positional arguments")
+            kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        except (SyntaxError, ValueError) as e:
+            raise ConfigError(f"--module {spec!r}: arguments must be keyword=literal ({_first_line(e)})") from None
+    mod_spec = importlib.util.spec_from_file_location(f"wsnets_user_{Path(file).stem}", file)
+    mod = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(mod)
+    except Exception as e:
+        raise ConfigError(f"--module {spec!r}: importing {file} fails ({type(e).__name__}: {_first_line(e)})") from None
+    cls = getattr(mod, name.strip(), None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"--module {spec!r}: {file} defines no nn.Module class {name.strip()!r}")
+    try:
+        return cls(**kwargs).eval()
+    except Exception as e:
+        raise ConfigError(f"--module {spec!r}: {name.strip()}(**{kwargs}) fails ({type(e).__name__}: "
+                          f"{_first_line(e)})") from None
+
+
+def _read_any(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix.lower() == ".safetensors":
+        return read_safetensors(path)[0]
+    return read_torch(path)
+
+
+def _with_arch(sd: Mapping[str, Any], arch: Architecture, source: str) -> WeightSpace:
+    """The tensors of ``sd`` the architecture uses; missing ones raise, unused ones are named in a warning."""
+    import warnings
+    from .errors import MissingKeyError
+    where = f"{source}: " if source else ""
+    missing = [k for k in arch.param_shapes if k not in sd]
+    if missing:
+        raise MissingKeyError(f"{where}the architecture needs tensor {missing[0]!r} ({len(missing)} missing), "
+                              "which the checkpoint lacks")
+    unused = sorted(k for k in sd if k not in arch.param_shapes and not k.endswith("num_batches_tracked"))
+    if unused:
+        warnings.warn(f"{where}{len(unused)} tensor(s) the architecture does not use were left out: "
+                      f"{', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}", stacklevel=3)
+    tensors = {k: sd[k] for k in arch.param_shapes}
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{where}entry {k!r} is a {type(v).__name__}, not a tensor")
+    return WeightSpace(arch, tensors)
 
 
 def from_state_dict(sd: Mapping[str, Any], *, activation: str = "relu",

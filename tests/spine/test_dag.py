@@ -162,3 +162,27 @@ def test_untraceable_module_names_module_and_op():
 def test_unknown_op_names_op_and_place():
     with pytest.raises(wsnets.UnsupportedLayerError, match=r"unknown op .*cumsum at 'layer3.1'"):
         wsnets.load(_Cumsum(), input_shape=(4,))
+
+
+@pytest.mark.parametrize("name", DAG_IDS)
+def test_neural_graph_round_trips_and_encoders_see_the_symmetry(name):
+    """(d) from_graph(to_graph(ws)) is exact; (c) graph encoders are invariant to the spec's permutations
+    and sensitive to permuting the input neurons; DAG graphs batch with sequential ones."""
+    from wsnets.nn.graph_encoder import NeuralGraphEncoder
+    from wsnets.nn.transformer import NeuralGraphTransformer
+    from wsnets.testing import assert_invariant, assert_sensitive_to_inputs
+    m, shape = MODELS[name]
+    ws = wsnets.load(m, input_shape=shape)
+    g = ws.to_graph()
+    back = wsnets.from_graph(g)
+    assert back.arch == ws.arch and all(torch.equal(back.params[k], ws.params[k]) for k in ws.params)
+    mlp = wsnets.WeightSpace.random(wsnets.mlp(12, [8], 5))
+    batch = wsnets.to_batch([ws, mlp, ws])
+    assert batch.num_graphs == 3 and torch.equal(batch[0].edge_attr, g.edge_attr)
+    torch.manual_seed(0)
+    for cls in (NeuralGraphEncoder, NeuralGraphTransformer):
+        enc = cls(hidden=16, layers=2, edge_dim=max(9, ws.arch.max_kernel_numel)).eval()
+        assert_invariant(enc, [ws, mlp], rtol=1e-3)
+        spec = permutation_spec(ws.arch)
+        if cls is NeuralGraphEncoder and 0 in spec.fixed and spec.group_sizes[0] > 1:
+            assert_sensitive_to_inputs(enc, [ws], atol=1e-5)

@@ -35,7 +35,8 @@ def _data(args: argparse.Namespace, ws: WeightSpace) -> tuple[tuple[torch.Tensor
 
 
 def _load(args: argparse.Namespace) -> WeightSpace:
-    ws = load(args.ckpt, activation=args.activation)
+    from ..cli import load_checkpoint
+    ws = load_checkpoint(args.ckpt, args)
     if ws.batch_size is not None:
         raise ConfigError(f"{args.ckpt} holds {ws.batch_size} networks; landscape tools take one")
     return ws.to(args.device)
@@ -143,6 +144,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="checkpoint: .safetensors, .pt or .pth")
     p.add_argument("--dataset", default="digits", help="dataset name from wsnets.zoo.datasets (digits, mnist1d, ...)")
     p.add_argument("--activation", default="relu", help="activation assumed for a bare state_dict")
+    from ..cli import add_arch_options
+    add_arch_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="write the result here (.npz for surface, .json otherwise)")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots into this directory")

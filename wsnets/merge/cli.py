@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..cli import add_common, add_parser, emit
+from ..cli import add_arch_options, add_common, add_parser, emit
 from ..errors import ConfigError
 from ..weights import WeightSpace
 
@@ -37,13 +37,13 @@ def provenance(method: str, ingredients: list[str], parameters: dict[str, Any], 
     return meta
 
 
-def _load_all(paths: list[str], device: str) -> WeightSpace:
+def _load_all(paths: list[str], device: str, args=None) -> WeightSpace:
     from .compat import gather
-    from ..io import load
+    from ..cli import load_checkpoint
     for p in paths:
         if not Path(p).exists():
             raise FileNotFoundError(2, "no such file", p)
-    return gather([load(p) for p in paths], names=paths).to(device)
+    return gather([load_checkpoint(p, args) for p in paths], names=paths).to(device)
 
 
 def _data(name: str | None, ws: WeightSpace, device: str, *, needed: bool = False):
@@ -78,7 +78,7 @@ def _write(args: argparse.Namespace, ws: WeightSpace, method: str, params: dict[
 
 def _average(args):
     from .average import average
-    batch = _load_all(args.models, args.device)
+    batch = _load_all(args.models, args.device, args)
     d = _data(args.dataset, batch, args.device)
     w = [float(v) for v in args.weights.split(",")] if args.weights else None
     ws = average(batch, w, bn_data=d[0] if d else None)
@@ -87,7 +87,7 @@ def _average(args):
 
 def _soup(args):
     from .soup import dataset_evaluator, greedy_soup, uniform_soup
-    batch = _load_all(args.models, args.device)
+    batch = _load_all(args.models, args.device, args)
     if args.uniform:
         d = _data(args.dataset, batch, args.device)
         ws = uniform_soup(batch, bn_data=d[0] if d else None)
@@ -107,7 +107,7 @@ def _soup(args):
 
 def _task_arith(args):
     from .task_arithmetic import task_arithmetic
-    batch = _load_all([args.base, *args.models], args.device)
+    batch = _load_all([args.base, *args.models], args.device, args)
     d = _data(args.dataset, batch, args.device)
     ws = task_arithmetic(batch[0], batch[1:], scale=args.scale, bn_data=d[0] if d else None)
     return _write(args, ws, "task_arithmetic", {"scale": args.scale, "bn_dataset": args.dataset}, base=args.base)
@@ -115,7 +115,7 @@ def _task_arith(args):
 
 def _ties(args):
     from .task_arithmetic import ties
-    batch = _load_all([args.base, *args.models], args.device)
+    batch = _load_all([args.base, *args.models], args.device, args)
     d = _data(args.dataset, batch, args.device)
     ws = ties(batch[0], batch[1:], density=args.density, scale=args.scale, bn_data=d[0] if d else None)
     return _write(args, ws, "ties", {"density": args.density, "scale": args.scale, "bn_dataset": args.dataset},
@@ -124,7 +124,7 @@ def _ties(args):
 
 def _align(args):
     from .align import align
-    batch = _load_all(args.models, args.device)
+    batch = _load_all(args.models, args.device, args)
     d = _data(args.dataset, batch, args.device, needed=args.method == "activation")
     data = d[0][:args.num_examples] if d else None
     kw = {"seed": args.seed} if args.method == "weight" else {}
@@ -136,7 +136,7 @@ def _align(args):
 def _barrier(args):
     from .align import weight_matching
     from .interpolate import interpolation_curve
-    batch = _load_all(args.models, args.device)
+    batch = _load_all(args.models, args.device, args)
     x, y, xt, yt = _data(args.dataset, batch, args.device, needed=True)
     a, b = batch[0], batch[1]
     curves = {"straight line": interpolation_curve(a, b, xt, yt, steps=args.steps, bn_data=x)}
@@ -173,6 +173,7 @@ def register(sub) -> None:
         if out:
             q.add_argument("-o", "--out", required=True, help="output .safetensors (provenance in its metadata)")
         q.add_argument("--dataset", default=None, help=dataset_help)
+        add_arch_options(q)
         add_common(q)
 
     q = add_parser(ms, "average", "weighted average of models",

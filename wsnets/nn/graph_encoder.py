@@ -32,10 +32,20 @@ from torch import nn
 from torch_geometric.utils import scatter
 
 from ..arch import ACTIVATIONS
+from ..graph import EDGE_TYPES
 from ..errors import ShapeMismatchError
 from .common import make_mlp, sinusoidal, signed_log
 
 PNA_AGGREGATORS = ("mean", "max", "min", "std")
+
+
+def _edge_type_table(hidden: int) -> nn.Embedding:
+    """Embeddings of the edge types: linear, conv1d, conv2d drawn from the global random stream as they
+    always were (so seeded encoders initialize as before), the DAG edge types (tables, identity,
+    attention, ...) from a fixed separate stream."""
+    first = nn.Embedding(3, hidden)
+    extra = torch.randn(len(EDGE_TYPES) - 3, hidden, generator=torch.Generator().manual_seed(18))
+    return nn.Embedding(len(EDGE_TYPES), hidden, _weight=torch.cat([first.weight.detach(), extra]))
 
 
 class GraphFeaturizer(nn.Module):
@@ -49,7 +59,15 @@ class GraphFeaturizer(nn.Module):
         self.node_type = nn.Embedding(3, hidden)
         self.node_act = nn.Embedding(len(ACTIVATIONS), hidden)
         self.edge_in = make_mlp([edge_dim + 1 + pos_dim + 1 + (edge_dim + 1 if layer_scale else 0), hidden, hidden])
-        self.edge_type = nn.Embedding(3, hidden)
+        self.edge_type = _edge_type_table(hidden)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # meta-models saved before DAG edge types existed have a 3-row edge-type table: keep its rows
+        key = prefix + "edge_type.weight"
+        old = state_dict.get(key)
+        if old is not None and old.shape[0] < self.edge_type.num_embeddings:
+            state_dict[key] = torch.cat([old, self.edge_type.weight.detach()[old.shape[0]:].to(old)])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         nfeats, efeats, node_batch = self.inputs(batch)

@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .meta_model import MetaModel
     mm = MetaModel.load(args.meta_model, device=args.device)
-    rows = [{"checkpoint": c, **r} for c, r in zip(args.checkpoints, _predict_each(mm, args.checkpoints))]
+    rows = [{"checkpoint": c, **r} for c, r in zip(args.checkpoints, _predict_each(mm, args.checkpoints, args))]
 
     def text() -> str:
         out = []
@@ -68,12 +68,12 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_each(mm: Any, paths: list[str]) -> list[dict]:
+def _predict_each(mm: Any, paths: list[str], args: Any = None) -> list[dict]:
     """One prediction per path (a batched checkpoint file contributes its first network)."""
-    from ..io import load
+    from ..cli import load_checkpoint
     nets = []
     for p in paths:
-        ws = load(p)
+        ws = load_checkpoint(p, args)
         nets.append(ws[0] if ws.batch_size is not None else ws)
     return mm.predict(nets)
 
@@ -95,5 +95,7 @@ def register(sub) -> None:
     q = add_parser(sub, "predict", COMMANDS["predict"][1],
                    "wsnets predict model.safetensors other.pt --meta-model runs/graph --json", _predict)
     q.add_argument("checkpoints", nargs="+", metavar="CKPT", help=".safetensors, .pt or .pth checkpoints")
+    from ..cli import add_arch_options
+    add_arch_options(q)
     q.add_argument("--meta-model", required=True, metavar="RUN", help="run directory written by wsnets train")
     add_common(q)
