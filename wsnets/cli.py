@@ -52,16 +52,23 @@ def add_arch_options(p: argparse.ArgumentParser) -> None:
     """``--module``/``--arch``: how a user gives the architecture of a bare checkpoint."""
     p.add_argument("--module", metavar="FILE.py:CLASS", default=None,
                    help="architecture of bare checkpoints: a Python file defining an nn.Module class, built with "
-                        "no arguments or FILE.py:CLASS(arg=...) with literal keyword arguments")
+                        "no arguments or FILE.py:CLASS(arg=...) with literal keyword arguments; an importable "
+                        "module works too (wsnets.models:Bert for the MiniLM checkpoint)")
     p.add_argument("--arch", metavar="ARCH.json", default=None,
                    help="architecture of bare checkpoints as JSON (wsnets Architecture.to_json())")
 
 
-def load_checkpoint(path: str, args: argparse.Namespace, **kwargs: Any):
-    """``wsnets.load`` with the ``--module``/``--arch``/``--activation`` options of a command."""
-    from .io import load
-    return load(path, module=getattr(args, "module", None), arch=getattr(args, "arch", None),
-                **({"activation": args.activation} if getattr(args, "activation", None) else {}), **kwargs)
+def load_checkpoint(path: str, args: argparse.Namespace | None, **kwargs: Any):
+    """``wsnets.load`` with the ``--module``/``--arch``/``--activation`` options of a command (the given
+    architecture is built once per command, however many checkpoints it reads)."""
+    from .io import load, resolve_arch
+    if args is None:
+        return load(path, **kwargs)
+    arch = getattr(args, "_resolved_arch", None)
+    if arch is None and (getattr(args, "module", None) or getattr(args, "arch", None)):
+        arch = args._resolved_arch = resolve_arch(args.module, args.arch)
+    return load(path, arch=arch, **({"activation": args.activation} if getattr(args, "activation", None) else {}),
+                **kwargs)
 
 
 def emit(args: argparse.Namespace, obj: Any, text: str | Callable[[], str]) -> None:
@@ -162,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if not argv else 2
     sub = {"zoo": "zoo_command", "merge": "method", "landscape": "landscape_command"}.get(args.command)
     name = " ".join(str(v) for v in (args.command, getattr(args, sub, None) if sub else None) if v)
+    import warnings
+    warnings.formatwarning = lambda message, *a, **k: f"wsnets {name}: warning: {message}\n"
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit

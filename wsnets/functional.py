@@ -143,7 +143,8 @@ def _forward_dag(arch: Architecture, params: Mapping[str, torch.Tensor], x: torc
             h = _dropout(h, dropout, generator)
         vals.append(h)
         if activations is not None and fixed is not None and i in fixed:
-            activations[fixed[i]] = h
+            g, axis = fixed[i]
+            activations[g] = h if h.dim() + axis == 2 else h.movedim(axis, 2)   # [K, N, C, *positions]
         for j in keep[i]:  # free what no later layer reads
             if j != i:
                 vals[j] = None  # type: ignore[call-overload]
@@ -159,10 +160,11 @@ def _needed_until(arch: Architecture) -> list[list[int]]:
     return out
 
 
-def _fixed_classes(arch: Architecture) -> dict[int, int]:
-    """Layer index -> hidden group whose activation it produces (the first such layer of each group)."""
+def _fixed_classes(arch: Architecture) -> dict[int, tuple[int, int]]:
+    """Layer index -> (hidden group whose activation it produces, that output's feature axis)."""
     from .symmetry import permutation_spec
-    return permutation_spec(arch).activation_layers
+    spec = permutation_spec(arch)
+    return {i: (g, spec.layer_axes[i]) for i, g in spec.activation_layers.items()}
 
 
 def _right_align(ts: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -112,10 +112,12 @@ def load_module_spec(spec: str) -> nn.Module:
     import ast
     import importlib.util
     from .errors import ConfigError
-    file, sep, rest = spec.rpartition(":")
-    if not sep or not file.endswith(".py"):
+    head, _, _ = spec.partition("(")
+    file, sep, _ = head.rpartition(":")
+    rest = spec[len(file) + 1:]
+    if not sep or not (file.endswith(".py") or file.replace(".", "").replace("_", "").isalnum()):
         raise ConfigError(f"--module {spec!r}: expected file.py:Class or file.py:Class(arg=...)")
-    if not Path(file).is_file():
+    if file.endswith(".py") and not Path(file).is_file():
         raise ConfigError(f"--module {spec!r}: no such file {file}")
     name, _, args = rest.partition("(")
     kwargs = {}
@@ -127,20 +129,26 @@ def load_module_spec(spec: str) -> nn.Module:
             kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
         except (SyntaxError, ValueError) as e:
             raise ConfigError(f"--module {spec!r}: arguments must be keyword=literal ({_first_line(e)})") from None
-    mod_spec = importlib.util.spec_from_file_location(f"wsnets_user_{Path(file).stem}", file)
-    mod = importlib.util.module_from_spec(mod_spec)
     try:
-        mod_spec.loader.exec_module(mod)
+        if file.endswith(".py"):
+            mod_spec = importlib.util.spec_from_file_location(f"wsnets_user_{Path(file).stem}", file)
+            mod = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(file)
     except Exception as e:
         raise ConfigError(f"--module {spec!r}: importing {file} fails ({type(e).__name__}: {_first_line(e)})") from None
     cls = getattr(mod, name.strip(), None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+    if not callable(cls):
         raise ConfigError(f"--module {spec!r}: {file} defines no nn.Module class {name.strip()!r}")
     try:
-        return cls(**kwargs).eval()
+        out = cls(**kwargs)
     except Exception as e:
         raise ConfigError(f"--module {spec!r}: {name.strip()}(**{kwargs}) fails ({type(e).__name__}: "
                           f"{_first_line(e)})") from None
+    if not isinstance(out, nn.Module):
+        raise ConfigError(f"--module {spec!r}: {name.strip()} does not make an nn.Module")
+    return out.eval()
 
 
 def _read_any(path: Path) -> dict[str, torch.Tensor]:

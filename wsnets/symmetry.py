@@ -57,6 +57,7 @@ class PermutationSpec:
     heads : head-structured group -> (number of heads, tie): groups with one tie share the head
         permutation (q/k with v/o of one attention).
     layer_groups : for each layer, the group of its output's feature axis (None: token ids).
+    layer_axes : for each layer, where that feature axis is in its output, counted from the end.
     """
 
     group_sizes: tuple[int, ...]
@@ -65,6 +66,7 @@ class PermutationSpec:
     blocks: tuple[tuple[int, tuple[int, ...]], ...] = ()
     heads: tuple[tuple[int, int, int], ...] = ()
     layer_groups: tuple[int | None, ...] = ()
+    layer_axes: tuple[int, ...] = ()
 
     @property
     def hidden(self) -> tuple[int, ...]:
@@ -125,6 +127,18 @@ class PermutationSpec:
             if g is not None and g in self.hidden and g not in heads:
                 last[g] = i
         return {i: g for g, i in last.items()}
+
+    def full_perm(self, g: int, perms: Mapping[int, torch.Tensor]) -> torch.Tensor | None:
+        """The permutation of group ``g`` given permutations of atomic groups (a block group's is the
+        direct sum of its parts'); None if nothing in it moves."""
+        if g not in dict(self.blocks):
+            return perms.get(g)
+        parts = self.parts(g)
+        if not any(c in perms for c, _ in parts):
+            return None
+        ref = next(perms[c] for c, _ in parts if c in perms)
+        return torch.cat([(perms[c] if c in perms else torch.arange(self.group_sizes[c], device=ref.device)
+                           .expand(*ref.shape[:-1], -1)) + off for c, off in parts], dim=-1)
 
     def rebasin(self) -> dict[str, tuple[str | None, ...]]:
         """Git Re-Basin style: key -> per-axis permutation name (``"P1"``...), None where fixed; a block
@@ -384,7 +398,7 @@ def _derive(arch: Architecture) -> PermutationSpec:
         tuple(sizes), tuple((k, tuple(num(e) for e in ax)) for k, ax in axes),
         tuple(sorted(number[r] for r in number if G.fixed[r])),
         tuple((number[r], tuple(num(c) for c in G.block[r])) for r in sorted(number, key=number.get) if r in G.block),
-        tuple(heads), tuple(num(c) for c in cls))
+        tuple(heads), tuple(num(c) for c in cls), tuple(feat))
 
 
 @lru_cache(maxsize=256)
@@ -424,16 +438,10 @@ def permute(ws, perms: PermLike, *, allow_fixed: bool = False):
     from .weights import WeightSpace
     spec = permutation_spec(ws.arch)
     d = _as_dict(spec, perms, allow_fixed)
-    blocks = dict(spec.blocks)
-    for g in blocks:  # a block axis moves by the direct sum of its parts' permutations
-        parts = spec.parts(g)
-        if any(c in d for c, _ in parts):
-            ref = next(d[c] for c, _ in parts if c in d)
-            pieces = []
-            for c, off in parts:
-                p = d[c] if c in d else torch.arange(spec.group_sizes[c], device=ref.device).expand(*ref.shape[:-1], -1)
-                pieces.append(p + off)
-            d[g] = torch.cat(pieces, dim=-1)
+    for g, _ in spec.blocks:  # a block axis moves by the direct sum of its parts' permutations
+        p = spec.full_perm(g, d)
+        if p is not None:
+            d[g] = p
     lead = 0 if ws.batch_size is None else 1
     params = dict(ws.params)
     for key, ax in spec.axes:

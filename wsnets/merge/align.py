@@ -12,9 +12,12 @@ straight line between them often has a small loss barrier.
 * :func:`activation_matching` matches neurons by the correlation of their activations on a data
   batch (one linear assignment per hidden group).
 
-Both read :func:`wsnets.symmetry.permutation_spec` only (its ``group_members()``), so MLPs, CNNs
-and BatchNorm/LayerNorm parameters and statistics need no special cases. The permuted model
-computes exactly the same function as the original.
+Both read :func:`wsnets.symmetry.permutation_spec` only (its ``slices()``), so MLPs, CNNs, residual
+networks (one group per residual stream), concatenations (block axes) and BatchNorm/LayerNorm
+parameters and statistics need no special cases. Attention's head-structured groups are matched as
+the spec allows: for every pair of heads the best permutation inside them is a linear assignment,
+and the head permutation, shared by q/k and v/o of one attention, is a linear assignment on the
+summed head-pair scores. The permuted model computes exactly the same function as the original.
 """
 
 from __future__ import annotations
@@ -34,11 +37,47 @@ from .functional import forward
 Perms = dict[int, torch.Tensor]
 
 
-def _permuted(t: torch.Tensor, axes: tuple[int | None, ...], perms: Perms, skip_axis: int) -> torch.Tensor:
+def _permuted(t: torch.Tensor, axes: tuple[int | None, ...], perms: Perms, skip_axis: int, spec=None) -> torch.Tensor:
     for a, g in enumerate(axes):
-        if a != skip_axis and g in perms:
-            t = t.index_select(a, perms[g])
+        if a == skip_axis or g is None:
+            continue
+        p = spec.full_perm(g, perms) if spec is not None else perms.get(g)
+        if p is not None:
+            t = t.index_select(a, p)
     return t
+
+
+def _cost(spec, g: int, pa, pb, axes, perms: Perms, n: int, dev) -> torch.Tensor:
+    """``[n, n]``: summed inner products of ``a``'s and (otherwise permuted) ``b``'s slices of group ``g``."""
+    cost = torch.zeros(n, n, dtype=torch.float64, device=dev)
+    for key, axis, off in spec.slices()[g]:
+        ta = pa[key].narrow(axis, off, n).movedim(axis, 0).reshape(n, -1)
+        tb = _permuted(pb[key], axes[key], perms, axis, spec).narrow(axis, off, n).movedim(axis, 0).reshape(n, -1)
+        cost += ta @ tb.T
+    return cost
+
+
+def _head_lap(costs: list[torch.Tensor], H: int) -> list[torch.Tensor]:
+    """Best head-structured permutations for groups sharing one head permutation: per group and head pair
+    a linear assignment inside the heads, then one on the summed head-pair scores."""
+    n = costs[0].shape[0]
+    d = n // H
+    total = torch.zeros(H, H, dtype=torch.float64)
+    inner = []
+    for cost in costs:
+        blocks = cost.reshape(H, d, H, d).permute(0, 2, 1, 3).cpu().numpy()   # [h_a, h_b, d, d]
+        sig = np.zeros((H, H, d), dtype=np.int64)
+        for h in range(H):
+            for k in range(H):
+                r, c = linear_sum_assignment(blocks[h, k], maximize=True)
+                sig[h, k] = c
+                total[h, k] += float(blocks[h, k][r, c].sum())
+        inner.append(sig)
+    _, pi = linear_sum_assignment(total.numpy(), maximize=True)
+    out = []
+    for sig in inner:
+        out.append(torch.as_tensor(np.concatenate([pi[h] * d + sig[h, pi[h]] for h in range(H)]), dtype=torch.long))
+    return out
 
 
 def _lap(cost: torch.Tensor) -> torch.Tensor:
@@ -76,8 +115,13 @@ def weight_matching(a: ModelLike, b: ModelLike, *, max_iter: int = 100, seed: in
     wa, wb = pair(a, b)
     spec = permutation_spec(wa.arch)
     axes = dict(spec.axes)
-    members = spec.group_members()
     hidden = list(spec.hidden)
+    heads = spec.head_structure
+    ties: dict[int, list[int]] = {}
+    for g in hidden:
+        if g in heads:
+            ties.setdefault(heads[g][1], []).append(g)
+    units = [[g] for g in hidden if g not in heads] + list(ties.values())   # groups optimized together
     dev = wa.device
     perms: Perms = {g: torch.arange(spec.group_sizes[g], device=dev) for g in hidden}
     if init:
@@ -87,19 +131,20 @@ def weight_matching(a: ModelLike, b: ModelLike, *, max_iter: int = 100, seed: in
     rng = np.random.default_rng(seed)
     for _ in range(max_iter):
         progress = False
-        for g in rng.permutation(hidden):
-            g = int(g)
-            n = spec.group_sizes[g]
-            cost = torch.zeros(n, n, dtype=torch.float64, device=dev)
-            for key, axis in members[g]:
-                ta = pa[key].movedim(axis, 0).reshape(n, -1)
-                tb = _permuted(pb[key], axes[key], perms, axis).movedim(axis, 0).reshape(n, -1)
-                cost += ta @ tb.T
-            new = _lap(cost).to(dev)
-            rows = torch.arange(n, device=dev)
-            old_score, new_score = cost[rows, perms[g]].sum(), cost[rows, new].sum()
+        for u in rng.permutation(len(units)):
+            unit = units[int(u)]
+            n = spec.group_sizes[unit[0]]
+            costs = [_cost(spec, g, pa, pb, axes, perms, spec.group_sizes[g], dev) for g in unit]
+            if unit[0] in heads:
+                news = [p.to(dev) for p in _head_lap(costs, heads[unit[0]][0])]
+            else:
+                news = [_lap(costs[0]).to(dev)]
+            rows = [torch.arange(c.shape[0], device=dev) for c in costs]
+            old_score = sum(c[r, perms[g]].sum() for c, r, g in zip(costs, rows, unit))
+            new_score = sum(c[r, p].sum() for c, r, p in zip(costs, rows, news))
             if new_score > old_score + 1e-12 * max(1.0, abs(float(old_score))):
-                perms[g] = new
+                for g, p in zip(unit, news):
+                    perms[g] = p
                 progress = True
         if not progress:
             break
@@ -131,7 +176,10 @@ def activation_matching(a: ModelLike, b: ModelLike, x: torch.Tensor, *, eps: flo
         forward(wa, x.to(wa.device), activations=acts_a)
         forward(wb, x.to(wb.device), activations=acts_b)
     perms: Perms = {}
-    for g in permutation_spec(wa.arch).hidden:
+    spec = permutation_spec(wa.arch)
+    for g in spec.hidden:
+        if g in spec.head_structure or g not in acts_a:
+            continue   # head-structured groups (attention) are left to weight matching
         ha, hb = _flat_channels(acts_a[g]).double(), _flat_channels(acts_b[g]).double()
         za = (ha - ha.mean(0)) / (ha.std(0) + eps)
         zb = (hb - hb.mean(0)) / (hb.std(0) + eps)
@@ -155,5 +203,6 @@ def align(a: ModelLike, b: ModelLike, *, method: Literal["weight", "activation"]
 def matching_objective(a: WeightSpace, b: WeightSpace) -> float:
     """``sum_key <a[key], b[key]>`` over the tensors hidden permutations act on (what weight matching maximizes)."""
     spec = permutation_spec(a.arch)
-    keys = {k for g in spec.hidden for k, _ in spec.group_members()[g]}
+    slices = spec.slices()
+    keys = {k for g in spec.hidden for k, _, _ in slices.get(g, [])}
     return float(sum((a.params[k].double() * b.params[k].double()).sum() for k in keys))
