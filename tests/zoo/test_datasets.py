@@ -8,7 +8,8 @@ from wsnets.errors import ConfigError
 from wsnets.zoo import datasets
 
 
-@pytest.mark.parametrize("name", ["digits", "digits-img", "blobs", "classif", "blobs2", "digits+perm1+noise0.3"])
+@pytest.mark.parametrize("name", ["digits", "digits-img", "digits-img16", "blobs", "classif", "blobs2",
+                                  "digits+perm1+noise0.3"])
 def test_shapes_dtypes_and_determinism(name):
     x, y, xt, yt = datasets.load(name)
     i = datasets.info(name)
@@ -34,6 +35,19 @@ def test_digits_matches_sklearn_and_split_is_disjoint():
     assert len(got) == len(d.data) and all(ref[g] == int(t) for g, t in zip(got, torch.cat([y, yt])))
     img = datasets.load("digits-img")[0]
     assert torch.equal(img.reshape(len(img), -1), x)
+
+
+def test_digits_img16_is_digits_upsampled_and_scaled():
+    """Each 8x8 pixel becomes a 2x2 block, scaled to [-1, 1] as the Small CNN Zoo scales images; same split."""
+    x, y, xt, yt = datasets.load("digits-img16")
+    x8, y8, xt8, yt8 = datasets.load("digits-img")
+    assert x.shape == (1437, 1, 16, 16) and torch.equal(y, y8) and torch.equal(yt, yt8)
+    for a, b in ((x, x8), (xt, xt8)):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                assert torch.equal(a[:, :, dy::2, dx::2], 2 * b - 1)
+    assert torch.equal(datasets.load("digits-img16+rot90")[0], torch.rot90(x, 1, (-2, -1)))
+    assert torch.equal(datasets.load("digits-img16+invert")[0], -x)
 
 
 def test_mnist1d_generated_locally_and_rng_untouched():

@@ -22,7 +22,7 @@ def _runs(arch, hps, dataset="blobs2"):
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("batchnorm", [False, True])
-def test_matches_torch_optim_reference(batchnorm, device):
+def test_matches_torch_optim_reference(batchnorm, device, reference_batches):
     arch = wsnets.mlp(2, [6, 5], 4, "tanh", batchnorm=batchnorm)
     hps = [{"optimizer": "sgd", "lr": 0.1}, {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.05},
            {"optimizer": "sgd", "lr": 0.03, "momentum": 0.0, "weight_decay": 0.01, "init_scale": 2.0,
@@ -46,22 +46,13 @@ def test_matches_torch_optim_reference(batchnorm, device):
         opt = (torch.optim.SGD(m.parameters(), lr=r.hp["lr"], momentum=r.hp["momentum"], weight_decay=r.hp["weight_decay"])
                if r.hp["optimizer"] == "sgd" else
                torch.optim.AdamW(m.parameters(), lr=r.hp["lr"], weight_decay=r.hp["weight_decay"]))
-        n_sub = max(1, round(r.hp["train_fraction"] * n))
-        keys = hash_uniform(seeds[k:k + 1], T._STREAM["subset"], torch.arange(n))[0]
-        member = torch.zeros(n, dtype=torch.bool)
-        member[keys.argsort()[:n_sub]] = True
         flip = hash_uniform(seeds[k:k + 1], T._STREAM["noise_flip"], torch.arange(n))[0] < r.hp["label_noise"]
         rnd = (hash_uniform(seeds[k:k + 1], T._STREAM["noise_label"], torch.arange(n))[0] * 4).long()
         yk = torch.where(flip, rnd, y)
-        steps = -(-n // B)
-        for e in range(E):
-            order = _epoch_order(seeds[k:k + 1], _members(member[None]), torch.tensor([n_sub]), e, steps * B, n)[0]
-            assert bool(member[order].all())
-            for s in range(steps):
-                idx = order[s * B:(s + 1) * B]
-                opt.zero_grad()
-                F.cross_entropy(m(x[idx]), yk[idx]).backward()
-                opt.step()
+        for idx in reference_batches(r.seed, n, r.hp["train_fraction"], E, -(-n // B), B):
+            opt.zero_grad()
+            F.cross_entropy(m(x[idx]), yk[idx]).backward()
+            opt.step()
         got = wsnets.WeightSpace(arch, {kk: v[k] for kk, v in ck[1].params.items()})
         for key, v in m.state_dict().items():
             if key.endswith("num_batches_tracked"):

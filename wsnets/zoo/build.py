@@ -31,7 +31,7 @@ from ..arch import Architecture
 from ..errors import CheckpointError, ConfigError, DamagedZooError, OutputExistsError
 from ..io import ARCH_KEY, BATCH_KEY, read_safetensors, write_safetensors
 from . import datasets as zds
-from .recipe import HYPER_DEFAULTS, Recipe, RunSpec, load_recipe
+from .recipe import HYPER_DEFAULTS, OPTIONAL_HYPER, Recipe, RunSpec, load_recipe
 from .store import ZooWriter
 from .trainer import Checkpoint, DataBank, train_group, trainer_tag
 
@@ -43,13 +43,14 @@ class Group:
     group_id: str
     arch: Architecture
     runs: tuple[RunSpec, ...]
+    steps: int | None = None  # optimizer steps per epoch, where the recipe fixes them per group
 
 
 def plan(recipe: Recipe, limit: int | None = None) -> list[Group]:
     """The deterministic list of groups for the first ``limit`` models of ``recipe``."""
     buckets: dict[str, list[RunSpec]] = {}
     for r in recipe.runs(limit):
-        buckets.setdefault(r.structure, []).append(r)
+        buckets.setdefault(recipe.bucket(r), []).append(r)
     groups = []
     for runs in buckets.values():
         n = math.ceil(len(runs) / max(1, recipe.group_size))
@@ -58,7 +59,8 @@ def plan(recipe: Recipe, limit: int | None = None) -> list[Group]:
             members = tuple(runs[c * size:(c + 1) * size])
             if members:
                 h = hashlib.sha1(",".join(m.model_id for m in members).encode()).hexdigest()[:10]
-                groups.append(Group(f"{recipe.name}-{members[0].index:06d}-{h}", members[0].arch, members))
+                groups.append(Group(f"{recipe.name}-{members[0].index:06d}-{h}", members[0].arch, members,
+                                    recipe.steps(members)))
     return sorted(groups, key=lambda g: g.runs[0].index)
 
 
@@ -195,8 +197,9 @@ def _cores() -> int:
 
 
 def _cost(g: Group) -> int:
-    """A group's training cost in arbitrary units (~2.5 us each for MLPs on one core)."""
-    return len(g.runs) * (g.arch.num_params + 2000)
+    """A group's training cost in arbitrary units (~2.5 us each for MLPs on one core; groups whose
+    steps per epoch the recipe fixes, ``steps_per_epoch = "subset"``, cost in proportion to them)."""
+    return len(g.runs) * (g.arch.num_params + 2000) * (g.steps or 1)
 
 
 def _n_workers(workers: int | None, dev: torch.device, todo: Sequence[Group], n_models: int) -> int:
@@ -223,8 +226,21 @@ def train_one(recipe: Recipe, g: Group, bank: DataBank, dev: torch.device,
     if bases is not None:
         init = {k: v[torch.tensor([r.base for r in g.runs])] for k, v in bases.items()}
     cks = list(train_group(g.arch, g.runs, epochs=recipe.epochs, checkpoints=recipe.checkpoints,
-                           batch_size=recipe.batch_size, bank=bank, device=dev, init=init, on_step=on_step))
+                           batch_size=recipe.batch_size, bank=bank, device=dev, init=init, on_step=on_step,
+                           **_options(recipe, g.runs)))
     return cks, time.perf_counter() - t
+
+
+def _options(recipe: Recipe, runs: Sequence[RunSpec]) -> dict[str, Any]:
+    """The recipe's training options for ``train_group`` (none for recipes that set none, so their
+    groups train exactly as before the options existed)."""
+    out: dict[str, Any] = {}
+    if recipe.engine != "auto":
+        out["engine"] = recipe.engine
+    steps = recipe.steps(runs)  # = the group's .steps
+    if steps is not None:
+        out["steps_per_epoch"] = steps
+    return out
 
 
 class _Banks(dict):
@@ -296,7 +312,7 @@ class _Trainer:
         bank = self.banks.of(g)
         on_step = None
         if self.bar is not None and not self.workers:
-            steps = math.ceil(int(bank.n.max()) / self.recipe.batch_size) * self.recipe.epochs
+            steps = (self.recipe.steps(g.runs) or math.ceil(int(bank.n.max()) / self.recipe.batch_size)) * self.recipe.epochs
             on_step = lambda n, k=len(g.runs): self.bar.update(k / steps)  # noqa: E731
         return train_one(self.recipe, g, bank, self.dev, self.bases, on_step)
 
@@ -550,6 +566,7 @@ def _bar(total: int, progress: bool, desc: str):
 def _row(recipe: Recipe, r: RunSpec, c: Checkpoint, k: int) -> dict[str, Any]:
     m = {name: float(v[k]) for name, v in c.metrics.items()}
     hp = {name: r.hp[name] for name in HYPER_DEFAULTS}
+    hp.update({name: r.hp[name] for name in OPTIONAL_HYPER if name in r.hp})  # only where the recipe names them
     return {"model_id": r.model_id, "run": r.index, "seed": r.seed, "recipe": recipe.name, "arch": r.arch.to_json(),
             "arch_desc": r.arch.describe(), "depth": r.depth, "width": r.width, "activation": r.arch.activation,
             "num_params": r.arch.num_params, "dataset": r.dataset, "task": zds.info(r.dataset)["task"], "base": r.base,

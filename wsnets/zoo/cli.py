@@ -1,4 +1,4 @@
-"""``wsnets zoo build|info|merge``."""
+"""``wsnets zoo build|info|merge|export``."""
 
 from __future__ import annotations
 
@@ -152,9 +152,17 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .cnnzoo import export_cnn_zoo
+    s = export_cnn_zoo(args.zoo, args.out, progress=not args.json)
+    emit(args, s, lambda: "\n".join(f"{d['dir']}: {d['rows']} checkpoints of {d['models']} models ({d['dataset']}, "
+                                      f"{d['architecture']}, {d['params']} parameters)" for d in s["directories"]))
+    return 0
+
+
 def register(sub) -> None:
-    p = sub.add_parser("zoo", help="build, inspect and merge model zoos",
-                       description="build, inspect and merge model zoos\n\nexample:\n  wsnets zoo build zoo/digits-mlp.toml --out zoos/digits-mlp",
+    p = sub.add_parser("zoo", help="build, inspect, merge and export model zoos",
+                       description="build, inspect, merge and export model zoos\n\nexample:\n  wsnets zoo build zoo/digits-mlp.toml --out zoos/digits-mlp",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     zsub = p.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND")
     b = add_parser(zsub, "build", "train a zoo from a recipe (resumes an interrupted build)",
@@ -189,4 +197,12 @@ def register(sub) -> None:
     m.add_argument("out", help="output zoo directory")
     m.add_argument("parts", nargs="+", help="zoo directories built as parts of one recipe")
     add_common(m, device=False)
+    e = add_parser(zsub, "export", "write a zoo in the public Small CNN Zoo layout (weights.npy, metrics.csv.gz, "
+                   "layout.csv) that NFN's and Neural-Graphs' loaders read",
+                   "wsnets zoo export --format cnn-zoo zoos/cnn-zoo exported/cnn-zoo", _export)
+    e.add_argument("zoo", help="zoo directory")
+    e.add_argument("out", help="output directory (one sub-directory per dataset and architecture when there are several)")
+    e.add_argument("--format", choices=["cnn-zoo"], default="cnn-zoo",
+                   help="cnn-zoo: TF variable names, HWIO kernels, biases before kernels, config.* columns (default)")
+    add_common(e, device=False)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])

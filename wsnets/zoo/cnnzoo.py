@@ -10,9 +10,12 @@ Layout of a directory::
 Variables are TensorFlow's: ``.../conv2d/kernel:0`` in HWIO ``(kh, kw, in, out)``, ``.../dense/kernel:0``
 as ``(in, out)``, biases stored before kernels. They become PyTorch ``[out, in, kh, kw]`` / ``[out, in]``.
 The network is conv (stride ``stride``, padding ``k // 2``) -> activation per layer -> global average
-pooling -> dense. TensorFlow's ``"same"`` padding with stride 2 pads asymmetrically, which PyTorch's
-symmetric padding cannot express: weights are exact, but ``to_module()`` outputs of the original
-TF networks may differ at image borders.
+pooling -> dense; a ``config.cnn_stride`` / ``config.padding`` column (written by :func:`export_cnn_zoo`)
+overrides stride and padding per row. The layout does not record padding: the public zoo's Keras
+``Conv2D`` layers used Keras' default, ``"valid"`` (no padding), so ``to_module()`` outputs of the
+downloaded public zoo need ``open_cnn_zoo(root, padding=0)``; TensorFlow's ``"same"`` padding with
+stride 2 pads asymmetrically, which PyTorch's symmetric padding cannot express. Weights are exact
+either way.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import csv
 import gzip
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 
 from ..arch import Architecture, Layer
-from ..errors import CheckpointError, MissingKeyError
+from ..errors import CheckpointError, ConfigError, MissingKeyError, ShapeMismatchError, UnsupportedLayerError
 from .records import Zoo
 
 _COLS = {"train_acc": "train_accuracy", "test_acc": "test_accuracy", "train_loss": "train_loss", "test_loss": "test_loss"}
@@ -59,7 +63,7 @@ def _layout(root: Path) -> list[tuple[str, int, int, tuple[int, ...]]]:
 
 
 def _architecture(layout: Sequence[tuple[str, int, int, tuple[int, ...]]], activation: str,
-                  stride: int) -> tuple[Architecture, list[tuple[str, str, str]]]:
+                  stride: int, padding: int | None = None) -> tuple[Architecture, list[tuple[str, str, str]]]:
     """Architecture plus, per tensor, ``(varname, torch key, kind)`` in the order of the layers."""
     prefixes: list[str] = []
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -82,7 +86,8 @@ def _architecture(layout: Sequence[tuple[str, int, int, tuple[int, ...]]], activ
         kh, kw, ci, co = shapes[p]["kernel"]
         in_ch = in_ch or ci
         name = str(len(layers))
-        layers.append(Layer("conv2d", name, ci, co, (kh, kw), (stride, stride), (kh // 2, kw // 2), (1, 1),
+        pad = (kh // 2, kw // 2) if padding is None else (min(padding, kh // 2), min(padding, kw // 2))
+        layers.append(Layer("conv2d", name, ci, co, (kh, kw), (stride, stride), pad, (1, 1),
                             bias="bias" in shapes[p], dims=2))
         mapping += [(f"{p}/kernel:0", f"{name}.weight", "conv")] + ([(f"{p}/bias:0", f"{name}.bias", "bias")]
                                                                    if "bias" in shapes[p] else [])
@@ -100,8 +105,9 @@ def _architecture(layout: Sequence[tuple[str, int, int, tuple[int, ...]]], activ
     return Architecture(tuple(layers)), mapping
 
 
-def open_cnn_zoo(root: str | Path, *, stride: int = 2) -> Zoo:
-    """Read a Small CNN Zoo directory as a read-only :class:`Zoo` (rows, metrics, ``load()``)."""
+def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | None = None) -> Zoo:
+    """Read a Small CNN Zoo directory as a read-only :class:`Zoo` (rows, metrics, ``load()``); ``stride``
+    and ``padding`` (default ``k // 2``) of the conv layers where the rows do not say them."""
     root = Path(root)
     mpath = next((root / n for n in ("metrics.csv.gz", "metrics.csv") if (root / n).exists()), None)
     if mpath is None:
@@ -124,9 +130,10 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2) -> Zoo:
     rows = []
     for i, m in enumerate(metrics):
         act = (m.get("config.activation") or "relu").lower()
-        if act not in archs:
-            archs[act] = _architecture(layout, act, stride)
-        arch = archs[act][0]
+        geo = (act, int(_float(m.get("config.cnn_stride")) or stride), _padding(m.get("config.padding"), padding))
+        if geo not in archs:
+            archs[geo] = _architecture(layout, *geo)
+        arch = archs[geo][0]
         num = {k: _float(m.get(v)) for k, v in _COLS.items()}
         ds = m.get("config.dataset", "")
         rows.append({
@@ -137,7 +144,7 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2) -> Zoo:
             "gen_gap": (num["train_acc"] - num["test_acc"]) if None not in (num["train_acc"], num["test_acc"]) else None,
             **{k: (m.get(v) if k == "optimizer" else _float(m.get(v))) for k, v in _HP.items()},
             "hyperparameters": json.dumps({k[7:]: v for k, v in m.items() if k.startswith("config.")}, sort_keys=True),
-            "shard": "weights.npy", "key": "", "idx": i})
+            "shard": "weights.npy", "key": "", "idx": i, "geometry": geo})
 
     def loader(rs: Sequence[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         idx = np.asarray([r["idx"] for r in rs], dtype=np.int64)
@@ -145,7 +152,7 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2) -> Zoo:
         block = block[torch.from_numpy(np.argsort(np.argsort(idx)))]  # back to the requested order
         out = []
         for j, r in enumerate(rs):
-            mapping = archs[r["activation"]][1]
+            mapping = archs[r["geometry"]][1]
             sd = {}
             for var, key, kind in mapping:
                 s, e, shape = spans[var]
@@ -157,6 +164,18 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2) -> Zoo:
     return Zoo(root, rows, loader, meta={"recipe": "small-cnn-zoo", "source": str(root)})
 
 
+def _padding(v: str | None, default: int | None) -> int | None:
+    """A row's ``config.padding``: a number, ``valid`` (0) or ``same`` (None: ``k // 2``); ``default`` if absent."""
+    if v in (None, ""):
+        return default
+    if str(v).lower() == "valid":
+        return 0
+    if str(v).lower() == "same":
+        return None
+    f = _float(v)
+    return default if f is None else int(f)
+
+
 def _float(v: str | None) -> float | None:
     try:
         return float(v) if v not in (None, "") else None
@@ -166,34 +185,227 @@ def _float(v: str | None) -> float | None:
 
 def write_cnn_zoo(root: str | Path, modules: Sequence[torch.nn.Module], metrics: Sequence[dict[str, Any]]) -> None:
     """Write PyTorch CNNs (conv... -> GAP -> dense) in the Small CNN Zoo layout (biases before kernels,
-    HWIO kernels, gzipped metrics): the inverse of :func:`open_cnn_zoo`, used for fixtures and export."""
-    root = Path(root)
+    HWIO kernels, gzipped metrics): the inverse of :func:`open_cnn_zoo`, used for fixtures (a zoo is
+    exported with :func:`export_cnn_zoo`)."""
+    convs = [m for m in modules[0].modules() if isinstance(m, torch.nn.Conv2d)]
+    denses = [m for m in modules[0].modules() if isinstance(m, torch.nn.Linear)]
+    names = [f"sequential/conv2d{'_%d' % i if i else ''}" for i in range(len(convs))] + \
+            [f"sequential/dense{'_%d' % i if i else ''}" for i in range(len(denses))]
+    layout = _layout_rows(names, [tuple(m.weight.shape[2:]) + (m.in_channels, m.out_channels) for m in convs]
+                          + [(m.in_features, m.out_features) for m in denses])
+    rows = []
+    for mod in modules:
+        ms = [m for m in mod.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        rows.append(torch.cat([t.detach().reshape(-1) for m in ms for t in
+                               (m.bias, m.weight.permute(2, 3, 1, 0) if m.weight.dim() == 4 else m.weight.T)]))
+    _write_dir(Path(root), layout, [torch.stack(rows).numpy().astype(np.float32)], list(metrics), progress=None)
+
+
+# -- export ------------------------------------------------------------------------------------------
+#: The public metrics.csv's columns, in its order (an unnamed first column holds ``<modeldir>/permanent_ckpt-<step>``).
+PUBLIC_COLUMNS = ["", "config.activation", "config.b_init", "config.dataset", "config.dnn_architecture",
+                  "config.dropout", "config.epochs", "config.init_std", "config.l2reg", "config.learning_rate",
+                  "config.num_layers", "config.num_units", "config.optimizer", "config.random_seed",
+                  "config.train_fraction", "config.w_init", "modeldir", "step", "test_accuracy", "test_loss",
+                  "train_accuracy", "train_loss", "laststep"]
+#: wsnets' hyperparameters the public layout has no column for, written as extra ``config.*`` columns.
+EXTRA_COLUMNS = ["config.batchsize", "config.cnn_stride", "config.padding", "config.momentum", "config.weight_decay",
+                 "config.init_scale", "config.label_noise", "config.grad_clip", "diverged"]
+_W_INIT = {"uniform": "torch_uniform", "normal": "RandomNormal", "truncated_normal": "TruncatedNormal",
+           "he_normal": "he_normal", "glorot_normal": "glorot_normal", "orthogonal": "orthogonal"}
+
+
+def _layout_rows(names: Sequence[str], kernels: Sequence[tuple[int, ...]]) -> list[dict[str, Any]]:
+    """layout.csv rows: per layer its bias ``(out,)`` then its kernel (TF shape), packed in this order."""
+    out, off = [], 0
+    for name, shape in zip(names, kernels):
+        for var, sh in (("bias", (shape[-1],)), ("kernel", shape)):
+            n = math.prod(sh)
+            out.append({"varname": f"{name}/{var}:0", "start_idx": off, "end_idx": off + n, "size": n, "shape": str(tuple(sh))})
+            off += n
+    return out
+
+
+def _tf_layout(arch: Architecture) -> tuple[str, list[dict[str, Any]], list[tuple[str, str]], dict[str, Any]]:
+    """How an architecture sits in the public layout: ``(key, layout rows, [(state-dict key, kind)], config)``
+    (``kind``: conv, dense or bias, in the row order), or an UnsupportedLayerError naming the layer that
+    the layout cannot hold. Conv1d layers become Conv2D kernels ``(1, k, in, out)`` (on ``1 x L`` inputs
+    they compute the same, and NFN's loader transposes 4-d kernels only)."""
+    ls = list(arch.layers)
+    convs = [l for l in ls if l.kind in ("conv1d", "conv2d")]
+    lins = [l for l in ls if l.kind == "linear"]
+    acts = {l.fn for l in ls if l.kind == "act"}
+    for l in ls:
+        if l.kind not in ("conv1d", "conv2d", "linear", "act", "gap", "flatten"):
+            raise UnsupportedLayerError(f"layer {l.name or l.kind!r} ({l.kind}) has no place in the Small CNN Zoo layout "
+                                        "(conv -> activation ... -> global average pooling -> dense)")
+        if l.is_weight and not l.bias:
+            raise UnsupportedLayerError(f"layer {l.name!r} ({l.kind}) has no bias; the Small CNN Zoo layout stores one per layer")
+    kinds = [l.kind for l in ls if l.kind != "act"]
+    if convs and kinds[:len(convs) + 2] != [c.kind for c in convs] + ["gap", "flatten"]:
+        raise UnsupportedLayerError(f"{arch.describe()}: the Small CNN Zoo layout needs conv layers, then global average "
+                                    "pooling, then dense layers")
+    if len(acts) > 1:
+        raise UnsupportedLayerError(f"{arch.describe()}: one activation per network (config.activation), got {sorted(acts)}")
+    geo = {(l.stride, l.padding, l.dilation) for l in convs}
+    if len(geo) > 1 or any(len(set(g[0])) > 1 or len(set(g[1])) > 1 or set(g[2]) != {1} for g in geo):
+        raise UnsupportedLayerError(f"{arch.describe()}: one stride and padding for every conv layer and axis "
+                                    "(config.cnn_stride, config.padding)")
+    names, kernels, keys = [], [], []
+    for i, l in enumerate(convs):
+        names.append(f"sequential/conv2d{'_%d' % i if i else ''}")
+        k = l.kernel_size if l.dims == 2 else (1,) + tuple(l.kernel_size)
+        kernels.append(tuple(k) + (l.in_features, l.out_features))
+        keys += [(f"{l.name}.bias", "bias"), (f"{l.name}.weight", "conv")]
+    for i, l in enumerate(lins):
+        names.append(f"sequential/dense{'_%d' % i if i else ''}")
+        kernels.append((l.in_features, l.out_features))
+        keys += [(f"{l.name}.bias", "bias"), (f"{l.name}.weight", "dense")]
+    layout = _layout_rows(names, kernels)
+    hidden = [l.out_features for l in (convs or lins[:-1])]
+    config = {"config.activation": next(iter(acts), "linear"), "config.dnn_architecture": "cnn" if convs else "fcn",
+              "config.num_layers": len(convs) if convs else len(lins) - 1, "config.num_units": max(hidden, default=0),
+              "config.cnn_stride": convs[0].stride[0] if convs else "", "config.padding": convs[0].padding[0] if convs else ""}
+    return str([(r["varname"], r["shape"]) for r in layout]), layout, keys, config
+
+
+def _to_tf(sd: dict[str, torch.Tensor], keys: Sequence[tuple[str, str]]) -> torch.Tensor:
+    """State dicts stacked ``[n, ...]`` -> rows ``[n, params]`` in the public layout's order."""
+    parts = []
+    for key, kind in keys:
+        t = sd[key]
+        if kind == "conv":
+            t = t.permute(0, 3, 4, 2, 1) if t.dim() == 5 else t.permute(0, 3, 2, 1)[:, None]  # HWIO; 1-d: (1, k, in, out)
+        elif kind == "dense":
+            t = t.transpose(1, 2)
+        parts.append(t.reshape(len(t), -1))
+    return torch.cat(parts, 1)
+
+
+def _metrics_row(r: dict[str, Any], hp: dict[str, Any], config: dict[str, Any], last: int) -> dict[str, Any]:
+    opt = hp.get("optimizer", r.get("optimizer"))
+    if opt == "sgd" and (hp.get("momentum") or 0) > 0:
+        opt = "momentum"  # train_network.py's name for SGD with momentum
+    elif opt == "adam" and (hp.get("weight_decay") or 0) > 0:
+        opt = "adamw"
+    init = hp.get("init", "uniform")
+    row = {"": f"{r['model_id']}/permanent_ckpt-{r['epoch']}", **config, "config.epochs": last,
+            "config.b_init": "torch_uniform" if init == "uniform" else "zeros", "config.dataset": r.get("dataset", ""),
+            "config.dropout": hp.get("dropout", r.get("dropout")), "config.init_std": hp.get("init_std", ""),
+            "config.l2reg": hp.get("l2", 0.0), "config.learning_rate": hp.get("lr", r.get("lr")), "config.optimizer": opt,
+            "config.random_seed": r.get("seed", ""), "config.train_fraction": hp.get("train_fraction", r.get("train_fraction")),
+            "config.w_init": _W_INIT.get(init, init), "modeldir": r["model_id"], "step": r["epoch"],
+            "test_accuracy": r["test_acc"], "test_loss": r["test_loss"], "train_accuracy": r["train_acc"],
+            "train_loss": r["train_loss"], "laststep": r["epoch"] == last, "config.batchsize": r.get("batch_size", ""),
+            "config.momentum": hp.get("momentum", ""), "config.weight_decay": hp.get("weight_decay", ""),
+            "config.init_scale": hp.get("init_scale", ""), "config.label_noise": hp.get("label_noise", ""),
+            "config.grad_clip": hp.get("grad_clip", ""), "diverged": r.get("diverged", "")}
+    return {c: row[c] for c in PUBLIC_COLUMNS + EXTRA_COLUMNS}
+
+
+def export_cnn_zoo(src, out: str | Path, *, progress: bool = True, chunk: int = 4096) -> dict[str, Any]:
+    """Write a zoo (a directory or an open :class:`~wsnets.zoo.records.Zoo`) in the public Small CNN Zoo
+    layout, so that NFN's and Neural-Graphs' loaders read it unchanged.
+
+    Each directory holds ``weights.npy`` (float32 ``[checkpoints, params]``), ``layout.csv`` (TF variable
+    names ``sequential/conv2d/bias:0``..., HWIO kernels, biases before kernels), ``metrics.csv.gz``
+    (the public columns :data:`PUBLIC_COLUMNS` -- ``config.*`` hyperparameters with Keras' names, ``step``
+    = epoch, ``laststep``, accuracies and losses -- plus :data:`EXTRA_COLUMNS`) and ``split_idcs.csv``
+    (a fixed random permutation of the rows, seed 0: the ``idcs_file`` those loaders shuffle by). Rows
+    are model-major, epochs ascending. A zoo of one dataset and architecture goes into ``out`` itself;
+    otherwise each (dataset, architecture) gets ``out/<dataset>`` (or ``out/<dataset>-<architecture>``)
+    as the public zoo has one directory per dataset. Conv1d networks are written as Conv2D with
+    ``(1, k)`` kernels; MLPs as Keras' ``fcn`` (dense layers only, ``config.dnn_architecture = fcn``).
+    Networks with other layers (BatchNorm, pooling, a flatten over positions) or without biases are
+    refused with an error naming the layer. Every file is written atomically; returns a summary.
+    """
+    from .records import Zoo, hyperparameters, open as open_zoo
+    zoo = src if isinstance(src, Zoo) else open_zoo(src)
+    if len(zoo) == 0:
+        raise ConfigError(f"{zoo.root}: the zoo has no committed checkpoints to export")
+    out = Path(out)
+    groups: dict[tuple[str, str], list] = {}
+    plans: dict[str, tuple] = {}
+    for r in zoo.rows:
+        if r["arch"] not in plans:
+            plans[r["arch"]] = _tf_layout(zoo.arch_of(r))
+        groups.setdefault((r.get("dataset") or "", plans[r["arch"]][0]), []).append(r)
+    per_ds: dict[str, int] = {}
+    for ds, _ in groups:
+        per_ds[ds] = per_ds.get(ds, 0) + 1
+    last: dict[str, int] = {}
+    for r in zoo.rows:
+        last[r["model_id"]] = max(last.get(r["model_id"], -1), int(r["epoch"]))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(zoo), desc="zoo export", unit="ckpt")
+    written = []
+    try:
+        for (ds, key), rows in sorted(groups.items(), key=lambda kv: kv[0]):
+            rows = sorted(rows, key=lambda r: (r["model_id"], int(r["epoch"])))
+            _, layout, keys, _ = plans[rows[0]["arch"]]  # one layout; the activation (config) may differ per row
+            d = out if len(groups) == 1 else out / _dir_name(ds, zoo.arch_of(rows[0]) if per_ds[ds] > 1 else None)
+            metrics = [_metrics_row(r, hyperparameters(r), plans[r["arch"]][3], last[r["model_id"]]) for r in rows]
+            blocks = (_to_tf(_stack_sd(zoo, rows[i:i + chunk]), keys).numpy() for i in range(0, len(rows), chunk))
+            _write_dir(d, layout, blocks, metrics, progress=bar, n_rows=len(rows))
+            written.append({"dir": str(d), "dataset": ds, "rows": len(rows), "models": len({r["model_id"] for r in rows}),
+                            "params": layout[-1]["end_idx"], "architecture": zoo.arch_of(rows[0]).describe()})
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"zoo": str(zoo.root), "out": str(out), "directories": written}
+
+
+def _dir_name(dataset: str, arch: Architecture | None) -> str:
+    name = dataset or "zoo"
+    if arch is not None:
+        name += "-" + arch.describe().rsplit(":", 1)[0].replace(":", "-")
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+
+
+def _stack_sd(zoo, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The state dicts of ``rows`` stacked ``[n, ...]`` (the zoo's own loader: each shard opened once)."""
+    sds = zoo._loader(rows)
+    return {k: torch.stack([sd[k] for sd in sds]) for k in sds[0]}
+
+
+def _write_dir(root: Path, layout: list[dict[str, Any]], blocks, metrics: list[dict[str, Any]], *, progress,
+               n_rows: int | None = None) -> None:
+    """Write one public-layout directory atomically: ``weights.npy`` filled block by block (``blocks``:
+    float32 arrays ``[rows, params]`` in metrics order), ``layout.csv``, ``metrics.csv.gz``, ``split_idcs.csv``."""
+    from ..io import atomic_write, atomic_write_text
     root.mkdir(parents=True, exist_ok=True)
-    rows, layout = [], []
-    for mi, mod in enumerate(modules):
-        parts, off = [], 0
-        convs = [m for m in mod.modules() if isinstance(m, torch.nn.Conv2d)]
-        denses = [m for m in mod.modules() if isinstance(m, torch.nn.Linear)]
-        names = [(f"sequential/conv2d{'_%d' % i if i else ''}", m, "conv") for i, m in enumerate(convs)] + \
-                [(f"sequential/dense{'_%d' % i if i else ''}", m, "dense") for i, m in enumerate(denses)]
-        for name, m, kind in names:
-            k = m.weight.detach().permute(2, 3, 1, 0) if kind == "conv" else m.weight.detach().T
-            for var, t in (("bias", m.bias.detach()), ("kernel", k)):
-                flat = t.reshape(-1).numpy().astype(np.float32)
-                if mi == 0:
-                    layout.append({"varname": f"{name}/{var}:0", "start_idx": off, "end_idx": off + flat.size,
-                                   "size": flat.size, "shape": str(tuple(t.shape))})
-                parts.append(flat)
-                off += flat.size
-        rows.append(np.concatenate(parts))
-    np.save(root / "weights.npy", np.stack(rows))
-    with open(root / "layout.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["varname", "start_idx", "end_idx", "size", "shape"])
-        w.writeheader()
-        w.writerows(layout)
+    n = len(metrics) if n_rows is None else n_rows
+    width = layout[-1]["end_idx"]
+
+    def weights(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                     "fortran_order": False, "shape": (n, width)})
+            done = 0
+            for b in blocks:
+                b = np.ascontiguousarray(b, dtype=np.float32)
+                if b.ndim != 2 or b.shape[1] != width:
+                    raise ShapeMismatchError(f"{root}: a block of shape {b.shape} does not fit layout.csv's {width} values")
+                f.write(b.tobytes())
+                done += len(b)
+                if progress is not None:
+                    progress.update(len(b))
+            if done != n:
+                raise ShapeMismatchError(f"{root}: wrote {done} weight rows for {n} metrics rows")
+    atomic_write(root / "weights.npy", weights)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(metrics[0]))
+    w = csv.DictWriter(buf, fieldnames=["varname", "start_idx", "end_idx", "size", "shape"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(layout)
+    atomic_write_text(root / "layout.csv", buf.getvalue())
+    cols = list(metrics[0]) if metrics else []
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     w.writerows(metrics)
-    with gzip.open(root / "metrics.csv.gz", "wt") as f:
-        f.write(buf.getvalue())
+    data = buf.getvalue().encode()
+    atomic_write(root / "metrics.csv.gz", lambda tmp: Path(tmp).write_bytes(gzip.compress(data, mtime=0)))
+    perm = np.random.default_rng(0).permutation(n)
+    atomic_write_text(root / "split_idcs.csv", "".join(f"{i}\n" for i in perm))

@@ -16,7 +16,10 @@ same arithmetic in fewer passes (together ~1.2x faster training of the default r
 * ``epoch_order``: each model's sample order (a radix sort of each pass's hash keys) instead of ~20
   NumPy calls per epoch block;
 * ``argmax_is`` (evaluation: is the first maximum the label?) and ``rows_nonfinite`` (which models
-  diverged), one pass each.
+  diverged), one pass each;
+* ``gather_rows`` and ``gather_sum``, the CNN engine's im2col and col2im (:mod:`wsnets.zoo.cnn_engine`):
+  copies of channel vectors by an index map (zeros for padding), and sums of them in the index map's
+  order, instead of a padded copy, a gather and three to eight adds.
 
 They are **bit-identical** to the operations they replace, so a zoo is the same number for number
 with or without them: the optimizer loops use fused multiply-adds exactly where PyTorch's CPU kernels
@@ -283,6 +286,50 @@ void rows_nonfinite(const uint32_t *restrict x, int64_t rows, int64_t cols, uint
         bad[r] |= any != 0;
     }
 }
+
+/* im2col: out[i, j, :] = src[i, idx[j], :] (C floats) for samples i < n, or zeros where idx[j] == P
+   (padding); src holds P vectors per sample. */
+void gather_rows(const float *restrict src, int64_t n, int64_t P, int64_t C, const int64_t *restrict idx,
+                 int64_t L, float *restrict out) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *s = src + i * P * C;
+        float *o = out + i * L * C;
+        for (int64_t j = 0; j < L; j++) {
+            if (idx[j] == P) memset(o + j * C, 0, C * sizeof(float));
+            else memcpy(o + j * C, s + idx[j] * C, C * sizeof(float));
+        }
+    }
+}
+
+/* col2im: out[i, p, :] = src[i, idx[0, p], :] + src[i, idx[1, p], :], then + src[i, idx[r, p], :] for
+   r = 2 .. R-1, one IEEE addition at a time (a slot idx == S reads zeros; R == 1: a copy); src holds S
+   vectors of C floats per sample, idx is [R, P]. */
+void gather_sum(const float *restrict src, int64_t n, int64_t S, int64_t C, const int64_t *restrict idx,
+                int64_t R, int64_t P, float *restrict out) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *s = src + i * S * C;
+        float *o = out + i * P * C;
+        for (int64_t p = 0; p < P; p++) {
+            float *op = o + p * C;
+            const float *a = idx[p] == S ? 0 : s + idx[p] * C;
+            if (R == 1) {
+                for (int64_t c = 0; c < C; c++) op[c] = a ? a[c] : 0.0f;
+                continue;
+            }
+            const float *b = idx[P + p] == S ? 0 : s + idx[P + p] * C;
+            for (int64_t c = 0; c < C; c++) op[c] = (a ? a[c] : 0.0f) + (b ? b[c] : 0.0f);
+            for (int64_t r = 2; r < R; r++) {
+                int64_t q = idx[r * P + p];
+                if (q == S) {
+                    for (int64_t c = 0; c < C; c++) op[c] = op[c] + 0.0f;
+                } else {
+                    const float *v = s + q * C;
+                    for (int64_t c = 0; c < C; c++) op[c] = op[c] + v[c];
+                }
+            }
+        }
+    }
+}
 """
 
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
@@ -297,6 +344,8 @@ _SIGNATURES = {
     "epoch_order": [_P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _P],
     "argmax_is": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P],
     "rows_nonfinite": [_P, _I64, _I64, _P],
+    "gather_rows": [_P, _I64, _I64, _I64, _P, _I64, _P],
+    "gather_sum": [_P, _I64, _I64, _I64, _P, _I64, _I64, _P],
 }
 _STATE: dict[str, object] = {}
 
@@ -487,6 +536,43 @@ def rows_nonfinite(lib, block: torch.Tensor, bad: torch.Tensor) -> None:
     lib.rows_nonfinite(block.data_ptr(), rows, block.numel() // max(rows, 1), bad.data_ptr())
 
 
+def gather_rows(lib, src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``gather_rows`` (im2col): ``src [n, P, C]``, ``idx [L]`` int64 (``P`` = zeros), ``out [n, L, C]``; all
+    contiguous (float32, CPU)."""
+    n, P, C = src.shape
+    lib.gather_rows(src.data_ptr(), n, P, C, idx.data_ptr(), idx.numel(), out.data_ptr())
+    return out
+
+
+def gather_rows_torch(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`gather_rows` in torch (a copy with one zero slot per sample, then ``index_select``)."""
+    n, P, C = src.shape
+    if bool((idx == P).any()):
+        src = torch.cat([src, src.new_zeros(n, 1, C)], 1)
+    return torch.index_select(src, 1, idx, out=out)
+
+
+def gather_sum(lib, src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``gather_sum`` (col2im): ``src [n, S, C]``, ``idx [R, P]`` int64 (``S`` = zeros), ``out [n, P, C]``;
+    all contiguous (float32, CPU)."""
+    n, S, C = src.shape
+    R, P = idx.shape
+    lib.gather_sum(src.data_ptr(), n, S, C, idx.data_ptr(), R, P, out.data_ptr())
+    return out
+
+
+def gather_sum_torch(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`gather_sum` in torch: the same additions in the same order."""
+    n, S, C = src.shape
+    src = torch.cat([src, src.new_zeros(n, 1, C)], 1)
+    if len(idx) == 1:
+        return out.copy_(src[:, idx[0]])
+    torch.add(src[:, idx[0]], src[:, idx[1]], out=out)
+    for r in range(2, len(idx)):
+        out += src[:, idx[r]]
+    return out
+
+
 def _check_adamw(lib) -> bool:
     """Whether :func:`adamw_fused` differs from :func:`adamw_torch` anywhere on random blocks."""
     gen = torch.Generator().manual_seed(4321)
@@ -581,6 +667,22 @@ def _self_check(lib) -> str:
         want[0] = True
         if not torch.equal(got, want):
             bad.add("rows_nonfinite")
+    for n, P, C, L, R in ((3, 49, 16, 81, 4), (2, 7, 1, 12, 2), (1, 5, 3, 9, 1), (4, 40, 5, 60, 3)):
+        src = rand(n, P, C)
+        src[0, 1, 0] = -0.0
+        idx = torch.randint(0, P + 1, (L,), generator=gen)
+        idx[0] = P  # a padding slot
+        out, ref = torch.full((n, L, C), float("nan")), torch.empty(n, L, C)
+        if not torch.equal(gather_rows(lib, src, idx, out), gather_rows_torch(src, idx, ref)):
+            bad.add("gather_rows")
+        sidx = torch.randint(0, L + 1, (R, P), generator=gen)
+        sidx[:, 0] = L  # a position no window reads
+        cols = rand(n, L, C)
+        cols[-1, 2, :] = -0.0
+        out, ref = torch.full((n, P, C), float("nan")), torch.empty(n, P, C)
+        got, want = gather_sum(lib, cols, sidx, out), gather_sum_torch(cols, sidx, ref)
+        if not (torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())):
+            bad.add("gather_sum")
     from .trainer import _epoch_order, _members
     for K, N, fracs in ((3, 50, (0.1, 0.5, 1.0)), (2, 1500, (0.03, 0.9))):
         seeds = torch.randint(0, 1 << 32, (K,), generator=gen)

@@ -13,6 +13,29 @@ Distributions (any hyperparameter or architecture field)
 ``x = {uniform = [0, 0.5]}``       uniform on the interval
 ``x = {log_uniform = [1e-6, 1e-2], zero = 0.3}``   exactly 0 with probability 0.3
 
+Optional hyperparameters (absent from a recipe, a model has none of them, and its zoo is what it was
+before they existed): ``init`` (:data:`INIT_KINDS`: ``uniform`` = PyTorch's default, or Keras'
+``normal`` / ``truncated_normal`` with standard deviation ``init_std``, ``he_normal``,
+``glorot_normal``, ``orthogonal``; biases start at 0 except with ``uniform``), ``init_std`` and
+``l2`` (a penalty ``l2 * sum(w**2)`` over the weight tensors, biases excluded, added to the loss as
+Keras' ``kernel_regularizer=l2(l2)`` does: its gradient ``2 * l2 * w`` goes through the optimizer, unlike
+``weight_decay``). ``optimizer`` is ``sgd`` (momentum, L2 ``weight_decay``), ``adam`` (AdamW: decoupled
+``weight_decay``; with ``weight_decay = 0`` it is Adam) or ``rmsprop`` (``torch.optim.RMSprop`` with
+Keras' defaults ``alpha = 0.9``, ``eps = 1e-7``). ``grad_clip = 0`` turns gradient clipping off.
+
+Training options (top level)
+----------------------------
+``steps_per_epoch = "full"`` (default): every model takes ``ceil(n_train / batch_size)`` steps per
+epoch, whatever its train fraction (one compute budget for all); ``"subset"``: an epoch is one pass over
+the model's own training subset, ``floor(n_subset / batch_size)`` steps (at least 1), as Keras trains
+with ``drop_remainder=True`` batches (models of one dataset and train fraction train together).
+``engine = "auto"`` (default: the hand-written MLP engine where it applies, else autograd) or ``"cnn"``:
+the hand-written engine for conv stacks -> global average pooling -> linear layers
+(:mod:`wsnets.zoo.cnn_engine`, ~3x faster than autograd through grouped convolutions on CPU).
+Architecture ``kind = "cnn"`` takes its convolutions' dimension from each dataset (Conv1d on
+``[C, L]`` inputs, Conv2d on ``[C, H, W]``); ``padding`` is a number, ``"valid"`` (0) or ``"same"``
+(``kernel_size // 2``, the default).
+
 Example (the start of ``zoo/digits-mlp.toml``)::
 
     name = "digits-mlp"
@@ -43,7 +66,7 @@ import tomllib
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..arch import Architecture, cnn, mlp
 from ..errors import ConfigError
@@ -53,10 +76,16 @@ HYPER_DEFAULTS: dict[str, Any] = {
     "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "init_scale": 1.0, "dropout": 0.0,
     "label_noise": 0.0, "train_fraction": 1.0, "grad_clip": 5.0,
 }
+#: Hyperparameters a model has only where its recipe names them (so that older zoos stay what they were).
+OPTIONAL_HYPER: dict[str, Any] = {"init": "uniform", "init_std": 0.05, "l2": 0.0}
+#: Weight initializations (``init``): PyTorch's default and Keras' initializers of the Small CNN Zoo.
+INIT_KINDS = ("uniform", "normal", "truncated_normal", "he_normal", "glorot_normal", "orthogonal")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
 _TOP_KEYS = {"name", "seed", "population", "datasets", "epochs", "checkpoints", "batch_size", "group_size",
-             "description", "architecture", "hyperparameters", "pretrain"}
+             "description", "architecture", "hyperparameters", "pretrain", "engine", "steps_per_epoch"}
 _ARCH_KEYS = {"kind", "depth", "width", "activation", "channels", "kernel_size", "hidden", "batchnorm", "layernorm",
-              "stride"}
+              "stride", "padding"}
+_ENGINES = ("auto", "cnn")
 
 
 @dataclass(frozen=True)
@@ -97,6 +126,8 @@ class Recipe:
     description: str = ""
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    engine: str = "auto"
+    steps_per_epoch: str = "full"
 
     @property
     def digest(self) -> str:
@@ -119,6 +150,24 @@ class Recipe:
         seed = zlib.crc32(f"{self.seed}:{i}".encode())
         return RunSpec(i, f"{self.name}-{i:06d}", seed, arch, dataset, hp, base, width, depth)
 
+    def bucket(self, r: RunSpec) -> str:
+        """Models in one bucket may train as one group: equal architecture and, with
+        ``steps_per_epoch = "subset"``, the same dataset and train fraction (the same steps per epoch)."""
+        if self.steps_per_epoch == "subset":
+            return f"{r.structure}|{r.dataset}|{r.hp['train_fraction']!r}"
+        return r.structure
+
+    def steps(self, runs: "Sequence[RunSpec]") -> int | None:
+        """Optimizer steps per epoch of a group (``None`` = the trainer's default, one pass over the
+        largest training split)."""
+        if self.steps_per_epoch != "subset":
+            return None
+        n = {max(1, min(round(r.hp["train_fraction"] * datasets.info(r.dataset)["n_train"]),
+                        datasets.info(r.dataset)["n_train"])) for r in runs}
+        if len(n) != 1:
+            raise ConfigError(f"recipe {self.source}: one group holds training subsets of sizes {sorted(n)}")
+        return max(1, n.pop() // self.batch_size)
+
     def base_arch(self) -> Architecture:
         """The architecture of a fine-tuning zoo (fixed: every model starts from a shared base)."""
         a = {k: _draw(v, random.Random(0), k) for k, v in self.architecture.items()}
@@ -138,6 +187,11 @@ def build_arch(a: dict[str, Any], dataset: str) -> tuple[Architecture, int, int]
     shape, classes = inf["input_shape"], inf["num_classes"]
     kind = a.get("kind", "mlp")
     act = a.get("activation", "relu")
+    if kind == "cnn":  # the convolutions' dimension follows the dataset
+        kind = {2: "cnn1d", 3: "cnn2d"}.get(len(shape), "cnn")
+        if kind == "cnn":
+            raise ConfigError(f"architecture kind 'cnn' needs [C, L] or [C, H, W] inputs; dataset {dataset!r} "
+                              f"has shape {shape}")
     if kind == "mlp":
         depth, width = int(a.get("depth", 2)), int(a.get("width", 32))
         hidden = [width] * depth
@@ -153,12 +207,24 @@ def build_arch(a: dict[str, Any], dataset: str) -> tuple[Architecture, int, int]
             raise ConfigError(f"architecture kind {kind!r} needs {dims}-d inputs; dataset {dataset!r} has shape {shape}")
         depth, width = int(a.get("depth", 2)), int(a.get("width", 16))
         channels = [width] * depth
-        arch = cnn(shape[0], channels, classes, act, kernel_size=int(a.get("kernel_size", 3)), dims=dims,
-                   stride=int(a.get("stride", 1)), batchnorm=bool(a.get("batchnorm", False)),
+        k = int(a.get("kernel_size", 3))
+        arch = cnn(shape[0], channels, classes, act, kernel_size=k, dims=dims,
+                   stride=int(a.get("stride", 1)), padding=_padding(a.get("padding"), k),
+                   batchnorm=bool(a.get("batchnorm", False)),
                    hidden=[int(h) for h in a.get("hidden", [])], input_shape=shape)
         return arch, width, depth
-    raise ConfigError(f"unknown architecture kind {kind!r} (use mlp, cnn1d, cnn2d)")
+    raise ConfigError(f"unknown architecture kind {kind!r} (use mlp, cnn, cnn1d, cnn2d)")
 
+
+def _padding(p: Any, k: int) -> int | None:
+    """A convolution's padding from a recipe: None (``cnn``'s default, ``k // 2``), a number, "valid", "same"."""
+    if p is None or p == "same":
+        return None if p is None else k // 2
+    if p == "valid":
+        return 0
+    if isinstance(p, int) and not isinstance(p, bool) and p >= 0:
+        return p
+    raise ConfigError(f"architecture.padding must be a non-negative number, 'valid' or 'same', got {p!r}")
 
 def _draw(spec: Any, rng: random.Random, where: str) -> Any:
     if isinstance(spec, list):
@@ -218,9 +284,21 @@ def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
     if bad:
         raise ConfigError(f"recipe {source}: unknown architecture key(s) {sorted(bad)}")
     hyper = dict(raw.get("hyperparameters", {}))
-    bad = set(hyper) - set(HYPER_DEFAULTS)
+    known = set(HYPER_DEFAULTS) | set(OPTIONAL_HYPER)
+    bad = set(hyper) - known
     if bad:
-        raise ConfigError(f"recipe {source}: unknown hyperparameter(s) {sorted(bad)} (known: {sorted(HYPER_DEFAULTS)})")
+        raise ConfigError(f"recipe {source}: unknown hyperparameter(s) {sorted(bad)} (known: {sorted(known)})")
+    for key, allowed in (("optimizer", OPTIMIZERS), ("init", INIT_KINDS)):
+        values = _choices(hyper.get(key, HYPER_DEFAULTS.get(key, OPTIONAL_HYPER.get(key))))
+        if not set(values) <= set(allowed):
+            raise ConfigError(f"recipe {source}: hyperparameters.{key} {sorted(set(values) - set(allowed))} "
+                              f"unknown (use {', '.join(allowed)})")
+    engine = str(raw.get("engine", "auto"))
+    if engine not in _ENGINES:
+        raise ConfigError(f"recipe {source}: engine {engine!r} unknown (use {', '.join(_ENGINES)})")
+    spe = str(raw.get("steps_per_epoch", "full"))
+    if spe not in ("full", "subset"):
+        raise ConfigError(f"recipe {source}: steps_per_epoch {spe!r} unknown (use full or subset)")
     epochs = int(raw["epochs"])
     ckpts = sorted({int(c) for c in raw.get("checkpoints", [epochs])})
     if epochs < 1 or not ckpts or ckpts[0] < 0 or ckpts[-1] > epochs:
@@ -241,4 +319,12 @@ def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
     return Recipe(name=str(raw["name"]), seed=int(raw.get("seed", 0)), population=population, datasets=list(ds),
                   epochs=epochs, checkpoints=ckpts, batch_size=int(raw.get("batch_size", 64)),
                   group_size=int(raw.get("group_size", 512)), architecture=arch, hyperparameters=hyper,
-                  pretrain=pre, description=str(raw.get("description", "")), source=source, raw=raw)
+                  pretrain=pre, description=str(raw.get("description", "")), source=source, raw=raw,
+                  engine=engine, steps_per_epoch=spe)
+
+
+def _choices(spec: Any) -> list[Any]:
+    """The values a categorical field can take (a fixed value, a list, or ``{choice = [...]}``)."""
+    if isinstance(spec, dict):
+        return list(spec.get("choice", []))
+    return list(spec) if isinstance(spec, list) else [spec]

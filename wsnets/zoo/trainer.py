@@ -51,7 +51,7 @@ from ..errors import ConfigError
 from ..functional import activation, forward
 from . import cpu_kernels
 from . import datasets as zds
-from .recipe import RunSpec
+from .recipe import INIT_KINDS, OPTIMIZERS, OPTIONAL_HYPER, RunSpec
 
 #: Bumped whenever the same recipe and seed would train different numbers (the store records it and
 #: refuses to extend a zoo trained by another version): 1 autograd trainer, 2 hand-written MLP engine,
@@ -131,11 +131,23 @@ class DataBank:
 
 
 # -- initialization ----------------------------------------------------------------------------------
-def init_params(arch: Architecture, seeds: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
-    """PyTorch-default initialization of ``K`` models, weights and biases times ``scale [K]``.
+_TRUNC = 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2]: Keras' variance-scaling correction
 
-    Linear/conv weights and biases ~ U(-b, b) with ``b = scale / sqrt(fan_in)``; norm layers start at
-    weight 1, bias 0, running mean 0, running variance 1.
+
+def init_params(arch: Architecture, seeds: torch.Tensor, scale: torch.Tensor, kinds: Sequence[str] | None = None,
+                stds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Initialization of ``K`` models, weights and biases times ``scale [K]``.
+
+    By default (``kinds`` None, or ``"uniform"``) PyTorch's: linear/conv weights and biases ~ U(-b, b)
+    with ``b = scale / sqrt(fan_in)``. Otherwise ``kinds[k]`` names model ``k``'s initializer of the
+    weights (Keras' names; the biases start at 0, Keras' ``zeros``): ``normal`` N(0, std²) and
+    ``truncated_normal`` (N(0, std²) redrawn outside two std) with ``std = stds[k]``; ``he_normal``
+    and ``glorot_normal``, truncated normals with ``std = sqrt(2 / fan_in) / 0.8796`` and ``sqrt(2 / (fan_in
+    + fan_out)) / 0.8796`` (Keras' variance scaling); ``orthogonal``: a Haar-random matrix with
+    orthonormal rows or columns of ``[out, in * kernel]`` (Keras' ``Orthogonal``, gain 1). The normals
+    come from the same counter-based hash as the uniform draws (inverse CDF, float64, on the CPU), so a
+    model's weights do not depend on its group or device. Norm layers start at weight 1, bias 0,
+    running mean 0, running variance 1.
     """
     K, dev = len(seeds), seeds.device
     out: dict[str, torch.Tensor] = {}
@@ -149,7 +161,49 @@ def init_params(arch: Architecture, seeds: torch.Tensor, scale: torch.Tensor) ->
         else:
             fill = 1.0 if suffix in ("weight", "running_var") else 0.0
             out[key] = torch.full((K, *shape), fill, device=dev)
+    if kinds is None or all(k == "uniform" for k in kinds):
+        return out
+    bad = sorted(set(kinds) - set(INIT_KINDS))
+    if bad:
+        raise ConfigError(f"unknown init {bad} (use {', '.join(INIT_KINDS)})")
+    rows = {k: torch.tensor([i for i, x in enumerate(kinds) if x == k], dtype=torch.long) for k in set(kinds) - {"uniform"}}
+    std = (torch.full((K,), 0.05) if stds is None else stds.detach().cpu()).double()
+    for j, (key, shape) in enumerate(arch.param_shapes.items()):
+        layer = next(l for l in arch.layers if key.startswith(f"{l.name}.") and key[len(l.name) + 1:] in l.param_shapes())
+        if not layer.is_weight:
+            continue
+        for kind, r in rows.items():
+            if key.endswith(".bias"):
+                out[key][r.to(dev)] = 0.0
+                continue
+            fan_in, fan_out = layer.in_features * layer.kernel_numel, layer.out_features * layer.kernel_numel
+            w = _keras_init(kind, seeds[r].cpu(), _STREAM["init"] + j, shape, fan_in, fan_out, std[r])
+            out[key][r.to(dev)] = (w * scale[r.to(scale.device)].cpu().double().reshape((-1,) + (1,) * len(shape))).float().to(dev)
     return out
+
+
+def _keras_init(kind: str, seeds: torch.Tensor, stream: int, shape: Sequence[int], fan_in: int, fan_out: int,
+                std: torch.Tensor) -> torch.Tensor:
+    """Weights ``[n, *shape]`` (float64) of one Keras initializer for the models of ``seeds``."""
+    n = len(seeds)
+    u = hash_uniform(seeds, stream, torch.arange(math.prod(shape))).double() + 2.0 ** -25  # in (0, 1)
+    if kind in ("normal", "orthogonal"):
+        z = torch.special.ndtri(u)
+    else:  # N(0, 1) restricted to [-2, 2] by the inverse CDF (the distribution of redrawing outside)
+        lo = torch.special.ndtr(torch.tensor(-2.0, dtype=torch.float64))
+        z = torch.special.ndtri(lo + u * (1 - 2 * lo))
+    z = z.reshape(n, *shape)
+    if kind in ("normal", "truncated_normal"):
+        return z * std.reshape((-1,) + (1,) * len(shape))
+    if kind == "he_normal":
+        return z * (math.sqrt(2.0 / fan_in) / _TRUNC)
+    if kind == "glorot_normal":
+        return z * (math.sqrt(2.0 / (fan_in + fan_out)) / _TRUNC)
+    m = z.reshape(n, shape[0], -1)  # orthogonal: [n, out, in * kernel]
+    tall = m.shape[1] >= m.shape[2]  # more rows than columns: orthonormal columns, else rows
+    q, r = torch.linalg.qr(m if tall else m.transpose(1, 2))
+    q = q * torch.sign(torch.diagonal(r, dim1=1, dim2=2))[:, None, :]  # Haar-distributed (Keras does the same)
+    return (q if tall else q.transpose(1, 2)).reshape(n, *shape)
 
 
 # -- training ------------------------------------------------------------------------------------------
@@ -164,25 +218,42 @@ class Checkpoint:
 
 def _hp(runs: Sequence[RunSpec], name: str, device) -> torch.Tensor:
     """Hyperparameter ``name`` of every run, float32 ``[K]`` (NumPy's fromiter: ~4x faster than a list
-    of floats at 50,000 runs)."""
+    of floats at 50,000 runs); an optional one (:data:`~wsnets.zoo.recipe.OPTIONAL_HYPER`) has its
+    default where a run lacks it."""
     import numpy as np
     from operator import itemgetter
-    v = np.fromiter(map(itemgetter(name), (r.hp for r in runs)), dtype=np.float64, count=len(runs))
+    get = itemgetter(name) if name not in OPTIONAL_HYPER else (lambda hp: hp.get(name, OPTIONAL_HYPER[name]))
+    v = np.fromiter(map(get, (r.hp for r in runs)), dtype=np.float64, count=len(runs))
     return torch.from_numpy(v.astype(np.float32)).to(device)
+
+
+def _uses(runs: Sequence[RunSpec], name: str) -> bool:
+    """Whether any run sets optional hyperparameter ``name`` to other than its default."""
+    return any(r.hp.get(name, OPTIONAL_HYPER[name]) != OPTIONAL_HYPER[name] for r in runs)
+
+
+def _init_kinds(runs: Sequence[RunSpec], dev) -> tuple:
+    """``init_params``' ``(kinds, stds)`` arguments: none where every run has PyTorch's default init."""
+    if not _uses(runs, "init"):
+        return ()
+    return [r.hp.get("init", "uniform") for r in runs], _hp(runs, "init_std", "cpu")
 
 
 def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, checkpoints: Sequence[int],
                 batch_size: int, bank: DataBank, device: torch.device | str = "cpu",
                 init: dict[str, torch.Tensor] | None = None,
                 on_step: Callable[[int], None] | None = None, engine: str = "auto",
-                fused: bool | None = None) -> Iterator[Checkpoint]:
+                fused: bool | None = None, steps_per_epoch: int | None = None) -> Iterator[Checkpoint]:
     """Train ``K = len(runs)`` models of architecture ``arch`` together; yield a :class:`Checkpoint` at
     each epoch in ``checkpoints`` (0 = before training), models in the order of ``runs``.
 
     ``init`` (state-dict key -> ``[K, ...]``) replaces the random initialization (fine-tuning).
     ``on_step(n)`` is called after each optimizer step with ``n`` steps done (progress bars).
     ``engine``: ``"mlp"`` (hand-written forward/backward, Linear + activation stacks only),
-    ``"autograd"`` (any architecture) or ``"auto"`` (``"mlp"`` where it applies).
+    ``"cnn"`` (hand-written, conv stacks -> global average pooling -> linear layers:
+    :class:`wsnets.zoo.cnn_engine.CNNEngine`), ``"autograd"`` (any architecture) or ``"auto"``
+    (``"mlp"`` where it applies, else ``"autograd"``).
+    ``steps_per_epoch``: optimizer steps per epoch (default ``ceil(largest training split / batch_size)``).
     ``fused``: train MLP groups with one Triton kernel per step (:mod:`wsnets.zoo.fused`); ``None`` =
     wherever it applies (CUDA with Triton installed, supported widths and activation, groups of at
     least ``fused.MIN_MODELS`` models).
@@ -198,9 +269,9 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
     runs = [runs[i] for i in order]
     if init is not None:
         init = {k: v[torch.tensor(order)] for k, v in init.items()}
-    bad_opt = sorted({r.hp["optimizer"] for r in runs} - {"sgd", "adam"})
+    bad_opt = sorted({r.hp["optimizer"] for r in runs} - set(OPTIMIZERS))
     if bad_opt:
-        raise ConfigError(f"unknown optimizer(s) {bad_opt} (use sgd or adam)")
+        raise ConfigError(f"unknown optimizer(s) {bad_opt} (use {', '.join(OPTIMIZERS)})")
     K = len(runs)
     seeds = torch.tensor([r.seed for r in runs], dtype=torch.long, device=dev)
     didx = torch.tensor([bank.names.index(r.dataset) for r in runs], device=dev)
@@ -220,24 +291,34 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
     y_train = torch.where(flip, rnd, bank.y[didx])
     shared = len(bank.names) == 1
 
-    params = init_params(arch, seeds, _hp(runs, "init_scale", dev)) if init is None else \
+    params = init_params(arch, seeds, _hp(runs, "init_scale", dev), *_init_kinds(runs, dev)) if init is None else \
         {k: v.detach().clone().to(dev) for k, v in init.items()}
     drop = _hp(runs, "dropout", dev)
     n_drop = int((drop > 0).sum())
     gen = torch.Generator(device=dev).manual_seed(zlib.crc32(",".join(r.model_id for r in runs).encode()))
     if engine == "auto":
         engine = "mlp" if _MLPEngine.supports(arch) else "autograd"
+    if _uses(runs, "l2") or any(o == "rmsprop" for o in (r.hp["optimizer"] for r in runs)) \
+            or any(r.hp["grad_clip"] <= 0 for r in runs):  # the fused Triton kernel has none of these
+        if fused:
+            raise ConfigError("fused=True: the fused kernel has no RMSprop, l2 penalty or unclipped models")
+        fused = False
     if engine == "mlp":
         eng = _MLPEngine(arch, params, bank, batch_size, drop, n_drop, gen, fused=fused)
+    elif engine == "cnn":
+        if fused:
+            raise ConfigError("fused=True needs the MLP engine (Linear + activation stacks)")
+        from .cnn_engine import CNNEngine
+        eng = CNNEngine(arch, params, bank, batch_size, drop, n_drop, gen)
     else:
         if fused:
             raise ConfigError("fused=True needs the MLP engine (Linear + activation stacks)")
         eng = _AutogradEngine(arch, params, bank, batch_size, drop, n_drop, gen)
     data_idx = didx[:, None] * Nmax  # offset of each model's dataset in the flattened bank
     row_off = (torch.arange(K, device=dev) * Nmax)[None, :, None]  # offset of each model's row of y_train
-    opt = _Optimizer(eng.blocks, runs, dev)
+    opt = _Optimizer(eng.blocks, runs, dev, kernel_masks=eng.kernel_masks() if _uses(runs, "l2") else None)
     frozen = torch.zeros(K, 1, dtype=torch.bool, device=dev)
-    steps = math.ceil(int(bank.n.max()) / batch_size)
+    steps = steps_per_epoch or math.ceil(int(bank.n.max()) / batch_size)
     per_block = max(1, (1 << 25) // (K * steps * batch_size))  # epochs of sample order computed at once (int32)
     for epoch in range(0, epochs + 1):
         if epoch > 0:
@@ -335,6 +416,11 @@ class _AutogradEngine:
         self.x = _flat_inputs(bank, False)
         self.shape = tuple(bank.x.shape[2:])
 
+    def kernel_masks(self) -> list[torch.Tensor]:
+        """1 where ``theta`` holds a weight of a linear or conv layer (the entries an ``l2`` penalty acts on)."""
+        weights = {f"{l.name}.weight" for l in self.arch.layers if l.is_weight}
+        return [torch.cat([torch.full((n,), float(k in weights)) for k, n in zip(self.keys, self.sizes)])[None]]
+
     def params(self, theta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         th = self.theta.detach() if theta is None else theta
         out = {k: t.reshape(self.K, *s) for k, t, s in zip(self.keys, th.split(self.sizes, 1), self.shapes)}
@@ -397,17 +483,8 @@ class _MLPEngine:
 
     def __init__(self, arch, params, bank, batch_size, drop, n_drop, gen, chunk: int | None = None,
                  flat: bool | None = None, fused: bool | None = None):
-        self.arch, self.gen = arch, gen
-        self.cpu_lib = None
-        if drop.device.type == "cpu":
-            import numpy as np
-            self.np_rng = np.random.Generator(np.random.PCG64(gen.initial_seed()))
-            self.cpu_lib = cpu_kernels.load()
-            if self.cpu_lib is not None:  # the fused dropout loop advances its own copy of the stream
-                self.pcg = cpu_kernels.pcg64_state(self.np_rng.bit_generator)
-        else:
-            self.np_rng = None
-        self.drop_bufs: dict[tuple[int, int], tuple] = {}
+        self.arch = arch
+        _dropout_state(self, gen, drop.device)
         self.lin = [l for l in arch.layers if l.kind == "linear"]
         self.acts = [l for l in arch.layers if l.kind == "act"]
         self.K = K = len(drop)
@@ -499,6 +576,11 @@ class _MLPEngine:
         fz.step(x, fidx.contiguous(), yb.contiguous(), self.w, opt.m1, m2, self.fz_hp, widths, fn, slope, opt.t,
                 zlib.crc32(f"{seed}:{opt.t}".encode()) & 0x7FFFFFFF, self.s0 < self.K)
 
+    def kernel_masks(self) -> list[torch.Tensor]:
+        """1 on the weights, 0 on the bias rows of the blocks ``[K, in+1, out]`` (or of the one flat block)."""
+        masks = [torch.cat([torch.ones(w.shape[1] - 1, w.shape[2]), torch.zeros(1, w.shape[2])])[None] for w in self.w]
+        return [torch.cat([m.flatten(1) for m in masks], 1)] if self.flat else masks
+
     def params(self) -> dict[str, torch.Tensor]:
         out = {}
         for l, w in zip(self.lin, self.w):
@@ -584,34 +666,7 @@ class _MLPEngine:
         ``gen``: ~4x cheaper than ``torch.rand`` + compare + divide, which was a fifth of the recipe's
         training time; with the fused CPU loops (:mod:`wsnets.zoo.cpu_kernels`) draw, compare, factor
         and product are one pass over the same stream. Other devices draw ``torch.rand`` from ``gen``."""
-        shape = (n - d0, self.lin[layer].out_features, self.B)
-        if self.np_rng is None:
-            scale = (torch.rand(shape, generator=self.gen, device=keep.device) < keep) / keep
-            torch.mul(y, scale, out=out)
-            return scale
-        import numpy as np
-        bufs = self.drop_bufs.get((a, layer))
-        if bufs is None:
-            k16 = (keep.reshape(-1, 1, 1).cpu().double() * 65536).round().clamp(1, 65535)
-            inv = (65536 / k16).float()
-            if self.cpu_lib is not None:
-                bufs = (k16.reshape(-1).numpy().astype(np.uint16), inv.reshape(-1).contiguous(), torch.empty(shape))
-            else:
-                thr = np.ascontiguousarray(np.broadcast_to(k16.numpy().astype(np.uint16), shape))
-                mask = np.empty(shape, bool)
-                bufs = (thr, mask, torch.from_numpy(mask.view(np.uint8)), inv, torch.empty(shape))
-            self.drop_bufs[(a, layer)] = bufs
-        if self.cpu_lib is not None:
-            thr, inv, scale = bufs
-            cpu_kernels.dropout(self.cpu_lib, self.pcg, y, out, scale, thr, inv)
-            return scale
-        thr, mask, mask_t, inv, scale = bufs
-        count = thr.size
-        raw = self.np_rng.bit_generator.random_raw((count + 3) // 4).view(np.uint16)[:count].reshape(shape)
-        np.less(raw, thr, out=mask)
-        torch.mul(mask_t.float(), inv, out=scale)  # 0 or 1/keep exactly (torch casts ~3x faster than NumPy)
-        torch.mul(y, scale, out=out)
-        return scale
+        return _dropout_rows(self, (a, layer), keep, y, out, (n - d0, self.lin[layer].out_features, self.B))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation logits ``[K, C, N]`` of inputs ``x`` ``[N, ...]`` (shared) or ``[K, N, ...]``,
@@ -629,6 +684,55 @@ class _MLPEngine:
         return torch.cat(out) if len(out) > 1 else out[0]
 
 
+def _dropout_state(eng, gen: torch.Generator, dev: torch.device) -> None:
+    """The random state of an engine's dropout (see :func:`_dropout_rows`): on CPU a NumPy PCG64 stream
+    seeded like ``gen`` (and the fused C loops' copy of it), elsewhere ``gen`` itself."""
+    eng.gen, eng.cpu_lib = gen, None
+    if dev.type == "cpu":
+        import numpy as np
+        eng.np_rng = np.random.Generator(np.random.PCG64(gen.initial_seed()))
+        eng.cpu_lib = cpu_kernels.load()
+        if eng.cpu_lib is not None:  # the fused dropout loop advances its own copy of the stream
+            eng.pcg = cpu_kernels.pcg64_state(eng.np_rng.bit_generator)
+    else:
+        eng.np_rng = None
+    eng.drop_bufs = {}
+
+
+def _dropout_rows(eng, key, keep: torch.Tensor, y: torch.Tensor, out: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """Inverted dropout ``out = y * scale`` of ``shape[0]`` models (rows, each ``y[r]`` contiguous) with
+    per-row keep probabilities ``keep`` (``[rows, 1, 1]``); returns ``scale`` (``shape``: 0 or ``1 / keep``,
+    see :meth:`_MLPEngine._dropout`). ``key`` names the call site: its buffers stay in ``eng.drop_bufs``,
+    and every call draws from the engine's one stream (:func:`_dropout_state`)."""
+    if eng.np_rng is None:
+        scale = (torch.rand(shape, generator=eng.gen, device=keep.device) < keep) / keep
+        torch.mul(y, scale, out=out)
+        return scale
+    import numpy as np
+    bufs = eng.drop_bufs.get(key)
+    if bufs is None:
+        k16 = (keep.reshape(-1, 1, 1).cpu().double() * 65536).round().clamp(1, 65535)
+        inv = (65536 / k16).float()
+        if eng.cpu_lib is not None:
+            bufs = (k16.reshape(-1).numpy().astype(np.uint16), inv.reshape(-1).contiguous(), torch.empty(shape))
+        else:
+            thr = np.ascontiguousarray(np.broadcast_to(k16.numpy().astype(np.uint16), shape))
+            mask = np.empty(shape, bool)
+            bufs = (thr, mask, torch.from_numpy(mask.view(np.uint8)), inv, torch.empty(shape))
+        eng.drop_bufs[key] = bufs
+    if eng.cpu_lib is not None:
+        thr, inv, scale = bufs
+        cpu_kernels.dropout(eng.cpu_lib, eng.pcg, y, out, scale, thr, inv)
+        return scale
+    thr, mask, mask_t, inv, scale = bufs
+    count = thr.size
+    raw = eng.np_rng.bit_generator.random_raw((count + 3) // 4).view(np.uint16)[:count].reshape(shape)
+    np.less(raw, thr, out=mask)
+    torch.mul(mask_t.float(), inv, out=scale)  # 0 or 1/keep exactly (torch casts ~3x faster than NumPy)
+    torch.mul(y, scale, out=out)
+    return scale
+
+
 def _act_into(fn: str, z: torch.Tensor, out: torch.Tensor | None, slope: float) -> torch.Tensor:
     """``activation(fn, z)`` written into ``out`` (may be ``z`` itself, or a strided view); a new tensor if ``out`` is None."""
     if fn == "relu" and out is not None:
@@ -640,17 +744,26 @@ def _act_into(fn: str, z: torch.Tensor, out: torch.Tensor | None, slope: float) 
 
 
 class _Optimizer:
-    """Per-model SGD (momentum, L2 weight decay) or AdamW on parameter blocks ``[K, ...]``, with
-    per-model gradient-norm clipping over all blocks; models of one optimizer are contiguous rows."""
+    """Per-model SGD (momentum, L2 weight decay), AdamW or RMSprop on parameter blocks ``[K, ...]``,
+    with per-model gradient-norm clipping over all blocks (``grad_clip <= 0``: none) and an optional
+    per-model L2 penalty on the weight tensors (``l2``: ``2 * l2 * w`` added to the gradient of the
+    entries where ``kernel_masks`` is 1); models of one optimizer are contiguous rows."""
 
-    def __init__(self, blocks: list[torch.Tensor], runs: Sequence[RunSpec], dev):
+    def __init__(self, blocks: list[torch.Tensor], runs: Sequence[RunSpec], dev,
+                 kernel_masks: list[torch.Tensor] | None = None):
         self.blocks = blocks
         self.lr, self.mom, self.wd = (_hp(runs, k, dev)[:, None] for k in ("lr", "momentum", "weight_decay"))
         self.clip = _hp(runs, "grad_clip", dev)[:, None]
+        self.noclip = (self.clip <= 0) if bool((self.clip <= 0).any()) else None  # rows without clipping
         self.segments = _segments([r.hp["optimizer"] for r in runs])
         self.m1 = [torch.zeros_like(b, requires_grad=False) for b in blocks]
-        adam = any(o == "adam" for o, _, _ in self.segments)
+        adam = any(o in ("adam", "rmsprop") for o, _, _ in self.segments)
         self.m2 = [torch.zeros_like(m) for m in self.m1] if adam else [None] * len(blocks)
+        self.l2 = None  # per block: 2 * l2 (per row) * kernel mask, the L2 penalty's gradient factor
+        if kernel_masks is not None:
+            l2 = 2 * _hp(runs, "l2", dev)
+            self.l2 = [(l2.view((-1,) + (1,) * (b.dim() - 1)) * m.to(dev)).expand_as(b).contiguous()
+                       for b, m in zip(blocks, kernel_masks)]
         self.t = 0
         self.step_lr = self.lr.clone()
         # the fused AdamW loops: contiguous float32 blocks on the CPU (the trainer's are)
@@ -675,7 +788,7 @@ class _Optimizer:
                          hp[2][s:e].view(view) if bool(hp[2][s:e].any()) else None,  # no decay: skip the term
                          float(hp[1][s]) if bool((hp[1][s:e] == hp[1][s]).all()) else None,  # one momentum
                          torch.empty_like(p[a:b][s:e], memory_format=torch.contiguous_format)
-                         if o == "adam" else None)  # AdamW's denominator
+                         if o in ("adam", "rmsprop") else None)  # AdamW's / RMSprop's denominator
                         for o, s, e in segs])
         return self.clip[a:b], out
 
@@ -687,17 +800,29 @@ class _Optimizer:
         if plan is None:
             plan = self.plans[(a, b)] = self._plan(a, b)
         clip, blocks = plan
-        sq = torch.linalg.vector_norm(grads[0].flatten(1), dim=1, keepdim=True).square_()
-        for g in grads[1:]:
-            sq += torch.linalg.vector_norm(g.flatten(1), dim=1, keepdim=True).square_()
-        coef = sq.sqrt_().add_(1e-6).reciprocal_().mul_(clip).clamp_(max=1.0)  # clip / (norm + 1e-6), at most 1
-        unclipped = not bool((coef < 1).any())
+        if self.l2 is not None:  # the L2 penalty's gradient, before clipping (it is part of the loss)
+            for g, f, p in zip(grads, self.l2, self.blocks):
+                g.addcmul_(p[a:b], f[a:b])
+        noclip = None if self.noclip is None else self.noclip[a:b]
+        if noclip is not None and bool(noclip.all()):
+            coef, unclipped = torch.ones_like(clip), True
+        else:
+            sq = torch.linalg.vector_norm(grads[0].flatten(1), dim=1, keepdim=True).square_()
+            for g in grads[1:]:
+                sq += torch.linalg.vector_norm(g.flatten(1), dim=1, keepdim=True).square_()
+            coef = sq.sqrt_().add_(1e-6).reciprocal_().mul_(clip).clamp_(max=1.0)  # clip / (norm + 1e-6), at most 1
+            if noclip is not None:
+                coef = torch.where(noclip, 1.0, coef)
+            unclipped = not bool((coef < 1).any())
         for g, segs in zip(grads, blocks):
             view = (-1,) + (1,) * (g.dim() - 1)
             for o, s, e, p, m1, m2, lr, mom, wd, mom1, buf in segs:
                 if o == "adam":
                     _adamw(p, g[s:e] if unclipped else g[s:e].mul_(coef[s:e].view(view)), m1, m2, lr, wd, self.t,
                            out=buf, lib=self.lib if g.is_contiguous() else None)
+                elif o == "rmsprop":
+                    _rmsprop(p, g[s:e] if unclipped else g[s:e].mul_(coef[s:e].view(view)), m1, m2, lr, wd, mom,
+                             out=buf)
                 else:  # SGD; one momentum and no clipping: buf = mom * buf + g in one torch kernel
                     one = unclipped and mom1 is not None
                     args = (p, g[s:e], m1, lr, wd, mom1 if one else mom, None if one else coef[s:e].view(view))
@@ -716,6 +841,23 @@ def _segments(opts: Sequence[str]) -> list[tuple[str, int, int]]:
         else:
             out.append((o, i, i + 1))
     return out
+
+
+def _rmsprop(p, g, m1, m2, lr, wd, mom, alpha: float = 0.9, eps: float = 1e-7,
+             out: torch.Tensor | None = None) -> None:
+    """``torch.optim.RMSprop`` (not centered) for a block of models, in place, with Keras' defaults
+    ``alpha`` (Keras' ``rho``) 0.9 and ``eps`` 1e-7 (Keras adds eps to the root as torch does); ``lr``,
+    ``mom`` per row, ``wd`` per row or None (L2 decay added to the gradient, as torch's ``weight_decay``);
+    ``out`` a scratch tensor like ``p``. The operations are torch's, in its order."""
+    if wd is not None:
+        g = g.addcmul(p, wd)
+    m2.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+    avg = torch.sqrt(m2, out=out).add_(eps)
+    if bool((mom > 0).any()):
+        m1.mul_(mom).addcdiv_(g, avg)
+        p.addcmul_(m1, lr, value=-1)
+    else:
+        p.addcmul_(torch.div(g, avg, out=avg), lr, value=-1)
 
 
 def _adamw(p, g, m1, m2, lr, wd, t: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,

@@ -1,0 +1,153 @@
+"""Forward + backward of a group of K small CNNs: grouped convolution vs unfold + bmm vs the hand-written
+CNN engine, side by side.
+
+The networks are the Small CNN Zoo's (``zoo/cnn-zoo.toml``): three 3x3 stride-2 convolutions of 16
+channels without padding, ReLU, global average pooling and a dense layer to 10 classes, on 1x16x16
+digits (``digits-img16``) and, as a Conv1d, on 1x40 MNIST-1D sequences (``mnist1d-seq``). One step is
+the gradient of the sum over models of each model's mean cross-entropy on its own batch of ``B`` samples:
+
+* ``grouped``: :func:`wsnets.functional.forward` (one grouped convolution with ``groups=K`` per layer)
+  and ``torch.autograd.grad`` -- what the trainer's autograd engine runs;
+* ``unfold``: ``F.unfold`` (im2col) + ``bmm`` per layer, channels-first, and ``torch.autograd.grad``;
+* ``engine``: :class:`wsnets.zoo.cnn_engine.CNNEngine` (im2col by index maps, hand-written backward,
+  models in cache-sized chunks; the first layer's columns gathered from a precomputed table), without
+  its optimizer update.
+
+Each (shape, K) is timed ``--repeat`` times with the three methods interleaved; rows give the median
+samples/s (models x batch per second) and the engine's and unfold's speedup over grouped convolution.
+Timings on a shared CPU are noisy: compare within a row. Usage::
+
+    python benchmarks/conv_speed.py --out benchmarks/results/conv_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write  # noqa: E402
+from wsnets.arch import cnn  # noqa: E402
+from wsnets.functional import forward  # noqa: E402
+from wsnets.zoo.cnn_engine import CNNEngine  # noqa: E402
+from wsnets.zoo.trainer import DataBank, init_params  # noqa: E402
+
+SHAPES = {"digits-img16": (1, 16, 16), "mnist1d-seq": (1, 40)}
+
+
+def _arch(dataset: str):
+    shape = SHAPES[dataset]
+    return cnn(1, [16, 16, 16], 10, "relu", kernel_size=3, stride=2, padding=0, dims=len(shape) - 1, input_shape=shape)
+
+
+def _unfold_grads(arch, params, xb, yb):
+    """im2col with ``F.unfold`` + ``bmm`` per layer (1-d inputs as 1 x L images), autograd backward."""
+    K, B = xb.shape[:2]
+    ps = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    convs = [l for l in arch.layers if l.kind in ("conv1d", "conv2d")]
+    h = xb.reshape(K * B, 1, *([1] if xb.dim() == 4 else []), *xb.shape[-(xb.dim() - 3):])
+    for l in convs:
+        w = ps[f"{l.name}.weight"]
+        kh, kw = (1, l.kernel_size[0]) if l.dims == 1 else l.kernel_size
+        cols = F.unfold(h, (kh, kw), stride=(1, l.stride[0]) if l.dims == 1 else l.stride)  # [K*B, Cin*k, L]
+        L = cols.shape[-1]
+        cols = cols.view(K, B, -1, L).permute(0, 2, 1, 3).reshape(K, -1, B * L)  # [K, Cin*k, B*L]
+        z = torch.baddbmm(ps[f"{l.name}.bias"][:, :, None], w.reshape(K, l.out_features, -1), cols)  # [K, Cout, B*L]
+        oh = (h.shape[-2] - kh) // (1 if l.dims == 1 else l.stride[0]) + 1
+        h = torch.relu(z).view(K, l.out_features, B, oh, L // oh).transpose(1, 2).reshape(K * B, l.out_features, oh, L // oh)
+    lin = [l for l in arch.layers if l.kind == "linear"][0]
+    g = h.mean((2, 3)).view(K, B, -1)
+    logits = torch.baddbmm(ps[f"{lin.name}.bias"][:, None], g, ps[f"{lin.name}.weight"].transpose(1, 2))
+    loss = F.cross_entropy(logits.transpose(1, 2), yb, reduction="sum") / B
+    return torch.autograd.grad(loss, list(ps.values()))
+
+
+def _grouped_grads(arch, params, xb, yb):
+    ps = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    logits = forward(arch, ps, xb)
+    loss = F.cross_entropy(logits.transpose(1, 2), yb, reduction="sum") / xb.shape[1]
+    return torch.autograd.grad(loss, list(ps.values()))
+
+
+def run(dataset: str, K: int, B: int, steps: int, repeat: int) -> dict:
+    arch = _arch(dataset)
+    bank = DataBank.build([dataset])
+    params = init_params(arch, torch.arange(K), torch.ones(K))
+    eng = CNNEngine(arch, params, bank, B, torch.zeros(K), 0, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, int(bank.n[0]), (K, B), generator=gen) for _ in range(steps)]
+    x, y = bank.x[0], bank.y[0]
+    data = [(x[i], y[i]) for i in batches]
+
+    def grouped():
+        for xb, yb in data:
+            _grouped_grads(arch, params, xb, yb)
+
+    def unfold():
+        for xb, yb in data:
+            _unfold_grads(arch, params, xb, yb)
+
+    def engine():
+        for i in batches:
+            for a in range(0, K, eng.C):
+                b = min(a + eng.C, K)
+                eng._grads(a, b, i[a:b], y[i[a:b]])
+
+    fns = {"grouped": grouped, "unfold": unfold, "engine": engine}
+    for f in fns.values():  # warm-up (allocator, MKL, the C loops)
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    rate = {k: K * B * steps / statistics.median(v) for k, v in times.items()}
+    speed = {k: [times["grouped"][i] / times[k][i] for i in range(repeat)] for k in ("engine", "unfold")}
+    return {"dataset": dataset, "K": K, "B": B, "chunk": eng.C, "grouped_samples_per_s": rate["grouped"],
+            "unfold_samples_per_s": rate["unfold"], "engine_samples_per_s": rate["engine"],
+            "engine_vs_grouped": statistics.median(speed["engine"]), "unfold_vs_grouped": statistics.median(speed["unfold"]),
+            "engine_vs_grouped_range": [min(speed["engine"]), max(speed["engine"])],
+            "seconds": {k: v for k, v in times.items()}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="8,32,128,512", help="comma-separated K")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5, help="steps per timing")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--datasets", default="digits-img16,mnist1d-seq")
+    ap.add_argument("--out", default=None, help="JSON output (the Markdown table next to it, .md)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()
+    rows = [run(d, int(k), args.batch, args.steps, args.repeat) for d in args.datasets.split(",")
+            for k in args.models.split(",")]
+    from wsnets.zoo import cpu_kernels
+    extra = {"loadavg_before": load0, "loadavg_after": os.getloadavg(), "cpu_loops": cpu_kernels.status(),
+             "threads": args.threads}
+    cols = ["dataset", "K", "B", "chunk", "grouped_samples_per_s", "unfold_samples_per_s", "engine_samples_per_s",
+            "unfold_vs_grouped", "engine_vs_grouped"]
+    md = write(args.out, "conv_speed", rows, cols, extra)
+    print(f"load average before {load0[0]:.2f}, after {extra['loadavg_after'][0]:.2f}; fused CPU loops: {extra['cpu_loops']}")
+    if args.out:
+        Path(args.out).with_suffix(".md").write_text(
+            f"# conv_speed: forward + backward of K Small-CNN-Zoo CNNs, {args.threads} thread(s)\n\n"
+            f"Median of {args.repeat} interleaved repeats of {args.steps} steps; samples/s = models x batch per second. "
+            f"Load average {load0[0]:.2f} before, {extra['loadavg_after'][0]:.2f} after (2-core VM shared with other jobs); "
+            f"fused CPU loops: {extra['cpu_loops']}.\n\n{md}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
