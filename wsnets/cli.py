@@ -71,6 +71,13 @@ def load_checkpoint(path: str, args: argparse.Namespace | None, **kwargs: Any):
                 **kwargs)
 
 
+def note(args: argparse.Namespace, msg: str) -> None:
+    """A one-line remark on stderr that does not stop the command (a cast to another precision, say)."""
+    sub = {"zoo": "zoo_command", "merge": "method", "landscape": "landscape_command"}.get(getattr(args, "command", ""))
+    name = " ".join(str(v) for v in (getattr(args, "command", None), getattr(args, sub, None) if sub else None) if v)
+    print(f"wsnets {name}: note: {msg}", file=sys.stderr)
+
+
 def emit(args: argparse.Namespace, obj: Any, text: str | Callable[[], str]) -> None:
     """Print ``obj`` as JSON with ``--json``, else the human text."""
     if getattr(args, "json", False):

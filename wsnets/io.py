@@ -17,7 +17,6 @@ import os
 import pickle
 import sqlite3
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from .arch import Architecture
-from .errors import CheckpointError, UnsafeCheckpointError, WSNetsError
+from .errors import CheckpointError, MetadataError, TensorFormatError, UnsafeCheckpointError, WSNetsError
 from .weights import WeightSpace
 
 ARCH_KEY = "wsnets.arch"
@@ -79,6 +78,7 @@ def load(obj: Any, *, activation: str = "relu", input_shape: tuple[int, ...] | N
         ws = load_file(obj, activation=activation, input_shape=input_shape)
     else:
         raise TypeError(f"cannot load weights from {type(obj).__name__}")
+    check_params(ws, source)
     return ws if allow_nonfinite else ws.check_finite(source)
 
 
@@ -164,6 +164,7 @@ def _with_arch(sd: Mapping[str, Any], arch: Architecture, source: str) -> Weight
     import warnings
     from .errors import MissingKeyError
     where = f"{source}: " if source else ""
+    sd = check_entries(sd, source)
     missing = [k for k in arch.param_shapes if k not in sd]
     if missing:
         raise MissingKeyError(f"{where}the architecture needs tensor {missing[0]!r} ({len(missing)} missing), "
@@ -179,19 +180,59 @@ def _with_arch(sd: Mapping[str, Any], arch: Architecture, source: str) -> Weight
     return WeightSpace(arch, tensors)
 
 
+def check_params(ws: WeightSpace, source: str = "") -> WeightSpace:
+    """Every parameter the architecture uses is a real floating-point tensor (float16, bfloat16, float32 or
+    float64), else :class:`TensorFormatError` naming it (an integer, boolean or complex tensor where a weight
+    belongs: a quantized or otherwise encoded checkpoint)."""
+    for k, v in ws.params.items():
+        if not v.is_floating_point():
+            where = f"{source}: " if source else ""
+            kind = "complex" if v.is_complex() else ("boolean" if v.dtype == torch.bool else "integer")
+            raise TensorFormatError(f"{where}tensor {k!r} is {kind} ({v.dtype}), but it is a weight of the "
+                                    "network: weights must be floating point (dequantize or convert the checkpoint)")
+    return ws
+
+
+def check_entries(sd: Mapping[Any, Any], source: str = "") -> dict[str, torch.Tensor]:
+    """A state_dict's entries checked where they enter: string names, tensors, dense (strided) layout,
+    not complex; ``num_batches_tracked`` counters dropped. Returns a plain dict."""
+    where = f"{source}: " if source else ""
+    tensors = {}
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise TensorFormatError(f"{where}entry {k!r} is named by a {type(k).__name__}; state_dict names must be "
+                                    "strings (e.g. '0.weight')")
+        if k.endswith("num_batches_tracked"):
+            continue
+        if not isinstance(v, torch.Tensor):
+            raise TensorFormatError(f"{where}entry {k!r} is a {type(v).__name__}, not a tensor")
+        if v.layout != torch.strided:
+            raise TensorFormatError(f"{where}tensor {k!r} is {str(v.layout).replace('torch.', '')}, not dense; "
+                                    "save dense weights (tensor.to_dense())")
+        if v.is_complex():
+            raise TensorFormatError(f"{where}tensor {k!r} is complex ({v.dtype}); weights must be real")
+        if v.is_meta:
+            raise TensorFormatError(f"{where}tensor {k!r} is on the meta device (no values)")
+        tensors[k] = v
+    return tensors
+
+
+def compute_dtype(ws: WeightSpace, source: str = "", dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+                  to: torch.dtype = torch.float32) -> tuple[WeightSpace, str | None]:
+    """``ws`` cast to ``to`` when a computation needs it (half precision for a Hessian, a meta-model in
+    float32), with a note saying so (None if nothing was cast)."""
+    if ws.dtype in dtypes:
+        return ws, None
+    name = str(ws.dtype).replace("torch.", "")
+    return ws.to(to), f"{source + ': ' if source else ''}{name} weights, computed in {str(to).replace('torch.', '')}"
+
+
 def from_state_dict(sd: Mapping[str, Any], *, activation: str = "relu",
                     input_shape: tuple[int, ...] | None = None, arch: Architecture | None = None,
                     source: str = "") -> WeightSpace:
     """A WeightSpace from a state_dict; the architecture is inferred unless given."""
     from .convert import arch_from_state_dict
-    tensors = {}
-    for k, v in sd.items():
-        if k.endswith("num_batches_tracked"):
-            continue
-        if not isinstance(v, torch.Tensor):
-            where = f" in {source}" if source else ""
-            raise CheckpointError(f"entry {k!r}{where} is a {type(v).__name__}, not a tensor")
-        tensors[k] = v
+    tensors = check_entries(sd, source)
     if arch is None:
         arch = arch_from_state_dict(tensors, activation=activation, input_shape=input_shape)
     return WeightSpace(arch, tensors)
@@ -231,11 +272,44 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 def _load_safetensors(path: Path, *, activation: str = "relu", input_shape=None) -> WeightSpace:
     tensors, meta = read_safetensors(path)
-    arch = Architecture.from_json(meta[ARCH_KEY]) if ARCH_KEY in meta else None
+    arch = arch_from_metadata(meta[ARCH_KEY], str(path)) if ARCH_KEY in meta else None
     if arch is not None:
-        batch = int(meta[BATCH_KEY]) if meta.get(BATCH_KEY) not in (None, "", "none") else None
-        return WeightSpace(arch, tensors, batch)
+        batch = meta.get(BATCH_KEY)
+        if batch in (None, "", "none"):
+            batch = None
+        elif not batch.isdigit() or int(batch) < 1:
+            raise MetadataError(f"{path}: metadata {BATCH_KEY!r} is {batch!r}, not a positive integer or 'none'")
+        return WeightSpace(arch, check_entries(tensors, str(path)), None if batch is None else int(batch))
     return from_state_dict(tensors, activation=activation, input_shape=input_shape, source=str(path))
+
+
+_MAX_ARCH_JSON = 50_000_000  # characters; a real architecture's JSON is kilobytes
+
+
+def arch_from_metadata(text: str, source: str = "") -> Architecture:
+    """The :class:`Architecture` in a safetensors file's ``wsnets.arch`` metadata, validated: JSON that is
+    not an object (a list, a number, null), nested too deeply, too large or not an architecture is a
+    one-line :class:`MetadataError` naming the file and key."""
+    where = f"{source}: " if source else ""
+    what = f"{where}metadata {ARCH_KEY!r}"
+    if len(text) > _MAX_ARCH_JSON:
+        raise MetadataError(f"{what} is {len(text):,} characters, not an architecture description")
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise MetadataError(f"{what} is JSON nested too deeply to be an architecture") from None
+    except json.JSONDecodeError as e:
+        raise MetadataError(f"{what} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(obj), "a number")
+        raise MetadataError(f"{what} is {kind}, not a JSON object describing an architecture")
+    try:
+        return Architecture.from_json(text)
+    except WSNetsError as e:
+        raise MetadataError(f"{what} does not describe an architecture ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
+        raise MetadataError(f"{what} does not describe an architecture ({type(e).__name__}: {_first_line(e)})") \
+            from None
 
 
 def read_torch(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -243,11 +317,14 @@ def read_torch(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if _truncated_global(path, str(e)):
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint (the pickle ends inside a name)") from None
         raise UnsafeCheckpointError(
             f"{path}: refused to unpickle: the file holds objects other than tensors and could run code "
             f"({_first_line(e).split('.')[0]}); re-save it as a state_dict or safetensors") from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - EOFError, OSError, RuntimeError, BadZipFile, struct.error, IndexError...
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {_first_line(e)})") \
+            from None
     if isinstance(obj, Mapping):
         for k in _WRAPPER_KEYS:
             if k in obj and isinstance(obj[k], Mapping):
@@ -256,6 +333,27 @@ def read_torch(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict")
     return dict(obj)
+
+
+def _truncated_global(path: str | os.PathLike, msg: str) -> bool:
+    """Whether a refused legacy pickle merely ends inside a class name (a truncated file, not foreign code):
+    the 'unsupported global' is the file's last bytes."""
+    import re
+    m = re.search(r"GLOBAL (\S*)", msg)
+    if not m:
+        return False
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 256))
+            tail = f.read().rstrip(b"\n")
+    except OSError:
+        return False
+    name = m.group(1)
+    if name in ("", "."):  # the file ends right after the GLOBAL opcode
+        return bool(tail)
+    module, _, attr = name.rpartition(".")
+    # pickle reads the unterminated last line and drops its last character as if it were the newline
+    return any(part and (tail.endswith(part.encode()) or tail[:-1].endswith(part.encode())) for part in (attr, module))
 
 
 def save(ws: WeightSpace, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:

@@ -75,3 +75,45 @@ def test_an_unexpected_error_is_one_line_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setenv("WSNETS_DEBUG", "1")
     with pytest.raises(TypeError):
         main(["graph", "/tmp/_wsnets_cli_bug.pt"])
+
+
+def _png(p: Path) -> bool:
+    return p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_takes_a_png_file_or_a_folder_with_one_meaning_everywhere(tmp_path):
+    """``--plot x.png`` writes the command's main plot to that file (others beside it as x_*.png), never a
+    folder named x.png; ``--plot folder`` writes the plots into the folder under their own names."""
+    import wsnets
+    from wsnets.cli import main
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        wsnets.load(torch.nn.Sequential(torch.nn.Linear(64, 12), torch.nn.ReLU(), torch.nn.Linear(12, 10))).save(
+            tmp_path / f"{name}.safetensors")
+    build(parse_recipe({"name": "p", "population": 3, "datasets": ["digits"], "epochs": 1,
+                        "architecture": {"kind": "mlp", "depth": 1, "width": 8}}), tmp_path / "z", progress=False)
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    land = ["--dataset", "digits"]
+    commands = {
+        "zoo": (["zoo", "info", str(tmp_path / "z")], "zoo_test_accuracy.png", []),
+        "barrier": (["merge", "barrier", a, b, "--dataset", "digits", "--steps", "3"], "barrier.png", []),
+        "esd": (["esd", a, "--min-evals", "4"], "alpha_per_layer.png", ["esd_"]),
+        "surface": (["landscape", "surface", a, *land, "--grid", "3"], "surface_contour.png", ["surface_3d.png"]),
+        "hessian": (["landscape", "hessian", a, *land, "--top-k", "1", "--trace-samples", "2", "--slq-vectors", "1",
+                     "--slq-steps", "5"], "hessian_density.png", []),
+        "intrinsic": (["landscape", "intrinsic", a, *land, "--dims", "5,10", "--steps", "3"], "intrinsic_dimension.png",
+                      []),
+    }
+    for name, (argv, main_name, others) in commands.items():
+        f = tmp_path / f"{name}.png"
+        assert main([*argv, "--plot", str(f)]) == 0, name
+        assert _png(f), name  # the file itself, not a folder called x.png
+        for o in others:
+            assert any(_png(p) for p in tmp_path.glob(f"{name}_{o}*")), (name, o)
+        d = tmp_path / f"{name}_dir"
+        assert main([*argv, "--plot", str(d)]) == 0, name
+        assert _png(d / main_name), (name, sorted(p.name for p in d.iterdir()))
+        for o in others:
+            assert any(_png(p) for p in d.glob(f"{o}*")), (name, o)
+    assert main(["zoo", "info", str(tmp_path / "z"), "--plot", str(tmp_path / "x.pdf")]) == 2
+    assert not (tmp_path / "x.pdf").exists()

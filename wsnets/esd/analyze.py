@@ -72,8 +72,14 @@ def _entries(model: Any) -> tuple[list[_Entry], list[str], int | None]:
     lead = 0 if batch is None else 1
     entries, skipped = [], []
     for k, t in tensors.items():
+        if not isinstance(k, str):
+            from ..errors import TensorFormatError
+            raise TensorFormatError(f"entry {k!r} is named by a {type(k).__name__}; state_dict names must be strings")
         if not isinstance(t, torch.Tensor):
             skipped.append(f"{k}: a {type(t).__name__}, not a tensor")
+            continue
+        if t.layout != torch.strided:
+            skipped.append(f"{k}: {str(t.layout).replace('torch.', '')} tensor (not dense)")
             continue
         why = _skip_reason(k, tuple(t.shape[lead:]), t.dtype)
         if why:

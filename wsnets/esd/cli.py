@@ -30,8 +30,11 @@ def _esd(args: argparse.Namespace) -> int:
     summ = summary(rows)
     plots: list[str] = []
     if args.plot:
+        from ..cli import PlotTarget
         from .plot import plot_all
-        plots = [str(p) for p in plot_all(res, args.plot, title=str(args.path), mp_fit=args.mp_fit)]
+        t = PlotTarget(args.plot)
+        plots = [str(p) for p in plot_all(res, t.dir, title=str(args.path), mp_fit=args.mp_fit, prefix=t.prefix,
+                                          main=t.path("alpha_per_layer.png", main=True))]
     obj = {"path": str(args.path), "layers": rows, "summary": summ, "skipped": res.skipped, "plots": plots}
 
     def text() -> str:
@@ -50,7 +53,8 @@ def _esd(args: argparse.Namespace) -> int:
             lines.append(f"  {r['name']:<{width}}  {shape:>14}  " + "  ".join(f"{_fmt(r.get(c)):>17}" for c in cols))
         lines.append("summary: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summ.items()))
         if plots:
-            lines.append(f"plots: {len(plots)} file(s) in {args.plot}")
+            lines.append(f"plots: {len(plots)} file(s): {plots[-1]} and the per-layer ESDs beside it" if len(plots) > 1
+                         else f"plots: {plots[0]}")
         return "\n".join(lines)
     emit(args, obj, text)
     return 0
@@ -59,7 +63,9 @@ def _esd(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = add_parser(sub, "esd", COMMANDS["esd"][1], "wsnets esd model.safetensors --mp-fit --plot esd_plots/", _esd)
     p.add_argument("path", help="checkpoint: .safetensors (streamed), .pt or .pth; any 2-D/3-D/4-D weight is analyzed")
-    p.add_argument("--plot", metavar="DIR", help="write per-layer ESD plots and an alpha-per-layer plot here")
+    p.add_argument("--plot", metavar="PNG_OR_DIR",
+                   help="write the alpha-per-layer plot and per-layer ESD plots: into a folder, or to a .png file "
+                        "(alpha per layer; the ESDs beside it as <name>_esd_*.png)")
     p.add_argument("--mp-fit", action="store_true", help="Marchenko-Pastur fit: num_spikes, mp_softrank, sigma_mp")
     p.add_argument("--randomize", action="store_true", help="compare with shuffled weights: rand_distance, num_traps")
     p.add_argument("--min-evals", type=int, default=8, help="layers with fewer eigenvalues are reported as skipped")

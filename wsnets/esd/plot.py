@@ -104,15 +104,18 @@ def plot_alpha(rows: list[dict[str, Any]], path: str | Path, *, title: str = "")
     return out
 
 
-def plot_all(res, directory: str | Path, *, title: str = "", mp_fit: bool = False) -> list[Path]:
-    """One ESD plot per analyzed layer (``esd_<id>_<name>.png``) and ``alpha_per_layer.png``."""
+def plot_all(res, directory: str | Path, *, title: str = "", mp_fit: bool = False, prefix: str = "",
+             main: str | Path | None = None) -> list[Path]:
+    """One ESD plot per analyzed layer (``<prefix>esd_<id>_<name>.png``) and the alpha-per-layer plot
+    (``main``, default ``<prefix>alpha_per_layer.png``), in ``directory``."""
     d = Path(directory)
     out = []
     for i, ev in sorted(res.evals.items()):
         row = res.rows[i]
         tag = f"m{row['model']}_" if "model" in row else ""
         sl = f"_s{row['slice_id']}" if "slice_id" in row else ""
-        out.append(plot_layer(ev.numpy(), row, d / f"esd_{tag}{row['layer_id']:03d}_{_safe(row['name'])}{sl}.png",
+        out.append(plot_layer(ev.numpy(), row, d / f"{prefix}esd_{tag}{row['layer_id']:03d}_{_safe(row['name'])}{sl}.png",
                               title=title, mp_fit=mp_fit))
-    out.append(plot_alpha([r for r in res.rows if r.get("model", 0) == 0], d / "alpha_per_layer.png", title=title))
+    out.append(plot_alpha([r for r in res.rows if r.get("model", 0) == 0],
+                          Path(main) if main is not None else d / f"{prefix}alpha_per_layer.png", title=title))
     return out

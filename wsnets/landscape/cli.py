@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..cli import add_common, add_parser, emit
+from ..cli import PlotTarget, add_common, add_parser, emit
 from ..errors import ConfigError, ShapeMismatchError
-from ..io import atomic_write_json, load
+from ..io import atomic_write_json
 from ..weights import WeightSpace
 
 HELP = "loss surfaces, Hessian spectra, intrinsic dimension"
@@ -35,10 +34,15 @@ def _data(args: argparse.Namespace, ws: WeightSpace) -> tuple[tuple[torch.Tensor
 
 
 def _load(args: argparse.Namespace) -> WeightSpace:
-    from ..cli import load_checkpoint
+    from ..cli import load_checkpoint, note
+    from ..io import compute_dtype
     ws = load_checkpoint(args.ckpt, args)
     if ws.batch_size is not None:
         raise ConfigError(f"{args.ckpt} holds {ws.batch_size} networks; landscape tools take one")
+    ws, cast = compute_dtype(ws, str(args.ckpt))  # half precision: losses, Hessians and eigensolvers in float32
+    if cast:
+        note(args, cast)
+        args.cast = cast
     return ws.to(args.device)
 
 
@@ -72,9 +76,9 @@ def _surface(args: argparse.Namespace) -> int:
     if args.out:
         out["npz"] = str(s.save(args.out))
     if args.plot:
-        d = Path(args.plot)
-        out["plots"] = [str(plot.curve(s, d / "surface_1d.png"))] if args.dim == 1 else \
-            [str(plot.contour(s, d / "surface_contour.png")), str(plot.surface3d(s, d / "surface_3d.png"))]
+        t = PlotTarget(args.plot)
+        out["plots"] = [str(plot.curve(s, t.path("surface_1d.png", main=True)))] if args.dim == 1 else \
+            [str(plot.contour(s, t.path("surface_contour.png", main=True))), str(plot.surface3d(s, t.path("surface_3d.png")))]
     emit(args, out, lambda: "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
 
@@ -99,7 +103,7 @@ def _hessian(args: argparse.Namespace) -> int:
                       "negative_mass": float(w[nodes < -1e-3 * np.abs(nodes).max()].sum())}  # below -0.1% of the spectral radius
         if args.plot:
             out["plots"] = [str(plot.spectral_density(
-                dens, Path(args.plot) / "hessian_density.png",
+                dens, PlotTarget(args.plot).path("hessian_density.png", main=True),
                 title=f"Hessian spectral density (SLQ, {args.slq_vectors}x{args.slq_steps})\n{ws.arch.describe()} on {args.dataset}"))]
     out["hvp_products"] = op.n_products
     if args.out:
@@ -126,7 +130,7 @@ def _intrinsic(args: argparse.Namespace) -> int:
     out = {"checkpoint": str(args.ckpt), "dataset": args.dataset, **r.to_dict()}
     if args.plot:
         out["plots"] = [str(plot.intrinsic_curve(
-            r, Path(args.plot) / "intrinsic_dimension.png",
+            r, PlotTarget(args.plot).path("intrinsic_dimension.png", main=True),
             title=f"Intrinsic dimension: {ws.arch.describe()} on {args.dataset} ({args.projection} projection)"))]
     if args.out:
         atomic_write_json(args.out, out)
@@ -148,7 +152,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_arch_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="write the result here (.npz for surface, .json otherwise)")
-    p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots into this directory")
+    p.add_argument("--plot", default=None, metavar="PNG_OR_DIR",
+                   help="write the plot(s): a .png file (further plots beside it as <name>_*.png) or a folder")
     add_common(p)
 
 

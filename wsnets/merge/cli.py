@@ -148,7 +148,9 @@ def _barrier(args):
         curve = train_bezier(a, b, x, y, epochs=args.bezier_epochs, progress=not args.json)
         curves["Bezier curve"] = curve.metrics(xt, yt, steps=args.steps, bn_data=x)
     if args.plot:
+        from ..cli import PlotTarget
         from .plot import plot_curves
+        args.plot = str(PlotTarget(args.plot).path("barrier.png", main=True))
         plot_curves(curves, args.plot, title=f"{Path(args.models[0]).name} to {Path(args.models[1]).name} "
                     f"({args.dataset} test split)")
     out = {"models": list(args.models), "dataset": args.dataset, "curves": {k: c.to_dict() for k, c in curves.items()},
@@ -213,4 +215,5 @@ def register(sub) -> None:
     q.add_argument("--steps", type=int, default=11, help="points on the path, endpoints included")
     q.add_argument("--align", action="store_true", help="also the curve after weight matching")
     q.add_argument("--bezier-epochs", type=int, default=0, help="also train a Bezier curve for this many epochs")
-    q.add_argument("--plot", default=None, help="write a PNG of the curves")
+    q.add_argument("--plot", default=None, metavar="PNG_OR_DIR",
+                   help="write a plot of the curves: a .png file, or a folder (barrier.png in it)")

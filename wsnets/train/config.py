@@ -23,6 +23,7 @@ Examples
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -58,7 +59,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     epochs: int = 50
     warmup_epochs: int = 1
-    patience: int = 10                # epochs without validation improvement before stopping
+    patience: int = 10                # epochs without validation improvement before stopping (0: never stop early)
     grad_clip: float = 1.0            # max gradient norm; 0 disables clipping
     amp: bool = True                  # bfloat16 autocast on CUDA (ignored on CPU)
 
@@ -167,8 +168,33 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     for name, v in (("data.batch_size", cfg.data.batch_size), ("optim.epochs", cfg.optim.epochs)):
         if v < 1:
             raise ConfigError(f"{source}: {name} must be >= 1, got {v}")
-    if cfg.optim.lr <= 0:
+    for name, v in (("optim.warmup_epochs", cfg.optim.warmup_epochs), ("head.hidden", cfg.head.hidden),
+                    ("optim.patience", cfg.optim.patience),
+                    ("optim.weight_decay", cfg.optim.weight_decay), ("optim.grad_clip", cfg.optim.grad_clip)):
+        if not v >= 0:  # also NaN
+            raise ConfigError(f"{source}: {name} must be >= 0, got {v}")
+    if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):
         raise ConfigError(f"{source}: optim.lr must be > 0, got {cfg.optim.lr}")
+    if not 0 <= cfg.head.dropout < 1:
+        raise ConfigError(f"{source}: head.dropout must be in [0, 1), got {cfg.head.dropout}")
+    check_encoder_values(cfg.encoder, source)
+
+
+def check_encoder_values(enc: Mapping[str, Any], source: str = "config") -> None:
+    """Signs and ranges of the free-form ``[encoder]`` options that every encoder shares by convention:
+    sizes and counts (integers) are >= 0, numbers are finite, a ``*dropout*`` is in [0, 1). Options are
+    otherwise checked by the encoder registry (names) and by building the encoder (see
+    :func:`wsnets.train.meta_model.build_encoder`)."""
+    for k, v in enc.items():
+        what = f"{source}: encoder.{k}"
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v):
+            raise ConfigError(f"{what} must be a finite number, got {v}")
+        if "dropout" in k and not 0 <= v < 1:
+            raise ConfigError(f"{what} must be in [0, 1), got {v}")
+        if isinstance(v, int) and v < 0 and k != "seed":
+            raise ConfigError(f"{what} must be >= 0, got {v}")
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -90,6 +90,9 @@ def run_training(cfg: TrainConfig, *, zoo: str | Path | None = None, out: str | 
             representation = cfg.data.representation or _encoder_representation(cfg, zoo)
             datasets = open_datasets(cfg, zoo, representation)
         example = example if example is not None else _example(datasets["train"])
+        if not is_gbm(cfg):  # a bad [encoder] fails here, before any output; the random state is left as it was
+            with torch.random.fork_rng(devices=[]):
+                _encoder(cfg, datasets["train"], example)
         logger = RunLogger(out / "log.jsonl", wandb=wandb or cfg.log.wandb, project=cfg.log.project,
                            name=f"{cfg.name}", config=cfg.to_dict(), wandb_dir=out, active=dist.is_main)
         sizes = {s: len(datasets[s]) for s in SPLITS}
@@ -139,19 +142,7 @@ def _train_seed(cfg: TrainConfig, s: int, datasets: dict, example: Any, classes:
         real = mm.predict_features(xt)
         return mm, {}, target_metrics(mm, mm.predict_features(xv), yv), target_metrics(mm, real, yt), real, yt
     enc_cfg = dict(cfg.encoder)
-    train_ds = datasets["train"]
-    feats = train_ds.features() if getattr(train_ds, "representation", None) in ("stats", "esd") and \
-        hasattr(train_ds, "features") else None
-    if feats is not None:   # rows zero-padded to the deepest network by the zoo: build for the deepest
-        nets = example if isinstance(example, (list, tuple)) else [example]
-        example = max(nets, key=lambda w: len(w.arch.weight_layers))
-        encoder = build_encoder(enc_cfg, example)
-        if getattr(encoder, "in_features", feats.shape[1]) != feats.shape[1]:
-            raise ConfigError(f"encoder {cfg.encoder_name!r} takes {encoder.in_features} features, the zoo gives "
-                              f"{feats.shape[1]}")
-        encoder.fit_normalization(feats)
-    else:
-        encoder = build_encoder(enc_cfg, example)
+    encoder, example = _encoder(cfg, datasets["train"], example)
     rep = cfg.data.representation or getattr(encoder, "representation", "graph")
     mm = MetaModel(encoder, targets, classes=classes, normalization=norm, representation=rep,
                    head_hidden=cfg.head.hidden, head_dropout=cfg.head.dropout)
@@ -164,6 +155,24 @@ def _train_seed(cfg: TrainConfig, s: int, datasets: dict, example: Any, classes:
     mm.feature_dim = int(x0.shape[-1]) if isinstance(x0, torch.Tensor) else None
     info = {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run}
     return mm, info, val, test, mm.outputs(o), y
+
+
+def _encoder(cfg: TrainConfig, train_ds: Any, example: Any) -> tuple[Any, Any]:
+    """The configured encoder (input normalization fitted for stats/ESD features) and the example it was
+    built for."""
+    enc_cfg = dict(cfg.encoder)
+    feats = train_ds.features() if getattr(train_ds, "representation", None) in ("stats", "esd") and \
+        hasattr(train_ds, "features") else None
+    if feats is None:
+        return build_encoder(enc_cfg, example), example
+    nets = example if isinstance(example, (list, tuple)) else [example]
+    example = max(nets, key=lambda w: len(w.arch.weight_layers))  # rows zero-padded to the deepest network
+    encoder = build_encoder(enc_cfg, example)
+    if getattr(encoder, "in_features", feats.shape[1]) != feats.shape[1]:
+        raise ConfigError(f"encoder {cfg.encoder_name!r} takes {encoder.in_features} features, the zoo gives "
+                          f"{feats.shape[1]}")
+    encoder.fit_normalization(feats)
+    return encoder, example
 
 
 def _one(example: Any):

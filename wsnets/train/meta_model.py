@@ -58,7 +58,14 @@ def build_encoder(cfg: Mapping[str, Any], example: WeightSpace) -> nn.Module:
         from ..nn.registry import build_encoder as nn_build  # type: ignore[import-not-found]
     except ImportError as e:
         raise ConfigError(f"encoder {name!r}: wsnets.nn is not available ({e})") from None
-    return nn_build(dict(cfg), example)
+    from .config import check_encoder_values
+    check_encoder_values(cfg, "[encoder]")
+    try:
+        return nn_build(dict(cfg), example)
+    except (ValueError, TypeError, RuntimeError) as e:  # an option torch or the encoder refuses
+        opts = ", ".join(f"{k}={v!r}" for k, v in cfg.items() if k != "name")
+        raise ConfigError(f"encoder {name!r} cannot be built with {opts or 'its defaults'} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def is_classification(target: str) -> bool:
@@ -165,13 +172,26 @@ def read_run(run: str | Path) -> tuple[dict, dict]:
     for f in FILES:
         if not (run / f).is_file():
             raise MissingKeyError(f"{run}: meta-model directory is missing {f} (needs {', '.join(FILES)})")
-    try:
-        meta = json.loads((run / "config.json").read_text())
-        norm = json.loads((run / "normalization.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{run}: corrupt JSON in meta-model directory ({e})") from None
+    meta, norm = {}, {}
+    for name in ("config.json", "normalization.json"):
+        try:
+            obj = json.loads((run / name).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{run / name}: corrupt JSON in meta-model directory ({e})") from None
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{run / name}: a JSON {type(obj).__name__}, not an object: not a wsnets meta-model file")
+        meta, norm = (obj, norm) if name == "config.json" else (meta, obj)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{run / 'config.json'}: not a wsnets meta-model (format {meta.get('format')!r})")
+    for key, kind in (("targets", list), ("representation", str), ("config", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f"{run / 'config.json'}: {key!r} must be a {kind.__name__}, got {meta[key]!r}")
+    for t, v in norm.items():
+        ok = isinstance(v, dict) and all(isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool)
+                                         for k in ("mean", "std"))
+        if not ok or not v["std"] > 0:
+            raise CheckpointError(f"{run / 'normalization.json'}: entry {t!r} must be {{\"mean\": number, \"std\": "
+                                  f"positive number}}, got {v!r}")
     return meta, norm
 
 

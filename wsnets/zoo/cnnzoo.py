@@ -33,10 +33,12 @@ import numpy as np
 import torch
 
 from ..arch import Architecture, Layer
-from ..errors import CheckpointError, ConfigError, MissingKeyError, ShapeMismatchError, UnsupportedLayerError
+from ..errors import (CNNZooFormatError, ConfigError, MissingKeyError, ShapeMismatchError, UnsupportedLayerError,
+                      WSNetsError)
 from .records import Zoo
 
 _COLS = {"train_acc": "train_accuracy", "test_acc": "test_accuracy", "train_loss": "train_loss", "test_loss": "test_loss"}
+_REQUIRED = ("test_accuracy",)
 _HP = {"optimizer": "config.optimizer", "lr": "config.learning_rate", "weight_decay": "config.l2reg",
        "dropout": "config.dropout", "init_scale": "config.init_std", "train_fraction": "config.train_fraction"}
 
@@ -46,19 +48,51 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
     try:
         with opener(path, "rt", newline="") as f:  # type: ignore[operator]
             return list(csv.DictReader(f))
-    except (OSError, EOFError, csv.Error) as e:
-        raise CheckpointError(f"{path}: unreadable CSV ({e})") from None
+    except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
+        raise CNNZooFormatError(f"{path}: unreadable CSV ({e})") from None
 
 
-def _layout(root: Path) -> list[tuple[str, int, int, tuple[int, ...]]]:
+_LAYOUT_COLS = ("varname", "start_idx", "end_idx", "shape")
+
+
+def _layout(root: Path, n_values: int) -> list[tuple[str, int, int, tuple[int, ...]]]:
+    """``layout.csv`` checked where it enters: its columns, integer offsets with ``0 <= start < end <=
+    n_values``, ``end - start`` equal to the shape's size (and to ``size`` where given), no two variables
+    overlapping. Any failure is a :class:`CNNZooFormatError` naming the file, line and column."""
+    path = root / "layout.csv"
+    rows = _read_csv(path)
+    if not rows:
+        raise CNNZooFormatError(f"{path}: no variables (a header and one line per weight tensor are needed)")
+    lost = [c for c in _LAYOUT_COLS if c not in rows[0]]
+    if lost:
+        raise CNNZooFormatError(f"{path}: no column {lost[0]!r} (needs {', '.join(_LAYOUT_COLS)}; has "
+                                f"{', '.join(k for k in rows[0] if k)})")
     out = []
-    for r in _read_csv(root / "layout.csv"):
+    for line, r in enumerate(rows, start=2):
+        where = f"{path}: line {line} ({r.get('varname')!r})"
         try:
-            shape = ast.literal_eval(r["shape"]) if r["shape"].strip().startswith("(") else \
-                tuple(int(s) for s in r["shape"].replace("[", "").replace("]", "").split(",") if s.strip())
-            out.append((r["varname"], int(r["start_idx"]), int(r["end_idx"]), tuple(int(s) for s in shape)))
-        except (KeyError, ValueError, SyntaxError) as e:
-            raise CheckpointError(f"{root / 'layout.csv'}: bad row {r} ({e})") from None
+            text = str(r["shape"]).strip()
+            shape = ast.literal_eval(text) if text.startswith("(") else \
+                tuple(int(t) for t in text.replace("[", "").replace("]", "").split(",") if t.strip())
+            shape = tuple(int(t) for t in (shape if isinstance(shape, tuple) else (shape,)))
+            start, end = int(r["start_idx"]), int(r["end_idx"])
+        except (KeyError, ValueError, SyntaxError, TypeError) as e:
+            raise CNNZooFormatError(f"{where}: start_idx, end_idx and shape must be integers ({e})") from None
+        if any(d < 1 for d in shape):
+            raise CNNZooFormatError(f"{where}: shape {shape} has a dimension below 1")
+        if not 0 <= start < end <= n_values:
+            raise CNNZooFormatError(f"{where}: offsets {start}..{end} are not within 0..{n_values} (the values per "
+                                    "row of weights.npy)")
+        if end - start != math.prod(shape):
+            raise CNNZooFormatError(f"{where}: offsets {start}..{end} hold {end - start} values, shape {shape} "
+                                    f"needs {math.prod(shape)}")
+        if str(r.get("size") or "").strip() not in ("", str(end - start)):
+            raise CNNZooFormatError(f"{where}: size {r['size']} but offsets {start}..{end} hold {end - start} values")
+        out.append((r["varname"], start, end, shape))
+    spans = sorted((s, e, n) for n, s, e, _ in out)
+    for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise CNNZooFormatError(f"{path}: variables {n0!r} ({s0}..{e0}) and {n1!r} (from {s1}) overlap")
     return out
 
 
@@ -79,7 +113,7 @@ def _architecture(layout: Sequence[tuple[str, int, int, tuple[int, ...]]], activ
     convs = [p for p in prefixes if len(shapes[p].get("kernel", ())) == 4]
     denses = [p for p in prefixes if len(shapes[p].get("kernel", ())) == 2]
     if not convs and not denses:
-        raise CheckpointError("layout.csv has no conv or dense kernels")
+        raise CNNZooFormatError("layout.csv has no conv (4-D) or dense (2-D) kernel")
     act = [] if activation in ("identity", "linear") else [Layer("act", fn=activation)]
     in_ch = None
     for p in convs:
@@ -116,33 +150,47 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | None = Non
         raise MissingKeyError(f"{root}: no layout.csv next to weights.npy")
     try:
         weights = np.load(root / "weights.npy", mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{root / 'weights.npy'}: unreadable ({e})") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise CNNZooFormatError(f"{root / 'weights.npy'}: unreadable ({e})") from None
+    if weights.ndim != 2 or weights.dtype.kind != "f":
+        raise CNNZooFormatError(f"{root / 'weights.npy'}: a {weights.ndim}-D {weights.dtype} array; the layout needs a "
+                                "2-D floating-point array (one flattened network per row)")
     metrics = _read_csv(mpath)
     if len(metrics) != weights.shape[0]:
-        raise CheckpointError(f"{root}: metrics has {len(metrics)} rows but weights.npy has {weights.shape[0]}")
-    layout = _layout(root)
-    end = max(e for _, _, e, _ in layout)
-    if end > weights.shape[1]:
-        raise CheckpointError(f"{root}: layout.csv needs {end} values per row, weights.npy has {weights.shape[1]}")
+        raise CNNZooFormatError(f"{root}: metrics has {len(metrics)} rows but weights.npy has {weights.shape[0]}")
+    lost = [c for c in _REQUIRED if metrics and c not in metrics[0]]
+    if lost:
+        raise CNNZooFormatError(f"{mpath}: no column {lost[0]!r} (the Small CNN Zoo's metrics have "
+                                f"{', '.join(_REQUIRED)}, config.* and more)")
+    layout = _layout(root, weights.shape[1])
+    try:
+        _architecture(layout, "relu", stride)
+    except WSNetsError as e:
+        raise CNNZooFormatError(f"{root / 'layout.csv'}: {e}") from None
     spans = {name: (s, e, shape) for name, s, e, shape in layout}
     archs: dict[str, tuple[Architecture, list]] = {}
     rows = []
     for i, m in enumerate(metrics):
+        where = f"{mpath}: line {i + 2}"
         act = (m.get("config.activation") or "relu").lower()
-        geo = (act, int(_float(m.get("config.cnn_stride")) or stride), _padding(m.get("config.padding"), padding))
+        geo = (act, int(_float(m.get("config.cnn_stride"), where, "config.cnn_stride") or stride),
+               _padding(m.get("config.padding"), padding, where))
         if geo not in archs:
-            archs[geo] = _architecture(layout, *geo)
+            try:
+                archs[geo] = _architecture(layout, *geo)
+            except WSNetsError as e:
+                raise CNNZooFormatError(f"{where}: {e}") from None
         arch = archs[geo][0]
-        num = {k: _float(m.get(v)) for k, v in _COLS.items()}
+        num = {k: _float(m.get(v), where, v) for k, v in _COLS.items()}
         ds = m.get("config.dataset", "")
+        step = _float(m.get("step"), where, "step")
         rows.append({
             "model_id": m.get("modeldir") or f"row{i}", "run": i, "recipe": "small-cnn-zoo", "arch": arch.to_json(),
             "arch_desc": arch.describe(), "depth": len(arch.weight_layers) - 1,
             "width": max(arch.group_sizes[1:-1], default=0), "activation": act, "num_params": arch.num_params,
-            "dataset": ds, "task": ds, "epoch": int(float(m.get("step") or 0)), **num,
+            "dataset": ds, "task": ds, "epoch": int(step or 0), **num,
             "gen_gap": (num["train_acc"] - num["test_acc"]) if None not in (num["train_acc"], num["test_acc"]) else None,
-            **{k: (m.get(v) if k == "optimizer" else _float(m.get(v))) for k, v in _HP.items()},
+            **{k: (m.get(v) if k == "optimizer" else _float(m.get(v), where, v)) for k, v in _HP.items()},
             "hyperparameters": json.dumps({k[7:]: v for k, v in m.items() if k.startswith("config.")}, sort_keys=True),
             "shard": "weights.npy", "key": "", "idx": i, "geometry": geo})
 
@@ -164,7 +212,7 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | None = Non
     return Zoo(root, rows, loader, meta={"recipe": "small-cnn-zoo", "source": str(root)})
 
 
-def _padding(v: str | None, default: int | None) -> int | None:
+def _padding(v: str | None, default: int | None, where: str = "") -> int | None:
     """A row's ``config.padding``: a number, ``valid`` (0) or ``same`` (None: ``k // 2``); ``default`` if absent."""
     if v in (None, ""):
         return default
@@ -172,15 +220,18 @@ def _padding(v: str | None, default: int | None) -> int | None:
         return 0
     if str(v).lower() == "same":
         return None
-    f = _float(v)
+    f = _float(v, where, "config.padding")
     return default if f is None else int(f)
 
 
-def _float(v: str | None) -> float | None:
-    try:
-        return float(v) if v not in (None, "") else None
-    except ValueError:
+def _float(v: str | None, where: str = "", column: str = "") -> float | None:
+    """A number from a CSV cell; empty or absent is None, anything else that is not a number an error."""
+    if v is None or str(v).strip() in ("", "nan", "NaN"):
         return None
+    try:
+        return float(v)
+    except ValueError:
+        raise CNNZooFormatError(f"{where}: column {column!r} holds {v!r}, not a number") from None
 
 
 def write_cnn_zoo(root: str | Path, modules: Sequence[torch.nn.Module], metrics: Sequence[dict[str, Any]]) -> None:

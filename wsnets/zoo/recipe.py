@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..arch import Architecture, cnn, mlp
-from ..errors import ConfigError
+from ..errors import ConfigError, RecipeError
 from . import datasets
 
 HYPER_DEFAULTS: dict[str, Any] = {
@@ -269,8 +269,113 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(read_toml(p, "recipe"), str(p))
 
 
+# value checks: (test, what it must be); a distribution is checked on every value it can take
+_NAME = ("name", lambda v: isinstance(v, str) and bool(v) and all(c.isalnum() or c in "._-+" for c in v),
+         "a non-empty string of letters, digits and . _ - + (it names the zoo's files)")
+_INT = {"population": 1, "epochs": 1, "batch_size": 1, "group_size": 1, "bases": 1, "seed": None}
+_ARCH_INT = {"depth": 0, "width": 1, "kernel_size": 1, "stride": 1}
+_HYPER_RANGE: dict[str, tuple[float, float, bool, bool]] = {  # (low, high, low included, high included)
+    "lr": (0.0, math.inf, False, False), "momentum": (0.0, 1.0, True, False),
+    "weight_decay": (0.0, math.inf, True, False), "init_scale": (0.0, math.inf, False, False),
+    "dropout": (0.0, 1.0, True, False), "label_noise": (0.0, 1.0, True, True),
+    "train_fraction": (0.0, 1.0, False, True), "grad_clip": (0.0, math.inf, True, False),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _support(spec: Any) -> list[Any]:
+    """The values a field's distribution can take, as far as they are listed (fixed value, choices, and the
+    bounds of an interval)."""
+    if isinstance(spec, list):
+        return [x for v in spec for x in _support(v)]
+    if isinstance(spec, dict):
+        if "choice" in spec:
+            return _support(list(spec["choice"])) + ([0.0] if spec.get("zero") else [])
+        for k in ("uniform", "log_uniform"):
+            if k in spec and isinstance(spec[k], list):
+                return list(spec[k]) + ([0.0] if spec.get("zero") else [])
+        return []
+    return [spec]
+
+
+def _check_int(value: Any, least: int | None, what: str) -> None:
+    for v in _support(value):
+        if not _is_int(v) or (least is not None and v < least):
+            need = "an integer" + (f" >= {least}" if least is not None else "")
+            raise RecipeError(f"{what} must be {need}, got {v!r}")
+
+
+def _check_range(value: Any, name: str, what: str) -> None:
+    lo, hi, lo_in, hi_in = _HYPER_RANGE[name]
+    for v in _support(value):
+        ok = _is_num(v) and (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+        if not ok:
+            if hi == math.inf:
+                need = "a number >= 0" if lo_in else "a positive number"
+            else:
+                need = "a number in " + ("[" if lo_in else "(") + f"{lo:g}, {hi:g}" + ("]" if hi_in else ")")
+            raise RecipeError(f"{what} must be {need}, got {v!r}")
+
+
+def check_values(raw: dict[str, Any], source: str = "<dict>") -> None:
+    """Types, signs and ranges of a recipe's values, each failure a :class:`RecipeError` naming the recipe
+    and key (``epochs = "ten"``, a negative batch size or width, a learning rate <= 0, a train fraction
+    outside (0, 1], ...)."""
+    r = f"recipe {source}: key"
+    test, need = _NAME[1], _NAME[2]
+    if "name" in raw and not test(raw["name"]):
+        raise RecipeError(f"{r} 'name' must be {need}, got {raw['name']!r}")
+    for k, least in _INT.items():
+        if k in raw:
+            _check_int(raw[k], least, f"{r} {k!r}")
+    ds = raw.get("datasets")
+    if ds is not None and not (isinstance(ds, str) or (isinstance(ds, list) and ds and all(isinstance(d, str) for d in ds))):
+        raise RecipeError(f"{r} 'datasets' must be a dataset name or a non-empty list of names, got {ds!r}")
+    ck = raw.get("checkpoints")
+    if ck is not None and not (isinstance(ck, list) and ck and all(_is_int(c) and c >= 0 for c in ck)):
+        raise RecipeError(f"{r} 'checkpoints' must be a non-empty list of epochs (integers >= 0), got {ck!r}")
+    if "description" in raw and not isinstance(raw["description"], str):
+        raise RecipeError(f"{r} 'description' must be a string")
+    for section in ("architecture", "hyperparameters", "pretrain"):
+        if section in raw and not isinstance(raw[section], dict):
+            raise RecipeError(f"recipe {source}: [{section}] must be a table, got {type(raw[section]).__name__}")
+    for k, v in raw.get("architecture", {}).items():
+        what = f"{r} 'architecture.{k}'"
+        if k in _ARCH_INT:
+            _check_int(v, _ARCH_INT[k], what)
+        elif k == "hidden":
+            for h in _support(v) if not (isinstance(v, list) and all(_is_int(x) for x in v)) else v:
+                if not _is_int(h) or h < 1:
+                    raise RecipeError(f"{what} must be a list of integers >= 1, got {v!r}")
+        elif k in ("batchnorm", "layernorm"):
+            if not all(isinstance(x, bool) for x in _support(v)):
+                raise RecipeError(f"{what} must be true or false, got {v!r}")
+        elif k in ("kind", "activation"):
+            if not all(isinstance(x, str) for x in _support(v)):
+                raise RecipeError(f"{what} must be a name (string), got {v!r}")
+    for section in ("hyperparameters", "pretrain"):
+        for k, v in raw.get(section, {}).items():
+            what = f"{r} '{section}.{k}'"
+            if k in _HYPER_RANGE:
+                _check_range(v, k, what)
+            elif k == "optimizer" and not all(isinstance(x, str) for x in _support(v)):
+                raise RecipeError(f"{what} must be an optimizer name (string), got {v!r}")
+            elif section == "pretrain" and k in _INT:
+                _check_int(v, _INT[k], what)
+            elif section == "pretrain" and k == "dataset" and not isinstance(v, str):
+                raise RecipeError(f"{what} must be a dataset name, got {v!r}")
+
+
 def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
-    """Validate a recipe given as a dict (the parsed TOML)."""
+    """Validate a recipe given as a dict (the parsed TOML); bad values raise :class:`RecipeError`."""
+    check_values(raw, source)
     unknown = set(raw) - _TOP_KEYS
     if unknown:
         raise ConfigError(f"recipe {source}: unknown key(s) {sorted(unknown)} (known: {sorted(_TOP_KEYS)})")
