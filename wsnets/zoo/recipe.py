@@ -279,6 +279,7 @@ _HYPER_RANGE: dict[str, tuple[float, float, bool, bool]] = {  # (low, high, low 
     "weight_decay": (0.0, math.inf, True, False), "init_scale": (0.0, math.inf, False, False),
     "dropout": (0.0, 1.0, True, False), "label_noise": (0.0, 1.0, True, True),
     "train_fraction": (0.0, 1.0, False, True), "grad_clip": (0.0, math.inf, True, False),
+    "init_std": (0.0, math.inf, False, False), "l2": (0.0, math.inf, True, False),
 }
 
 
@@ -357,6 +358,9 @@ def check_values(raw: dict[str, Any], source: str = "<dict>") -> None:
         elif k in ("batchnorm", "layernorm"):
             if not all(isinstance(x, bool) for x in _support(v)):
                 raise RecipeError(f"{what} must be true or false, got {v!r}")
+        elif k == "padding":
+            if not all(x in ("same", "valid") or (_is_int(x) and x >= 0) for x in _support(v)):
+                raise RecipeError(f"{what} must be 'same', 'valid' or an integer >= 0, got {v!r}")
         elif k in ("kind", "activation"):
             if not all(isinstance(x, str) for x in _support(v)):
                 raise RecipeError(f"{what} must be a name (string), got {v!r}")
