@@ -85,9 +85,14 @@ def test_gradients_and_logits_match_autograd(name, fused, monkeypatch):
             assert torch.equal(eng1._grads(a, b, idx[a:b], yb[a:b])[0], eng2._grads(a, b, idx[a:b], yb[a:b])[0])
 
 
-def test_engine_trains_as_the_autograd_engine():
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_engine_trains_as_the_autograd_engine(device):
     """Without dropout, a mixed SGD/Adam/RMSprop group with an L2 penalty and no clipping reaches the same
-    weights and metrics with the CNN engine (chunks of 2) as with autograd through grouped convolutions."""
+    weights and metrics with the CNN engine (chunks of 2) as with autograd through grouped convolutions
+    (on CPU; on a GPU the engine's torch path, one chunk)."""
     dataset, arch = ARCHS["zoo1d"]
     base = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "init_scale": 1.0, "dropout": 0.0,
             "label_noise": 0.0, "train_fraction": 1.0, "grad_clip": 0.0, "l2": 1e-3, "init": "he_normal", "init_std": 0.05}
@@ -95,17 +100,17 @@ def test_engine_trains_as_the_autograd_engine():
            {"optimizer": "sgd", "lr": 0.02, "momentum": 0.9, "train_fraction": 0.5, "init": "truncated_normal"},
            {"optimizer": "adam", "lr": 0.001, "grad_clip": 1.0, "l2": 0.0}]
     runs = [RunSpec(i, f"c-{i}", 50 + i, arch, dataset, {**base, **hp}) for i, hp in enumerate(hps)]
-    bank = DataBank.build([dataset])
+    bank = DataBank.build([dataset], device)
     from wsnets.zoo import cnn_engine
     real = cnn_engine.CNNEngine.__init__
     try:
-        cnn_engine.CNNEngine.__init__ = lambda self, *a, **kw: real(self, *a, chunk=2, **kw)
+        cnn_engine.CNNEngine.__init__ = lambda self, *a, **kw: real(self, *a, chunk=2 if device == "cpu" else None, **kw)
         a = list(train_group(arch, runs, epochs=2, checkpoints=[2], batch_size=32, bank=bank, engine="cnn",
-                             steps_per_epoch=6))[-1]
+                             steps_per_epoch=6, device=device))[-1]
     finally:
         cnn_engine.CNNEngine.__init__ = real
     b = list(train_group(arch, runs, epochs=2, checkpoints=[2], batch_size=32, bank=bank, engine="autograd",
-                         steps_per_epoch=6))[-1]
+                         steps_per_epoch=6, device=device))[-1]
     for k in a.params:
         torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-5, msg=k)
     torch.testing.assert_close(a.metrics["test_loss"], b.metrics["test_loss"], rtol=1e-4, atol=1e-5)

@@ -790,7 +790,7 @@ class _Optimizer:
                          torch.empty_like(p[a:b][s:e], memory_format=torch.contiguous_format)
                          if o in ("adam", "rmsprop") else None)  # AdamW's / RMSprop's denominator
                         for o, s, e in segs])
-        return self.clip[a:b], out
+        return self.clip[a:b], out, torch.ones_like(self.clip[a:b])
 
     def step(self, grads: list[torch.Tensor], a: int = 0, b: int | None = None) -> None:
         """Update models ``a:b`` from their gradients (``grads[i]`` = rows ``a:b`` of block ``i``; scaled
@@ -799,13 +799,13 @@ class _Optimizer:
         plan = self.plans.get((a, b))
         if plan is None:
             plan = self.plans[(a, b)] = self._plan(a, b)
-        clip, blocks = plan
+        clip, blocks, ones = plan
         if self.l2 is not None:  # the L2 penalty's gradient, before clipping (it is part of the loss)
             for g, f, p in zip(grads, self.l2, self.blocks):
                 g.addcmul_(p[a:b], f[a:b])
         noclip = None if self.noclip is None else self.noclip[a:b]
         if noclip is not None and bool(noclip.all()):
-            coef, unclipped = torch.ones_like(clip), True
+            coef, unclipped = ones, True
         else:
             sq = torch.linalg.vector_norm(grads[0].flatten(1), dim=1, keepdim=True).square_()
             for g in grads[1:]:
@@ -821,8 +821,8 @@ class _Optimizer:
                     _adamw(p, g[s:e] if unclipped else g[s:e].mul_(coef[s:e].view(view)), m1, m2, lr, wd, self.t,
                            out=buf, lib=self.lib if g.is_contiguous() else None)
                 elif o == "rmsprop":
-                    _rmsprop(p, g[s:e] if unclipped else g[s:e].mul_(coef[s:e].view(view)), m1, m2, lr, wd, mom,
-                             out=buf)
+                    _rmsprop(p, g[s:e] if unclipped else g[s:e].mul_(coef[s:e].view(view)), m1, m2, lr, wd,
+                             mom if mom1 is None or mom1 else None, out=buf)
                 else:  # SGD; one momentum and no clipping: buf = mom * buf + g in one torch kernel
                     one = unclipped and mom1 is not None
                     args = (p, g[s:e], m1, lr, wd, mom1 if one else mom, None if one else coef[s:e].view(view))
@@ -846,14 +846,15 @@ def _segments(opts: Sequence[str]) -> list[tuple[str, int, int]]:
 def _rmsprop(p, g, m1, m2, lr, wd, mom, alpha: float = 0.9, eps: float = 1e-7,
              out: torch.Tensor | None = None) -> None:
     """``torch.optim.RMSprop`` (not centered) for a block of models, in place, with Keras' defaults
-    ``alpha`` (Keras' ``rho``) 0.9 and ``eps`` 1e-7 (Keras adds eps to the root as torch does); ``lr``,
-    ``mom`` per row, ``wd`` per row or None (L2 decay added to the gradient, as torch's ``weight_decay``);
-    ``out`` a scratch tensor like ``p``. The operations are torch's, in its order."""
+    ``alpha`` (Keras' ``rho``) 0.9 and ``eps`` 1e-7 (Keras adds eps to the root as torch does); ``lr``
+    per row, ``mom`` per row or None (no momentum), ``wd`` per row or None (L2 decay added to the
+    gradient, as torch's ``weight_decay``); ``out`` a scratch tensor like ``p``. The operations are
+    torch's, in its order."""
     if wd is not None:
         g = g.addcmul(p, wd)
     m2.mul_(alpha).addcmul_(g, g, value=1 - alpha)
     avg = torch.sqrt(m2, out=out).add_(eps)
-    if bool((mom > 0).any()):
+    if mom is not None:
         m1.mul_(mom).addcdiv_(g, avg)
         p.addcmul_(m1, lr, value=-1)
     else:
