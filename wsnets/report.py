@@ -113,7 +113,7 @@ def _test_predictions(run_dir: Path, zoo: str, target: str, filter: dict | None 
     for i, w in enumerate(nets):  # one predict call per architecture (feature widths differ by depth)
         groups.setdefault(w.arch, []).append(i)
     for idx in groups.values():
-        pred[torch.tensor(idx)] = torch.tensor([p[target] for p in mm.predict([nets[i] for i in idx])])
+        pred[torch.tensor(idx)] = torch.tensor([p[target] for p in mm.predict_records([nets[i] for i in idx])])
     true = torch.tensor([ds.target(r, target) for r in ds.rows])
     return pred, true
 

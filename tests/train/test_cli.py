@@ -55,7 +55,7 @@ def test_predict_text_and_json(run, tmp_path, capsys):
         wsnets.save(n, paths[-1])
     assert main(["predict", *paths, "--meta-model", str(run), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    expect = wsnets.train.MetaModel.load(run).predict(list(nets))
+    expect = wsnets.train.MetaModel.load(run).predict_records(list(nets))
     assert [r["checkpoint"] for r in rows] == paths
     assert [r["test_acc"] for r in rows] == pytest.approx([e["test_acc"] for e in expect], abs=1e-6)
     assert main(["predict", paths[0], "--meta-model", str(run)]) == 0

@@ -41,7 +41,7 @@ def test_load_predicts_like_the_trained_model(flat_run, tmp_path):
     out, res = flat_run
     mm = MetaModel.load(out)
     test = _fakes.FakeZooDataset(24, seed=2)            # the test split of the run
-    rows = mm.predict(list(test.ws))
+    rows = mm.predict_records(list(test.ws))
     pred = torch.tensor([r["test_acc"] for r in rows])
     tau = wsnets.train.kendall_tau(pred, test.y["test_acc"])
     assert tau == pytest.approx(res["seeds"][0]["test"]["test_acc"]["kendall_tau"], abs=1e-9)
@@ -51,7 +51,7 @@ def test_load_predicts_like_the_trained_model(flat_run, tmp_path):
     wsnets.save(net, tmp_path / "a.safetensors")
     torch.save(net.to_module().state_dict(), tmp_path / "b.pt")
     forms = [net, net.to_module(), net.to_module().state_dict(), tmp_path / "a.safetensors", str(tmp_path / "b.pt")]
-    for p in mm.predict(forms):
+    for p in mm.predict_records(forms):
         assert p["test_acc"] == pytest.approx(rows[3]["test_acc"], abs=1e-6)
 
 
@@ -59,17 +59,17 @@ def test_fixed_architecture_encoder_refuses_other_architectures(flat_run):
     mm = MetaModel.load(flat_run[0])
     other = wsnets.WeightSpace.random(wsnets.mlp(4, [7], 3))
     with pytest.raises(ArchitectureMismatchError, match="trained on"):
-        mm.predict([other])
+        mm.predict_records([other])
 
 
 def test_graph_meta_model_takes_unseen_architectures(tmp_path):
     run_training(_fakes.config("tiny-graph", epochs=2), out=tmp_path, datasets=_fakes.splits("graph"), plots=False)
     mm = MetaModel.load(tmp_path)
     nets = [wsnets.WeightSpace.random(wsnets.mlp(4, [16, 8], 3)), wsnets.WeightSpace.random(_fakes.ARCH)]
-    rows = mm.predict(nets)
+    rows = mm.predict_records(nets)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["test_acc"])) for r in rows)
     # invariance of the whole meta-model to hidden-neuron permutations
-    p = mm.predict([wsnets.random_permute(nets[0])])[0]
+    p = mm.predict_records([wsnets.random_permute(nets[0])])[0]
     assert p["test_acc"] == pytest.approx(rows[0]["test_acc"], abs=1e-5)
 
 
@@ -78,7 +78,7 @@ def test_gbm_meta_model_round_trip(tmp_path):
     res = run_training(cfg, out=tmp_path, datasets=_fakes.splits("stats"), plots=False)
     mm = MetaModel.load(tmp_path)                       # refits from the stored training features
     test = _fakes.FakeZooDataset(24, seed=2)
-    rows = mm.predict(list(test.ws))
+    rows = mm.predict_records(list(test.ws))
     tau = wsnets.train.kendall_tau(torch.tensor([r["test_acc"] for r in rows]), test.y["test_acc"])
     assert tau == pytest.approx(res["seeds"][0]["test"]["test_acc"]["kendall_tau"], abs=1e-12)
     assert res["seeds"][0]["test"]["test_acc"]["kendall_tau"] > 0.2

@@ -105,6 +105,6 @@ def test_statnn_mlp_on_zoo_round_trip(zoo, tmp_path):
     assert rc == 0
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     test = ZooDataset(zoo, "stats", ["test_acc"], split="test")
-    rows = MetaModel.load(tmp_path / "r").predict(test.weightspaces())
+    rows = MetaModel.load(tmp_path / "r").predict_records(test.weightspaces())
     tau = kendall_tau(torch.tensor([r["test_acc"] for r in rows]), [r["test_acc"] for r in test.rows])
     assert tau == pytest.approx(m["seeds"][0]["test"]["test_acc"]["kendall_tau"], abs=1e-6)

@@ -50,7 +50,14 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .meta_model import MetaModel
     mm = MetaModel.load(args.meta_model, device=args.device)
-    rows = [{"checkpoint": c, **r} for c, r in zip(args.checkpoints, _predict_each(mm, args.checkpoints, args))]
+    tested = mm.test_metrics or {}
+    rows = [{"checkpoint": c, **r, **({"meta_model_test": tested} if tested else {})}
+            for c, r in zip(args.checkpoints, _predict_each(mm, args.checkpoints, args))]
+    outside = [r for r in rows if r.get("in_range") is False]
+    if outside and not args.json:
+        from ..cli import note
+        note(args, f"{len(outside)} of {len(rows)} network(s) lie outside the range the meta-model was trained on: "
+                   "their predictions are extrapolations, not to be trusted")
 
     def text() -> str:
         out = []
@@ -60,12 +67,35 @@ def _predict(args: argparse.Namespace) -> int:
                 if f"{t}_probs" in r:
                     probs = sorted(r[f"{t}_probs"].items(), key=lambda kv: -kv[1])[:3]
                     parts.append(f"{t} {r[t]} (" + ", ".join(f"{c} {p:.2f}" for c, p in probs) + ")")
+                elif r[t] is None or r[t] != r[t]:  # a network the meta-model cannot read
+                    parts.append(f"{t} -")
                 else:
-                    parts.append(f"{t} {r[t]:.4f}")
+                    clip = f" (clipped from {r[t + '_unclipped']:.4f})" if f"{t}_unclipped" in r else ""
+                    parts.append(f"{t} {r[t]:.4f}{clip}")
+            if r.get("in_range") is False:
+                parts.append("WARNING out of range: " + "; ".join(r["range_reasons"]))
+            if r.get("cast"):
+                parts.append(f"({r['cast']})")
             out.append(f"{r['checkpoint']}: " + "   ".join(parts))
-        return "\n".join(out)
+        return "\n".join(out + [_meta_model_line(mm, args.meta_model)])
     emit(args, rows, text)
     return 0
+
+
+def _meta_model_line(mm: Any, run: str) -> str:
+    """The meta-model's own test metrics and the range it was trained on, shown beside its predictions."""
+    enc = (getattr(mm, "config", None) or {}).get("encoder", {}).get("name", "?")
+    tested = mm.test_metrics or {}
+    if tested:
+        names = {"kendall_tau": "τ", "mae": "MAE", "r2": "R²", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+        test = "; its test split: " + ", ".join(
+            f"{t} " + " ".join(f"{names[k]} {v:.3f}" for k, v in ms.items() if k in ("kendall_tau", "mae", "accuracy"))
+            for t, ms in tested.items())
+    else:
+        test = "; its test metrics were not recorded (an older run: see metrics.json)"
+    rng = mm.trained_on.summary() if mm.trained_on is not None else \
+        "training range unknown (saved by an older wsnets): predictions are not checked against it"
+    return f"meta-model {run} ({enc}){test}; {rng}"
 
 
 def _predict_each(mm: Any, paths: list[str], args: Any = None) -> list[dict]:
@@ -75,7 +105,7 @@ def _predict_each(mm: Any, paths: list[str], args: Any = None) -> list[dict]:
     for p in paths:
         ws = load_checkpoint(p, args)
         nets.append(ws[0] if ws.batch_size is not None else ws)
-    return mm.predict(nets)
+    return mm.predict_records(nets)
 
 
 def register(sub) -> None:

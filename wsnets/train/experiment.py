@@ -21,7 +21,8 @@ from .distributed import Dist, device_for, setup, teardown
 from .logging import RunLogger
 from .gbm import GBMMetaModel, features_and_targets, is_gbm
 from .loop import evaluate, fit, metrics_from_outputs, normalization, predict_dataset, target_metrics
-from .meta_model import MetaModel, build_encoder, is_classification
+from .meta_model import MetaModel, build_encoder, compact_metrics, is_classification
+from .ranges import for_dataset
 from .metrics import aggregate, fmt
 
 SPLITS = ("train", "val", "test")
@@ -108,7 +109,9 @@ def run_training(cfg: TrainConfig, *, zoo: str | Path | None = None, out: str | 
             mm, info, val, test, real, y = _train_seed(cfg, s, datasets, example, classes, norm, dev, dist, logger)
             per_seed.append({"seed": s, **info, "val": val, "test": test})
             logger.log("test", step=k, seed=s, **test)
-            if dist.is_main:
+            if dist.is_main:  # what predict shows beside its answers: the range trained on, the test metrics
+                mm.test_metrics = compact_metrics(test)
+                mm.trained_on = for_dataset(mm, datasets["train"], dev)
                 mm.to("cpu").save(out / "seeds" / str(k))
                 if k == 0:
                     mm.save(out)

@@ -19,7 +19,7 @@ from ..arch import Architecture
 from ..errors import ConfigError
 from ..io import atomic_write_json, read_safetensors, write_safetensors
 from .config import TrainConfig, from_dict
-from .meta_model import FORMAT, Predictor, is_classification, read_run
+from .meta_model import FORMAT, Predictor, is_classification, load_range, range_meta, read_run, save_range
 
 GBM_ENCODERS = ("stat_gbm", "esd_gbm")
 
@@ -90,10 +90,12 @@ class GBMMetaModel(Predictor):
         run.mkdir(parents=True, exist_ok=True)
         tensors = {"X_train": self.X, **{f"y.{t}": v for t, v in self.y.items()}}
         write_safetensors(run / "model.safetensors", tensors, {"wsnets.metamodel": FORMAT})
+        save_range(self, run)
         atomic_write_json(run / "config.json", {
             "format": FORMAT, "kind": "gbm", "config": self.config, "targets": self.targets, "classes": self.classes,
             "representation": self.representation, "feature_dim": self.feature_dim, "seed": self.seed,
-            "example_arch": self.example_arch.to_json() if self.example_arch is not None else None})
+            "example_arch": self.example_arch.to_json() if self.example_arch is not None else None,
+            **range_meta(self)})
         atomic_write_json(run / "normalization.json", {})   # trees predict raw targets
         return run
 
@@ -111,7 +113,12 @@ class GBMMetaModel(Predictor):
         if missing:
             from ..errors import MissingKeyError
             raise MissingKeyError(f"{run / 'model.safetensors'}: missing tensor {missing[0]!r}")
+        load_range(mm, run, meta)
         return mm.fit(tensors["X_train"], {t: tensors[f"y.{t}"] for t in mm.targets})
+
+    def reference_features(self, x: Any) -> torch.Tensor:
+        """The GBMs read the features themselves."""
+        return torch.as_tensor(x).double().cpu()
 
     def to(self, *args: Any, **kwargs: Any) -> "GBMMetaModel":  # CPU only; keeps the MetaModel API
         return self

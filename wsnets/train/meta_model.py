@@ -21,6 +21,7 @@ Examples
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -78,15 +79,25 @@ def _head(in_dim: int, out: int, hidden: int, dropout: float) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out))
 
 
-def load_networks(checkpoints: Sequence[Any] | Any) -> list[WeightSpace]:
-    """Single-network WeightSpaces from paths, nn.Modules, state_dicts or (batched) WeightSpaces."""
-    from ..io import load
+# bounded regression targets: predictions are clipped to these ranges (the raw value is kept beside)
+BOUNDS: dict[str, tuple[float, float]] = {"test_acc": (0.0, 1.0), "train_acc": (0.0, 1.0), "gen_gap": (-1.0, 1.0),
+                                          "test_loss": (0.0, math.inf), "train_loss": (0.0, math.inf)}
+
+
+def load_networks(checkpoints: Sequence[Any] | Any, notes: list[str | None] | None = None) -> list[WeightSpace]:
+    """Single-network WeightSpaces from paths, nn.Modules, state_dicts or (batched) WeightSpaces, in
+    float32 or float64 (half-precision weights are cast to float32; ``notes`` receives, per network,
+    what was cast or None)."""
+    from ..io import compute_dtype, load
     if isinstance(checkpoints, (str, Path, WeightSpace, nn.Module, Mapping)):
         checkpoints = [checkpoints]
     nets: list[WeightSpace] = []
     for c in checkpoints:
-        ws = canonicalize(load(c))
-        nets.extend(list(ws) if ws.batch_size is not None else [ws])
+        ws, cast = compute_dtype(canonicalize(load(c)), dtypes=(torch.float32,))  # the meta-model computes in float32
+        more = list(ws) if ws.batch_size is not None else [ws]
+        nets.extend(more)
+        if notes is not None:
+            notes.extend([cast] * len(more))
     return nets
 
 
@@ -111,28 +122,89 @@ def canonicalize(ws: WeightSpace) -> WeightSpace:
 
 class Predictor:
     """``predict(checkpoints)`` for anything with ``targets``, ``classes``, ``representation`` and
-    ``predict_features(x) -> {target: [B] value | [B, C] probabilities}``."""
+    ``predict_features(x) -> {target: [B] value | [B, C] probabilities}``; ``trained_on`` (a
+    :class:`~wsnets.train.ranges.TrainingRange`, None for runs saved before wsnets recorded it) and
+    ``test_metrics`` (the meta-model's own test-split metrics) when known."""
 
     targets: list[str]
     classes: dict[str, list[str]]
     representation: str
     feature_dim: int | None
     example_arch: Architecture | None
+    trained_on: Any = None
+    test_metrics: dict | None = None
+
+    def predict(self, checkpoints: Sequence[Any] | Any, *, batch_size: int = 64):
+        """Predictions for checkpoints (paths, nn.Modules, state_dicts or WeightSpaces) as a pandas
+        DataFrame, one row per network (see :meth:`predict_records` for the columns)."""
+        import pandas as pd
+        return pd.DataFrame(self.predict_records(checkpoints, batch_size=batch_size))
 
     @torch.no_grad()
-    def predict(self, checkpoints: Sequence[Any] | Any, *, batch_size: int = 64) -> list[dict]:
-        """Predictions for checkpoints (paths, nn.Modules, state_dicts or WeightSpaces).
-
-        Returns one dict per network: each regression target's value in real units, and for
-        ``dataset``/``task`` the predicted class name plus ``"<target>_probs"``: ``{class: probability}``.
-        """
-        nets = load_networks(checkpoints)
-        results: list[dict] = []
-        for i in range(0, len(nets), batch_size):
-            x = represent(nets[i:i + batch_size], self.representation)
+    def predict_records(self, checkpoints: Sequence[Any] | Any, *, batch_size: int = 64) -> list[dict]:
+        """One dict per network: each regression target's value in real units, clipped to its range
+        (:data:`BOUNDS`; the unclipped value as ``"<target>_unclipped"`` when it was outside), for
+        ``dataset``/``task`` the predicted class name and ``"<target>_probs"`` ``{class: probability}``;
+        ``in_range`` (True, False, or None when the meta-model records no training range) with
+        ``range_reasons``, ``distance``/``threshold`` (see :mod:`wsnets.train.ranges`); ``cast`` when the
+        weights were cast to another precision."""
+        notes: list[str | None] = []
+        nets = load_networks(checkpoints, notes)
+        results: list[dict | None] = [None] * len(nets)
+        ok = list(range(len(nets)))
+        if self.representation in ("stats", "esd") and self.feature_dim is not None:
+            from ..zoo.dataset import _feature_width
+            for i, w in enumerate(nets):  # a deeper network than any trained on has more features than the heads read
+                n = _feature_width(w.arch.to_json(), self.representation)
+                if n > self.feature_dim:
+                    results[i] = self._unreadable(f"its {self.representation} features have {n} entries, the "
+                                                  f"meta-model reads {self.feature_dim} (deeper than every network "
+                                                  "it was trained on)")
+            ok = [i for i in ok if results[i] is None]
+        for s in range(0, len(ok), batch_size):
+            idx = ok[s:s + batch_size]
+            chunk = [nets[i] for i in idx]
+            x = represent(chunk, self.representation)
             self._check_features(x)
-            results.extend(self._rows(self.predict_features(self._pad(x))))
-        return results
+            x = self._pad(x)
+            rows = self._rows(self.predict_features(x))
+            for i, r, check in zip(idx, rows, self._check_range(chunk, x)):
+                r.update(check)
+                results[i] = r
+        for r, cast in zip(results, notes):
+            self._clip(r)
+            if cast:
+                r["cast"] = cast
+        return results  # type: ignore[return-value]
+
+    def _unreadable(self, why: str) -> dict:
+        """The row of a network the meta-model cannot read: no prediction, out of range, and why."""
+        r: dict[str, Any] = {t: (None if is_classification(t) else math.nan) for t in self.targets}
+        return {**r, "in_range": False, "range_reasons": [why]}
+
+    def reference_features(self, x: Any) -> torch.Tensor | None:
+        """What the heads read for an already represented batch (for the range check); None if unknown."""
+        return None
+
+    def _check_range(self, nets: Sequence[WeightSpace], x: Any) -> list[dict]:
+        if self.trained_on is None:
+            return [{"in_range": None, "range_reasons": ["the meta-model records no training range (saved by an "
+                                                         "older wsnets): unknown"]} for _ in nets]
+        z = self.reference_features(x) if self.trained_on.reference is not None else None
+        out = []
+        for c in self.trained_on.check(nets, z):
+            c["range_reasons"] = c.pop("reasons")
+            out.append(c)
+        return out
+
+    def _clip(self, r: dict) -> None:
+        for t in self.targets:
+            if t in BOUNDS and isinstance(r.get(t), float):
+                lo, hi = BOUNDS[t]
+                v = r[t]
+                if not lo <= v <= hi:
+                    r[f"{t}_unclipped"] = v
+                    r[t] = min(max(v, lo), hi)
 
     def _check_features(self, x: Any) -> None:
         from ..errors import ArchitectureMismatchError
@@ -162,6 +234,55 @@ class Predictor:
                 for r, val in zip(rows, v.tolist()):
                     r[t] = val
         return rows
+
+    def describe(self) -> dict[str, Any]:
+        """What the meta-model is: targets, its own test metrics and the range it was trained on."""
+        return {"targets": list(self.targets), "representation": self.representation,
+                "encoder": (getattr(self, "config", None) or {}).get("encoder", {}).get("name"),
+                "test_metrics": self.test_metrics,
+                "trained_on": self.trained_on.to_json() if self.trained_on is not None else None}
+
+
+def compact_metrics(test: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """The headline test metrics per target (τ, R², MAE; accuracy, macro-F1) as plain numbers."""
+    out = {}
+    for t, ms in test.items():
+        if not isinstance(ms, Mapping):
+            continue
+        keep = {}
+        for k in ("kendall_tau", "r2", "mae", "accuracy", "macro_f1"):
+            v = ms.get(k)
+            v = v.get("mean") if isinstance(v, Mapping) else v
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                keep[k] = float(v)
+        if keep:
+            out[t] = keep
+    return out
+
+
+def range_meta(mm: Any) -> dict[str, Any]:
+    """The ``config.json`` entries of a meta-model's training range and own test metrics (if known)."""
+    out: dict[str, Any] = {}
+    if getattr(mm, "trained_on", None) is not None:
+        out["trained_on"] = mm.trained_on.to_json()
+    if getattr(mm, "test_metrics", None):
+        out["test_metrics"] = mm.test_metrics
+    return out
+
+
+def save_range(mm: Any, run: Path) -> None:
+    from .ranges import FILE
+    if getattr(mm, "trained_on", None) is not None:
+        mm.trained_on.save(run)
+    elif (run / FILE).exists():
+        (run / FILE).unlink()
+
+
+def load_range(mm: Any, run: Path, meta: Mapping[str, Any]) -> None:
+    from .ranges import TrainingRange
+    mm.trained_on = TrainingRange.load(run, dict(meta))
+    tm = meta.get("test_metrics")
+    mm.test_metrics = tm if isinstance(tm, dict) else None
 
 
 def read_run(run: str | Path) -> tuple[dict, dict]:
@@ -269,10 +390,12 @@ class MetaModel(Predictor, nn.Module):
         run = Path(run)
         run.mkdir(parents=True, exist_ok=True)
         write_safetensors(run / "model.safetensors", self.state_dict(), {"wsnets.metamodel": FORMAT})
+        save_range(self, run)
         atomic_write_json(run / "config.json", {
             "format": FORMAT, "kind": "nn", "config": self.config, "targets": self.targets, "classes": self.classes,
             "representation": self.representation, "feature_dim": self.feature_dim,
-            "example_arch": self.example_arch.to_json() if self.example_arch is not None else None})
+            "example_arch": self.example_arch.to_json() if self.example_arch is not None else None,
+            **range_meta(self)})
         atomic_write_json(run / "normalization.json", self.normalization)
         return run
 
@@ -296,7 +419,15 @@ class MetaModel(Predictor, nn.Module):
         if missing:
             raise MissingKeyError(f"{run / 'model.safetensors'}: missing tensor {sorted(missing)[0]!r}")
         mm.load_state_dict(tensors, strict=True)
+        load_range(mm, run, meta)
         return mm.to(device).eval()
+
+    @torch.no_grad()
+    def reference_features(self, x: Any) -> torch.Tensor:
+        """The encoder's embedding ``[B, d]`` of an already represented batch (what the heads read)."""
+        self.eval()
+        device = next(self.parameters()).device
+        return self.encoder(x.to(device)).float().cpu()
 
     @torch.no_grad()
     def predict_features(self, x: Any) -> dict[str, torch.Tensor]:

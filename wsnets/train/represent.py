@@ -56,11 +56,9 @@ def represent(nets: Sequence[WeightSpace], representation: str) -> Any:
     if representation == "tensors":
         return stack(nets)
     parts = {a: _features(stack([nets[i] for i in idx]), representation) for a, idx in groups.items()}
-    dims = {p.shape[-1] for p in parts.values()}
-    if len(dims) > 1:
-        raise ArchitectureMismatchError(f"{representation} features of different lengths {sorted(dims)}: "
-                                        f"the networks have different depths")
-    out = torch.empty(len(nets), dims.pop(), dtype=next(iter(parts.values())).dtype)
+    width = max(p.shape[-1] for p in parts.values())
+    # networks of different depths: zero-padded to the longest row, as ZooDataset pads a mixed zoo
+    out = torch.zeros(len(nets), width, dtype=next(iter(parts.values())).dtype)
     for a, idx in groups.items():   # one entry per architecture, not per network
-        out[torch.tensor(idx)] = parts[a]
+        out[torch.tensor(idx), :parts[a].shape[-1]] = parts[a]
     return out

@@ -22,6 +22,7 @@ a text column (``dataset``, ``task``, ``activation``...) gives a class index int
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import operator
 from pathlib import Path
@@ -46,6 +47,19 @@ def split_of(model_id: str, seed: int, fractions: Sequence[float]) -> str:
     u = int(hashlib.sha1(f"{seed}:{model_id}".encode()).hexdigest()[:12], 16) / 16 ** 12
     a, b = fractions[0], fractions[0] + fractions[1]
     return "train" if u < a else ("val" if u < b else "test")
+
+
+@functools.lru_cache(maxsize=1024)
+def _feature_width(arch_json: str, representation: str) -> int:
+    """Length of the ``flat``/``stats``/``esd`` row of a network of this architecture."""
+    from ..arch import Architecture
+    ws = WeightSpace.random(Architecture.from_json(arch_json), 1)
+    if representation == "flat":
+        return int(ws.flat().shape[-1])
+    if representation == "stats":
+        return int(ws.stat_features().shape[-1])
+    from ..esd import esd_features
+    return int(esd_features(ws).shape[-1])
 
 
 class ZooDataset(torch.utils.data.Dataset):
@@ -157,10 +171,15 @@ class ZooDataset(torch.utils.data.Dataset):
                     f = esd_features(b)
                 for j, i in enumerate(idx):
                     feats[i] = f[j].float()
-            width = max((len(f) for f in feats), default=0)
+            width = max([len(f) for f in feats] + [self._zoo_width()])  # one width for every split of the zoo
             self._feats = torch.stack([torch.nn.functional.pad(f, (0, width - len(f))) for f in feats]) \
                 if feats else torch.zeros(0, 0)
         return self._feats
+
+    def _zoo_width(self) -> int:
+        """The longest feature row among the filtered zoo's architectures (all splits), so that train, val
+        and test share one width (a split without the deepest networks would otherwise be narrower)."""
+        return max((_feature_width(a, self.representation) for a in {r["arch"] for r in self.zoo.rows}), default=0)
 
     def collate(self, items: Sequence[tuple[Any, dict]]) -> tuple[Any, dict[str, torch.Tensor]]:
         """Batch items: ``(batched_x, {target: [B] tensor})`` (float, or long for class targets)."""
