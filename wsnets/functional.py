@@ -247,7 +247,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, ca
         return t.reshape(-1, n, heads, t.shape[-1] // heads).transpose(1, 2)     # [M, heads, n, d]
     qh, kh, vh = split(q, T), split(k, S), split(v, S)
     d = qh.shape[-1]
-    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale / d ** 0.5)
+    # written out rather than F.scaled_dot_product_attention: its CPU kernel has no double backward
+    # (Hessian-vector products) and no vmap rule (landscapes evaluate many points at once)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * (scale / d ** 0.5)
+    if causal:
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    out = torch.matmul(scores.softmax(-1), vh)
     return out.transpose(1, 2).reshape(*lead, T, v.shape[-1])
 
 

@@ -45,8 +45,8 @@ class FunctionalNet:
         # ws key -> module key ("net.3.weight" -> "3.weight")
         self.module_key: dict[str, str] = {}
         for i, l in enumerate(self.arch.layers):
-            for k in l.param_shapes():
-                self.module_key[f"{l.name}.{k}"] = f"{i}.{k}"
+            for k in l.param_shapes():  # a chain's module names layers by position, a DAG's keeps the keys
+                self.module_key[l.key(k)] = f"{i}.{k}" if self.arch.is_chain else l.key(k)
         self.keys = [k for k in self.ws.params if not is_stat(k)]
         self.shapes = [tuple(self.ws.params[k].shape) for k in self.keys]
         self.numels = [int(torch.Size(s).numel()) for s in self.shapes]

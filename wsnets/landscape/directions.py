@@ -62,16 +62,18 @@ def normalize_direction(direction: WeightSpace, ws: WeightSpace, norm: str = "fi
     out = {}
     for l in ws.arch.layers:
         for k in l.param_shapes():
-            key = f"{l.name}.{k}"
+            key = l.key(k)
             d, w = direction.params[key], ws.params[key].to(direction.params[key].dtype)
-            keep = (l.is_weight and k == "weight") or (l.is_weight and k == "bias" and include_bias) \
-                or (l.is_norm and not is_stat(key) and include_norm)
+            weight = (l.is_weight and k == "weight") or (l.kind in ("embedding", "mha", "param") and "bias" not in k)
+            bias = (l.is_weight or l.kind == "mha") and "bias" in k
+            norm_param = l.kind in ("batchnorm", "layernorm", "rmsnorm", "groupnorm")
+            keep = weight or (bias and include_bias) or (norm_param and not is_stat(key) and include_norm)
             if not keep or is_stat(key):
                 out[key] = torch.zeros_like(d)
             elif norm == "none":
                 out[key] = d.clone()
             else:
-                per_filter = norm == "filter" and l.is_weight and k == "weight"
+                per_filter = norm == "filter" and weight and d.dim() > 1 + lead
                 out[key] = d * (_norm_over(w, lead, per_filter) / (_norm_over(d, lead, per_filter) + eps))
     return WeightSpace(ws.arch, out, ws.batch_size, check=False)
 

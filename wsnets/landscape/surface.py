@@ -158,7 +158,8 @@ def evaluate_points(ws: WeightSpace, directions: Sequence[WeightSpace], coeffs: 
     if chunk_size is None:
         chunk_size = 32 if net.device.type == "cpu" else 256
     first = next(i for i, l in enumerate(ws.arch.layers) if l.is_weight)
-    eligible = all(l.kind in _PRE_OK for l in ws.arch.layers[:first])  # else: plain batched evaluation
+    eligible = ws.arch.is_chain and all(l.kind in _PRE_OK for l in ws.arch.layers[:first])  # else: plain batched
+    # evaluation (a DAG's module is no Sequential to slice at its first layer)
     fl = _FirstLayer(net, dirs) if first_layer_trick and eligible else None
     pres = [fl.precompute(x) for x, _ in data] if fl else None
     bar = tqdm(total=G, disable=not progress, desc="surface", unit="pt")
