@@ -374,7 +374,7 @@ class _Converter:
         self.ins: list[tuple[int, ...]] = []
         self.shapes: list[tuple[int, ...]] = []
         self.values: dict[fx.Node, Any] = {}
-        self.params = dict(gm.named_parameters())
+        self.params = dict(gm.named_parameters()) if fx_mode else dict(getattr(gm, "_wsnets_params", {}))
         self.buffers = dict(gm.named_buffers())
         self.lifted: dict[str, str] = getattr(gm, "_wsnets_lifted", {})
 
@@ -903,6 +903,7 @@ def _export_graph(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     out._wsnets_lifted = lifted
     out._wsnets_user_input = sig.user_inputs[0]
     out._wsnets_state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    out._wsnets_params = dict(module.named_parameters())
     return out
 
 

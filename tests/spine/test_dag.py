@@ -203,3 +203,32 @@ def test_weight_matching_recovers_a_spec_permutation(name):
     x = example_input(ws.to_module(), shape, 32)
     b3, _ = activation_matching(ws, b, x)   # function-preserving whatever it finds
     assert_same_function(b.to_module(), b3.to_module(), x)
+
+
+class _ShapeBranch(nn.Module):
+    """Python control flow on a shape: torch.fx cannot trace it, torch.export can."""
+
+    def __init__(self, op=None):
+        super().__init__()
+        self.a, self.n, self.b = nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+        self.layer3 = nn.Sequential(nn.Identity(), _CumsumOp()) if op == "cumsum" else None
+
+    def forward(self, x):
+        if x.shape[-1] == 4:
+            x = self.a(x)
+        h = torch.relu(self.n(x))
+        if self.layer3 is not None:
+            h = self.layer3(h)
+        return self.b(h)
+
+
+def test_export_fallback_where_fx_fails():
+    m = _ShapeBranch().eval()
+    ws = wsnets.load(m, input_shape=(4,))
+    assert [l.kind for l in ws.arch.layers] == ["linear", "layernorm", "act", "linear"]
+    assert_same_function(m, ws.to_module(), input_shape=(4,))
+
+
+def test_unknown_aten_op_names_op_and_place():
+    with pytest.raises(wsnets.UnsupportedLayerError, match=r"unknown op aten.cumsum at 'layer3.1'"):
+        wsnets.load(_ShapeBranch("cumsum"), input_shape=(4,))
