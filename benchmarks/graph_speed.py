@@ -65,6 +65,7 @@ def _pre_dag_graph_module():
         return None
     mod = types.ModuleType("wsnets._graph_pre_dag")
     mod.__package__ = "wsnets"
+    sys.modules[mod.__name__] = mod   # dataclasses look their module up
     exec(compile(src, "graph_pre_dag.py", "exec"), mod.__dict__)
     return mod
 

@@ -279,7 +279,8 @@ def trace(module: nn.Module, input_shape: tuple[int, ...] | None = None, *,
     """The :class:`Architecture` of ``module`` (see the module docstring).
 
     ``input_shape`` (without the batch dim) or ``example`` (a batch) sets the input the graph is run on;
-    without either it is guessed from the first layer. A sequential MLP gets ``input_shape = (in,)`` and a
+    without either, the module's own ``input_shape`` attribute if it has one, else a guess from its first
+    layer. A sequential MLP gets ``input_shape = (in,)`` and a
     sequential CNN none unless given, as they always had.
     """
     if type(module).forward is nn.Module.forward:
@@ -289,6 +290,8 @@ def trace(module: nn.Module, input_shape: tuple[int, ...] | None = None, *,
         raise UnsupportedLayerError(f"{type(module).__name__} has no forward()")
     if isinstance(module, _LEAVES) or not any(True for _ in module.children()):
         module = nn.Sequential(module)  # a bare layer: name it "0" as a one-layer Sequential would
+    if input_shape is None and example is None and isinstance(getattr(module, "input_shape", None), (tuple, list)):
+        input_shape = tuple(module.input_shape)   # a module may say what it reads
     if example is None:
         example = example_input(module, input_shape)
     was = module.training
@@ -400,7 +403,7 @@ class _Converter:
         return UnsupportedLayerError(f"unknown op {name} at {self.where(node)!r}")
 
     def run(self) -> Architecture:
-        interp = _Recorder(self.gm, self.values)
+        interp = _Recorder(self.gm, self.values, tuple(self.example.shape))
         with torch.no_grad():
             interp.run(self.example) if self.fx_mode else interp.run(*self._export_inputs())
         env: dict[fx.Node, _V] = {}
@@ -538,9 +541,10 @@ _SHAPE_ONLY = (torch.zeros_like, torch.ones_like, torch.arange, "size", "dim", "
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, store: dict) -> None:
+    def __init__(self, gm: fx.GraphModule, store: dict, example_shape=()) -> None:
         super().__init__(gm)
         self.store = store
+        self.example_shape = example_shape[1:]
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -549,7 +553,9 @@ class _Recorder(fx.Interpreter):
             stack = n.meta.get("nn_module_stack") or {}
             path = n.target if n.op == "call_module" else (list(stack.values())[-1][0] if stack else "")
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ShapeMismatchError(f"running the module on an example input fails at {path!r}: {msg}") from None
+            raise ShapeMismatchError(f"running the module on an example input {tuple(self.example_shape)} fails at "
+                                     f"{path!r} ({msg}): give the input shape (wsnets.load(..., input_shape=...), or "
+                                     "an input_shape attribute on the module)") from None
         self.store[n] = out
         return out
 

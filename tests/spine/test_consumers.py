@@ -99,3 +99,40 @@ def test_graph_encoder_batches_dags_with_mlps():
     nets = [wsnets.load(m, input_shape=s) for _, m, s in _nets()] + [wsnets.WeightSpace.random(wsnets.mlp(4, [5], 3))]
     out = enc(wsnets.to_batch(nets))
     assert out.shape == (3, 4) and torch.isfinite(out).all()
+
+
+def test_predict_cli_takes_a_resnet_and_a_transformer(tmp_path, capsys):
+    """``wsnets predict`` with a graph meta-model (trained on a tiny MLP zoo) on bare ResNet and transformer
+    checkpoints given with --module: the graphs go through the encoder unchanged."""
+    import json
+    from pathlib import Path
+    from wsnets.cli import main
+    from wsnets.zoo import build
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "r.toml").write_text(
+        'name = "spine-predict"\nseed = 0\npopulation = 24\ndatasets = ["digits"]\nepochs = 1\n'
+        'checkpoints = [0, 1]\nbatch_size = 64\n[architecture]\nkind = "mlp"\ndepth = [1]\nwidth = [8]\n'
+        'activation = ["relu"]\n[hyperparameters]\noptimizer = ["adam"]\nlr = {log_uniform = [1e-3, 0.1]}\n')
+    build(tmp_path / "r.toml", tmp_path / "zoo", progress=False)
+    run = tmp_path / "run"
+    assert main(["train", str(root / "train" / "graph.toml"), "--zoo", str(tmp_path / "zoo"), "--out", str(run),
+                 "--no-progress", "--set", "optim.epochs=1", "--set", "encoder.hidden=8", "--set",
+                 "encoder.layers=1"]) == 0
+    capsys.readouterr()
+    f = tmp_path / "nets.py"
+    f.write_text("from wsnets import models\n"
+                 "def resnet():\n    return models.small_resnet(3, widths=(3, 4), in_channels=1)\n"
+                 "def transformer():\n    return models.Transformer(8, 16, 2, 1, 16, 3)\n")
+    torch.manual_seed(0)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nets", f)
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    for name in ("resnet", "transformer"):
+        ck = tmp_path / f"{name}.pt"
+        torch.save(getattr(nets, name)().state_dict(), ck)
+        assert main(["predict", str(ck), "--meta-model", str(run)]) == 2   # bare: the architecture is needed
+        assert "--module" in capsys.readouterr().err
+        assert main(["predict", str(ck), "--module", f"{f}:{name}", "--meta-model", str(run), "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert len(rows) == 1 and isinstance(rows[0]["test_acc"], float)

@@ -1,5 +1,8 @@
 """Reference architectures written in the project (plain ``nn.Module``s that :mod:`wsnets.trace` reads).
 
+Each has an ``input_shape`` attribute (without the batch dimension), the example input it is traced
+with when none is given; a user's own module can carry one too.
+
 =====================  ==========================================================================
 ``ResidualMLP``        Linear stem, pre-activation residual blocks ``x + W2 act(W1 norm(x))``, head
 ``ResNet``             torchvision's ResNet layout (``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
@@ -32,6 +35,7 @@ class ResidualMLP(nn.Module):
     def __init__(self, in_features: int = 64, width: int = 32, blocks: int = 2, out_features: int = 10,
                  hidden: int | None = None, norm: str = "layernorm") -> None:
         super().__init__()
+        self.input_shape = (in_features,)
         self.stem = nn.Linear(in_features, width)
         self.blocks = nn.ModuleList(_ResBlock(width, hidden or 2 * width, norm) for _ in range(blocks))
         self.head = nn.Linear(width, out_features)
@@ -83,6 +87,7 @@ class ResNet(nn.Module):
                  in_channels: int = 3, stem: str = "imagenet") -> None:
         super().__init__()
         w0 = widths[0]
+        self.input_shape = (in_channels, 64, 64) if stem == "imagenet" else (in_channels, 8, 8)
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, w0, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -153,6 +158,7 @@ class Transformer(nn.Module):
     def __init__(self, in_features: int = 8, dim: int = 16, heads: int = 2, depth: int = 2, hidden: int = 32,
                  num_classes: int = 10) -> None:
         super().__init__()
+        self.input_shape = (8, in_features)   # 8 tokens to trace with; any number runs
         self.embed = nn.Linear(in_features, dim)
         self.blocks = nn.ModuleList(_Block(dim, heads, hidden) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
@@ -173,6 +179,7 @@ class ViT(nn.Module):
                  depth: int = 1, hidden: int = 32, num_classes: int = 10) -> None:
         super().__init__()
         n = (image // patch) ** 2
+        self.input_shape = (in_channels, image, image)
         self.patch = nn.Conv2d(in_channels, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
@@ -194,6 +201,7 @@ class ConcatMLP(nn.Module):
 
     def __init__(self, in_features: int = 12, a: int = 6, b: int = 10, out_features: int = 5) -> None:
         super().__init__()
+        self.input_shape = (in_features,)
         self.left, self.right = nn.Linear(in_features, a), nn.Linear(in_features, b)
         self.mix = nn.Linear(a + b, 8)
         self.head = nn.Linear(8, out_features)
@@ -314,6 +322,7 @@ class Bert(nn.Module):
     def __init__(self, config: BertConfig = BertConfig(), pooling: str = "mean") -> None:
         super().__init__()
         self.config, self.pooling = config, pooling
+        self.input_shape = (8,)   # 8 token ids to trace with; any length up to max_position_embeddings runs
         self.embeddings = _BertEmbeddings(config)
         self.encoder = _BertEncoder(config)
 
