@@ -9,8 +9,8 @@ Compares, in one run:
 * the sequential MLP fast path side by side with the code of the commit before DAG architectures
   (``wsnets/graph.py`` at ``PRE_DAG``, loaded from git), so the spine redesign is seen not to slow it;
 * DAG architectures (issue 18): one ResNet-18 (torchvision layout, random init) and the MiniLM (BERT)
-  checkpoint, conversion time and peak memory (RSS of a fresh process converting, minus one that only
-  loads), and graphs/s for 1,000 small ResNets.
+  checkpoint, conversion time and peak memory (a fresh process: peak RSS while converting minus the RSS
+  before), and graphs/s for 1,000 small ResNets.
 
     python benchmarks/graph_speed.py --quick --out benchmarks/out/graph_speed.json
 """
@@ -71,14 +71,22 @@ def _pre_dag_graph_module():
 
 
 _CONVERT = """
-import resource, sys, time, torch, wsnets
+import sys, time, torch, wsnets
 from wsnets import models
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])   # kB
+
 which, convert = sys.argv[1], sys.argv[2] == "1"
 if which == "resnet18":
     ws = wsnets.load(models.resnet18(), input_shape=(3, 64, 64))
 else:
     ws = wsnets.load(models.minilm(), input_shape=(16,))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import gc; gc.collect()
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")   # resets the peak (VmHWM) to the current RSS
 t = time.perf_counter()
 if convert:
     g = ws.to_graph()
@@ -86,15 +94,16 @@ if convert:
 else:
     n = e = 0
 dt = time.perf_counter() - t
-print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, before, n, e, ws.num_params)
+print(dt, status("VmHWM"), before, n, e, ws.num_params)
 """
 
 
 def _one_checkpoint(which: str) -> dict:
-    """Conversion time and peak-memory increase of ``to_graph`` for one big checkpoint, in fresh processes."""
+    """Conversion time and peak-memory increase of ``to_graph`` for one big checkpoint, in a fresh process:
+    the peak RSS while converting (``VmHWM`` reset just before) minus the RSS before."""
     import subprocess
     out = {}
-    for convert in ("0", "1"):
+    for convert in ("1",):
         r = subprocess.run([sys.executable, "-c", _CONVERT, which, convert], capture_output=True, text=True,
                            cwd=Path(__file__).resolve().parent.parent)
         if r.returncode:
@@ -102,7 +111,7 @@ def _one_checkpoint(which: str) -> dict:
         dt, peak, before, n, e, p = r.stdout.split()
         out[convert] = (float(dt), int(peak) / 1024, int(before) / 1024, int(n), int(e), int(p))
     dt, peak, before, n, e, p = out["1"]
-    return {"seconds": dt, "peak_rss_mb": peak, "rss_before_mb": before, "extra_peak_mb": peak - out["0"][1],
+    return {"seconds": dt, "peak_rss_mb": peak, "rss_before_mb": before, "extra_peak_mb": peak - before,
             "nodes": n, "edges": e, "parameters": p}
 
 
