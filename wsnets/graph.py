@@ -28,6 +28,34 @@ pooling feeds a Linear layer through its channel nodes.
 
 Speed: the topology of an architecture is built once (cached) and the features of many networks are
 filled in bulk; :func:`to_batch` returns a ready ``Batch`` without building one ``Data`` per graph.
+
+DAG architectures (residual networks, transformers; :class:`DagTopology`)
+--------------------------------------------------------------------------
+Following Kofinas et al. 2024 (Sec. on residual connections and transformers), with these choices:
+
+* Nodes come in *node sets*, one per activation that has neurons of its own: the input, the output of
+  every weight layer, every residual ``add`` (and ``mul``), a token concatenation. ``node_layer`` is the
+  node set's index (a topological order; for a chain it is the neuron group, as above).
+* A residual ``add`` is a node set fed by *identity edges* (weight 1, edge type 4) from each operand's
+  neurons: the sum is a linear map with identity blocks, so an encoder sees exactly what the network
+  adds, and the permutation shared by a residual stream (one spec group) relabels every node set of the
+  stream alike. Kofinas et al. add such edges between the neurons a skip connection joins.
+* A norm or activation sits on its input's nodes (as in a chain) when those nodes feed nothing else and
+  carry no norm/activation yet; otherwise (a pre-LN transformer's LayerNorm reads a stream that the next
+  ``add`` reads too) it gets its own node set behind identity edges, so features never describe a neuron
+  the network does not compute.
+* An embedding table or a learned tensor (class token, positional table) is a set of edges (type 3) from
+  one *input* node per row (token id, position) with its entries as weights: a lookup is a linear map of a
+  one-hot vector. Token ids have no input nodes of their own.
+* Attention: q, k, v are the nodes of their projections (for ``nn.MultiheadAttention`` three node sets
+  fed by ``in_proj_weight``); parameter-free attention adds edges q(h,i) -> k(h,i) (type 5: the neurons a
+  dot product multiplies) and k(h,i) -> v(h,j) within each head (type 6: head ``h``'s scores weigh head
+  ``h``'s values); the attention output is the value nodes, read by the output projection. Both edge
+  kinds are invariant under the spec's head-structured permutations, and message passing reaches from
+  the input through q and k to v and on.
+* A concatenation along features is the union of its parts' node sets (no new nodes).
+
+``from_graph`` inverts all of it exactly (each edge block and node feature knows its tensor).
 """
 
 from __future__ import annotations
@@ -534,24 +562,19 @@ def _dag_features(ws: WeightSpace, topo: DagTopology, edge_dim: int) -> tuple[to
     for key, col, sets in topo.feats:
         t = ws.params[key]
         x[:, torch.cat([torch.arange(offs[s], offs[s + 1]) for s in sets]), col] = t
-    edges = []
+    e = x.new_zeros(B, topo.num_edges, edge_dim)   # written in place: no padded copies, no concatenation
+    start = 0
     for key, value, transpose, dst, src, n, kernel in topo.blocks:
         if key is None:
-            e = torch.full((B, n, 1), float(value), dtype=dtype)
+            e[:, start:start + n, 0] = float(value)
         else:
-            w = ws.params[key]
-            if w.dim() == 2:                # a [*P, D] param of one row
-                w = w.unsqueeze(1)
-            if transpose:                    # tables [V, D] / [*P, D]: edges row-major over [V, D]
-                w = w.reshape(B, n, 1)
-            else:
-                w = w.reshape(B, n, -1)
-            e = w
-        k = e.shape[-1]
-        if k > edge_dim:
-            raise ShapeMismatchError(f"tensor {key!r} has a {k}-entry kernel, more than edge_dim={edge_dim}")
-        edges.append(torch.nn.functional.pad(e, (0, edge_dim - k)) if k < edge_dim else e)
-    return x, torch.cat(edges, dim=1)
+            w = ws.params[key].reshape(B, n, -1)   # tables [V, D] / [*P, D] row-major; weights [out, in, *k]
+            k = w.shape[-1]
+            if k > edge_dim:
+                raise ShapeMismatchError(f"tensor {key!r} has a {k}-entry kernel, more than edge_dim={edge_dim}")
+            e[:, start:start + n, :k] = w
+        start += n
+    return x, e
 
 
 def _dag_from_graph(data, arch: Architecture, topo: DagTopology, local: torch.Tensor) -> WeightSpace:

@@ -136,3 +136,10 @@ def test_predict_cli_takes_a_resnet_and_a_transformer(tmp_path, capsys):
         assert main(["predict", str(ck), "--module", f"{f}:{name}", "--meta-model", str(run), "--json"]) == 0
         rows = json.loads(capsys.readouterr().out)
         assert len(rows) == 1 and isinstance(rows[0]["test_acc"], float)
+
+
+def test_equivariant_np_layers_refuse_dags_clearly():
+    from wsnets.nn.equivariant import HNPEncoder
+    ws = wsnets.load(*_nets()[0][1:2], input_shape=(1, 8, 8))
+    with pytest.raises(wsnets.UnsupportedLayerError, match="graph encoder"):
+        HNPEncoder(ws.arch)

@@ -321,6 +321,10 @@ class HNPEncoder(WeightSpaceEncoder):
 
 
 def _folded(arch: Architecture) -> Architecture:
+    if not arch.is_chain:  # NP/HNP layers are the symmetry of a chain of weight layers (Zhou et al. 2023)
+        from ..errors import UnsupportedLayerError
+        raise UnsupportedLayerError(f"the NP/HNP equivariant layers take sequential MLPs/CNNs, not {arch.describe()}; "
+                                    "use a graph encoder for residual networks and transformers")
     if not any(l.kind == "batchnorm" for l in arch.layers):
         return arch
     return WeightSpace.random(arch).fold_batchnorm().arch
