@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("wsnets.train.cli", "train a meta-model on a zoo"),
     "predict": ("wsnets.train.cli", "predict properties of checkpoints with a trained meta-model"),
     "esd": ("wsnets.esd.cli", "heavy-tailed spectral analysis of a checkpoint (WeightWatcher metrics)"),
-    "merge": ("wsnets.merge.cli", "average, soup, task arithmetic, TIES, permutation alignment, barriers"),
+    "merge": ("wsnets.merge.cli", "merge any checkpoint (linear, SLERP, TIES, DARE, ...), soups, alignment, barriers"),
     "landscape": ("wsnets.landscape.cli", "loss surfaces, Hessian spectra, intrinsic dimension"),
 }
 

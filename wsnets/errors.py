@@ -86,3 +86,7 @@ class DamagedZooError(StoreError):
 
 class DiskFullError(WSNetsError):
     """No space left (or a file-size or quota limit) while writing; what was committed before is intact."""
+
+
+class OutputError(WSNetsError):
+    """An output that cannot be written (not enough disk space for it, a big-endian machine for safetensors)."""

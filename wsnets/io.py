@@ -3,6 +3,8 @@
 * ``.safetensors`` is preferred: files written by :func:`save` carry the architecture as JSON under
   the metadata key ``wsnets.arch``, so every checkpoint is self-describing. Foreign safetensors files
   are read as bare state_dicts.
+* A directory or ``*.index.json`` in the Hugging Face layout (``model.safetensors`` or shards named by
+  ``model.safetensors.index.json``, as ``wsnets merge`` writes) loads as one checkpoint.
 * ``.pt``/``.pth`` load only through ``torch.load(..., weights_only=True)``: a pickle that would run
   code is refused with :class:`~wsnets.errors.UnsafeCheckpointError` and its code never runs. A dict
   with a ``state_dict``/``model``/``model_state_dict`` entry is unwrapped.
@@ -243,10 +245,13 @@ def load_file(path: str | os.PathLike, **kwargs: Any) -> WeightSpace:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
-    if path.stat().st_size == 0:
+    if not (path.is_dir() or path.name.endswith(".index.json")) and path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
     suffix = path.suffix.lower()
     try:
+        if path.is_dir() or path.name.endswith(".index.json"):
+            from .merge.shards import read_tensors    # a Hugging Face layout (as wsnets merge writes)
+            return _from_tensors(*read_tensors(path), path, **kwargs)
         if suffix == ".safetensors":
             return _load_safetensors(path, **kwargs)
         if suffix in (".pt", ".pth", ".bin", ".ckpt"):
@@ -270,8 +275,12 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return tensors, meta
 
 
-def _load_safetensors(path: Path, *, activation: str = "relu", input_shape=None) -> WeightSpace:
-    tensors, meta = read_safetensors(path)
+def _load_safetensors(path: Path, **kwargs: Any) -> WeightSpace:
+    return _from_tensors(*read_safetensors(path), path, **kwargs)
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor], meta: Mapping[str, str], path: Path, *, activation: str = "relu",
+                  input_shape=None) -> WeightSpace:
     arch = arch_from_metadata(meta[ARCH_KEY], str(path)) if ARCH_KEY in meta else None
     if arch is not None:
         batch = meta.get(BATCH_KEY)
@@ -403,8 +412,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def remove_stale_temps(directory: Path) -> int:
-    """Delete the temporary files :func:`atomic_write` left in ``directory`` when its process was
-    killed (same host, process gone); files of live writers are kept. Returns how many went."""
+    """Delete the temporary files :func:`atomic_write` (and the directories of sharded merge outputs)
+    left in ``directory`` when its process was killed (same host, process gone); those of live writers
+    are kept. Returns how many went."""
     host = _host()
     n = 0
     for p in Path(directory).glob(".*.tmp"):
@@ -415,7 +425,11 @@ def remove_stale_temps(directory: Path) -> int:
         if h != host or not pid.isdigit() or _alive(int(pid)):
             continue
         try:
-            p.unlink()
+            if p.is_dir():  # a sharded output of wsnets merge
+                import shutil
+                shutil.rmtree(p)
+            else:
+                p.unlink()
             n += 1
         except OSError:
             pass

@@ -18,13 +18,14 @@ from torch import nn
 
 from ..errors import ArchitectureMismatchError, ConfigError
 from ..weights import WeightSpace
-from .compat import ModelLike, first_mismatch, gather, weighted_mean
+from .compat import ModelLike, first_mismatch, gather
 from .functional import has_batchnorm, recompute_bn
 
 
 def average(models: Sequence[ModelLike] | WeightSpace, weights: Sequence[float] | torch.Tensor | None = None, *,
             bn_data: torch.Tensor | Iterable[torch.Tensor] | None = None) -> WeightSpace:
-    """Weighted average of the weights of models that share an architecture.
+    """Weighted average of the weights of models that share an architecture (the registered ``linear``
+    method; running statistics are averaged with the same weights).
 
     Parameters
     ----------
@@ -45,16 +46,17 @@ def average(models: Sequence[ModelLike] | WeightSpace, weights: Sequence[float] 
     >>> bool((average([ws, ws]).flat() - ws.flat()).abs().max() < 1e-7)
     True
     """
+    from .stream import merge_spaces
     batch = gather(models)
-    w = None
+    w = (1.0,) * batch.batch_size
     if weights is not None:
-        w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-        if w.numel() != batch.batch_size:
-            raise ConfigError(f"{w.numel()} mixing weights for {batch.batch_size} models")
-        if (w < 0).any() or w.sum() <= 0:
+        wt = torch.as_tensor(weights, dtype=torch.float64).flatten()
+        if wt.numel() != batch.batch_size:
+            raise ConfigError(f"{wt.numel()} mixing weights for {batch.batch_size} models")
+        if (wt < 0).any() or wt.sum() <= 0:
             raise ConfigError("mixing weights must be non-negative and not all zero")
-        w = w / w.sum()
-    avg = weighted_mean(batch, w)
+        w = tuple(wt.tolist())
+    avg = merge_spaces("linear", batch, weight=w, normalize=True)
     return recompute_bn(avg, bn_data) if bn_data is not None and has_batchnorm(avg) else avg
 
 

@@ -1,7 +1,14 @@
-"""``wsnets merge average|soup|task-arithmetic|ties|align|barrier``.
+"""``wsnets merge METHOD|config|methods|soup|align|barrier``.
 
-Merged models are written as safetensors whose metadata records the provenance: method, parameters
-and ingredients (path and SHA-256 of each input file).
+Every registered per-tensor method (``linear``/``average``, ``slerp``, ``task-arithmetic``, ``ties``,
+``dare-ties``, ``dare-linear``, ``breadcrumbs``, ``breadcrumbs-ties``, ``model-stock``) is a sub-command
+whose options come from the method's signature; it streams any checkpoint (a ``.safetensors`` file, a
+sharded Hugging Face directory or index, a ``.pt``/``.bin`` state_dict) tensor by tensor and needs no
+architecture. ``config`` runs a TOML merge config. ``soup``, ``align`` and ``barrier`` evaluate or permute
+networks, so they need an architecture wsnets can trace, and say so in one line when it cannot.
+
+Merged models are written as safetensors whose metadata records the provenance: method, parameters,
+dtypes and ingredients (path and SHA-256 of each input).
 """
 
 from __future__ import annotations
@@ -11,39 +18,41 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..cli import add_arch_options, add_common, add_parser, emit
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeMismatchError, UnsupportedLayerError
 from ..weights import WeightSpace
-
-META_PREFIX = "wsnets.merge."
-
-
-def _sha256(path: str) -> str:
-    from ..io import sha256_file
-    return sha256_file(path)
+from .registry import Method, list_methods
+from .stream import META_PREFIX, _sha256_files
 
 
 def provenance(method: str, ingredients: list[str], parameters: dict[str, Any], base: str | None = None) -> dict[str, str]:
     """Metadata entries describing how a merged model was made."""
     from .. import __version__
-    ing = [{"path": p, "sha256": _sha256(p)} for p in ingredients]
+    ing = [{"path": p, "sha256": _sha256_files([Path(p)])} for p in ingredients]
     meta = {f"{META_PREFIX}method": method, f"{META_PREFIX}ingredients": json.dumps(ing),
             f"{META_PREFIX}parameters": json.dumps(parameters, default=str),
             f"{META_PREFIX}version": __version__}
     if base is not None:
-        meta[f"{META_PREFIX}base"] = json.dumps({"path": base, "sha256": _sha256(base)})
+        meta[f"{META_PREFIX}base"] = json.dumps({"path": base, "sha256": _sha256_files([Path(base)])})
     return meta
 
 
-def _load_all(paths: list[str], device: str, args=None) -> WeightSpace:
+def _load_all(paths: list[str], device: str, args=None, command: str = "this merge") -> WeightSpace:
     from .compat import gather
     from ..cli import load_checkpoint
     for p in paths:
         if not Path(p).exists():
             raise FileNotFoundError(2, "no such file", p)
-    return gather([load_checkpoint(p, args) for p in paths], names=paths).to(device)
+    spaces = []
+    for p in paths:
+        try:
+            spaces.append(load_checkpoint(p, args))
+        except (UnsupportedLayerError, ShapeMismatchError) as e:
+            raise type(e)(f"{command} needs each model's architecture and wsnets cannot determine it ({e}); "
+                          "give it with --module/--arch, or merge per tensor, which needs none "
+                          "(wsnets merge methods)") from None
+    return gather(spaces, names=paths).to(device)
 
 
 def _data(name: str | None, ws: WeightSpace, device: str, *, needed: bool = False):
@@ -76,18 +85,9 @@ def _write(args: argparse.Namespace, ws: WeightSpace, method: str, params: dict[
     return 0
 
 
-def _average(args):
-    from .average import average
-    batch = _load_all(args.models, args.device, args)
-    d = _data(args.dataset, batch, args.device)
-    w = [float(v) for v in args.weights.split(",")] if args.weights else None
-    ws = average(batch, w, bn_data=d[0] if d else None)
-    return _write(args, ws, "average", {"weights": w, "bn_dataset": args.dataset})
-
-
 def _soup(args):
     from .soup import dataset_evaluator, greedy_soup, uniform_soup
-    batch = _load_all(args.models, args.device, args)
+    batch = _load_all(args.models, args.device, args, "a soup")
     if args.uniform:
         d = _data(args.dataset, batch, args.device)
         ws = uniform_soup(batch, bn_data=d[0] if d else None)
@@ -105,26 +105,9 @@ def _soup(args):
                                                  "kept": [args.models[i] for i in r.ingredients]}, extra)
 
 
-def _task_arith(args):
-    from .task_arithmetic import task_arithmetic
-    batch = _load_all([args.base, *args.models], args.device, args)
-    d = _data(args.dataset, batch, args.device)
-    ws = task_arithmetic(batch[0], batch[1:], scale=args.scale, bn_data=d[0] if d else None)
-    return _write(args, ws, "task_arithmetic", {"scale": args.scale, "bn_dataset": args.dataset}, base=args.base)
-
-
-def _ties(args):
-    from .task_arithmetic import ties
-    batch = _load_all([args.base, *args.models], args.device, args)
-    d = _data(args.dataset, batch, args.device)
-    ws = ties(batch[0], batch[1:], density=args.density, scale=args.scale, bn_data=d[0] if d else None)
-    return _write(args, ws, "ties", {"density": args.density, "scale": args.scale, "bn_dataset": args.dataset},
-                  base=args.base)
-
-
 def _align(args):
     from .align import align
-    batch = _load_all(args.models, args.device, args)
+    batch = _load_all(args.models, args.device, args, "alignment")
     d = _data(args.dataset, batch, args.device, needed=args.method == "activation")
     data = d[0][:args.num_examples] if d else None
     kw = {"seed": args.seed} if args.method == "weight" else {}
@@ -136,7 +119,7 @@ def _align(args):
 def _barrier(args):
     from .align import weight_matching
     from .interpolate import interpolation_curve
-    batch = _load_all(args.models, args.device, args)
+    batch = _load_all(args.models, args.device, args, "a barrier")
     x, y, xt, yt = _data(args.dataset, batch, args.device, needed=True)
     a, b = batch[0], batch[1]
     curves = {"straight line": interpolation_curve(a, b, xt, yt, steps=args.steps, bn_data=x)}
@@ -164,9 +147,133 @@ def _barrier(args):
     return 0
 
 
+def _method_options(method: Method, args: argparse.Namespace) -> dict[str, Any]:
+    return {o.name: getattr(args, f"opt_{o.name}") for o in method.options
+            if getattr(args, f"opt_{o.name}", None) is not None}
+
+
+def _merge(args):
+    """A registered per-tensor method, streamed (or, with --dataset, on WeightSpaces with BatchNorm
+    statistics recomputed afterwards)."""
+    from .registry import get_method
+    method = get_method(args.method_name)
+    options = _method_options(method, args)
+    if getattr(args, "dataset", None):
+        return _merge_with_bn(args, method, options)
+    from .stream import merge_checkpoints
+    res = merge_checkpoints(method, args.models, base=getattr(args, "base", None), out=args.out, options=options,
+                            dtype=args.dtype, out_dtype=getattr(args, "out_dtype", None),
+                            scope=getattr(args, "scope", None),
+                            shared_only=args.shared_only, shard_size=args.shard_size, chunk_mb=args.chunk_mb,
+                            device=args.device, hash_inputs=not args.no_hash, progress=not args.json)
+    return _report(args, res)
+
+
+def _report(args, res) -> int:
+    def text() -> str:
+        base = f" onto {res.base}" if res.base else ""
+        lines = [f"wrote {res.out}: {res.method} of {len(res.models)} model(s){base}; {len(res.merged)} tensors merged "
+                 f"in {res.compute_dtype or '-'}, {len(res.stats)} running statistics averaged, "
+                 f"{len(res.copied)} copied (not floating point); {len(res.files)} file(s)"]
+        if res.left_out:
+            shown = ", ".join(res.left_out[:8]) + (f" and {len(res.left_out) - 8} more" if len(res.left_out) > 8 else "")
+            lines.append(f"left out (not in every model or of another shape): {shown}")
+        if res.extra_files:
+            lines.append(f"copied from the reference model: {', '.join(res.extra_files[:8])}"
+                         + (" ..." if len(res.extra_files) > 8 else ""))
+        return "\n".join(lines)
+    emit(args, res.to_dict(), text)
+    return 0
+
+
+def _merge_with_bn(args, method: Method, options: dict[str, Any]) -> int:
+    from .functional import has_batchnorm, recompute_bn
+    from .stream import merge_spaces
+    base = getattr(args, "base", None)
+    batch = _load_all(([base] if base else []) + list(args.models), args.device, args,
+                      "recomputing BatchNorm statistics (--dataset)")
+    d = _data(args.dataset, batch, args.device)
+    scope = getattr(args, "scope", None) or method.scope
+    ws = merge_spaces(method, batch[1:] if base else batch, base=batch[0] if base else None, scope=scope, **options)
+    if has_batchnorm(ws):
+        ws = recompute_bn(ws, d[0])
+    params = {**options, "scope": scope, "bn_dataset": args.dataset}
+    return _write(args, ws, method.name, params, base=base)
+
+
+def _config(args):
+    from .config import merge_config
+    res = merge_config(args.config, args.out, hash_inputs=not args.no_hash, progress=not args.json, device=args.device)
+    return _report(args, res)
+
+
+def _methods(args):
+    ms = list_methods()
+    out = {n: {"summary": m.summary, "paper": m.paper, "base": m.base, "models": [m.min_models, m.max_models],
+               "scope": m.scope, "aliases": list(m.aliases),
+               "options": {o.name: {"type": o.type.__name__, "default": o.default, "per_model": o.per_model,
+                                    "choices": list(o.choices) if o.choices else None,
+                                    "range": str(o.interval) if o.interval else None, "help": o.help}
+                           for o in m.options}} for n, m in ms.items()}
+
+    def text() -> str:
+        rows = []
+        for n, m in ms.items():
+            opts = ", ".join(f"{o.name}={o.default}" + ("/model" if o.per_model else "") for o in m.options)
+            rows.append(f"{n.replace('_', '-'):<17} {'base + ' if m.base else ''}models; {m.summary.replace('``', '')}\n"
+                        f"{'':<17} options: {opts or '-'}   ({m.paper})")
+        return "\n".join(rows)
+    emit(args, out, text)
+    return 0
+
+
+def _add_method(ms, method: Method, name: str) -> None:
+    example = (f"wsnets merge {name} --base base/ ft1/ ft2/ -o merged/" if method.base
+               else f"wsnets merge {name} a.safetensors b.safetensors -o merged.safetensors")
+    alias = name.replace("-", "_") != method.name
+    summary = method.summary.replace("``", "")
+    q = add_parser(ms, name, f"same as {method.name.replace('_', '-')}" if alias else f"{summary} [{method.paper}]",
+                   example, _merge)
+    q.set_defaults(method_name=method.name)
+    q.add_argument("models", nargs="+", help="checkpoints: .safetensors, a sharded directory or "
+                   "model.safetensors.index.json, .pt/.bin" + (" (the fine-tuned models)" if method.base else ""))
+    if method.base:
+        q.add_argument("--base", required=True, help="the base model the others were fine-tuned from")
+    q.add_argument("-o", "--out", required=True, help="output: a .safetensors file, or a directory (Hugging Face "
+                   "layout, sharded by --shard-size, the reference model's config/tokenizer files copied)")
+    for o in method.options:
+        flags = [f"--{o.name.replace('_', '-')}"] + (["--weights"] if o.name == "weight" else [])
+        what = o.help + (" (one per model, comma-separated, or one for all)" if o.per_model else "")
+        what += f"; default {o.default}" + (f", range {o.interval}" if o.interval else "")
+        if o.type is bool:
+            q.add_argument(*flags, dest=f"opt_{o.name}", action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=what)
+        else:
+            q.add_argument(*flags, dest=f"opt_{o.name}", default=argparse.SUPPRESS, choices=o.choices, help=what,
+                           metavar=None if o.choices else o.type.__name__.upper() + ("[,...]" if o.per_model else ""))
+    q.add_argument("--dtype", default="auto", help="compute dtype: auto (float32 for half-precision inputs, else "
+                   "theirs), float32, float64, bfloat16, float16")
+    q.add_argument("--out-dtype", default=argparse.SUPPRESS,
+                   help="output dtype (default: the reference model's, tensor by tensor)")
+    q.add_argument("--scope", default=argparse.SUPPRESS, choices=["tensor", "model"],
+                   help=f"unit of whole-tensor statistics (top-k, angles, norms); default {method.scope}")
+    q.add_argument("--shared-only", action="store_true", help="merge only the tensors every model has with one "
+                   "shape and list the rest (else a differing name or shape is an error)")
+    q.add_argument("--shard-size", default="5GB", help="largest output shard in a directory output")
+    q.add_argument("--chunk-mb", type=float, default=16.0, help="slice size per model in MB of compute dtype "
+                   "(memory is a few slices)")
+    q.add_argument("--no-hash", action="store_true", help="skip the SHA-256 of the inputs in the provenance")
+    if method.name in ("linear", "task_arithmetic", "ties"):
+        q.add_argument("--dataset", default=None, help="zoo dataset whose training inputs recompute BatchNorm "
+                       "statistics of the result (needs an architecture wsnets can trace)")
+        add_arch_options(q)
+    add_common(q)
+
+
 def register(sub) -> None:
-    p = add_parser(sub, "merge", "average, soup, task arithmetic, TIES, permutation alignment, barriers",
-                   "wsnets merge ties --base base.safetensors ft1.safetensors ft2.safetensors -o merged.safetensors",
+    p = add_parser(sub, "merge", "merge checkpoints of any architecture (linear, SLERP, task arithmetic, TIES, DARE, "
+                   "breadcrumbs, model stock), soups, permutation alignment, barriers",
+                   "wsnets merge ties --base base.safetensors ft1.safetensors ft2.safetensors -o merged/",
                    lambda args: (p.print_help(), 2)[1])
     ms = p.add_subparsers(dest="method", metavar="METHOD")
 
@@ -178,10 +285,20 @@ def register(sub) -> None:
         add_arch_options(q)
         add_common(q)
 
-    q = add_parser(ms, "average", "weighted average of models",
-                   "wsnets merge average a.safetensors b.safetensors -o avg.safetensors --weights 1,3", _average)
-    common(q)
-    q.add_argument("--weights", default=None, help="comma-separated mixing weights (normalized), uniform if omitted")
+    for name, method in list_methods().items():
+        for n in (name, *method.aliases):
+            _add_method(ms, method, n.replace("_", "-"))
+
+    q = add_parser(ms, "config", "run a TOML merge config (models, weights, per-tensor options)",
+                   "wsnets merge config merge.toml -o merged/", _config)
+    q.add_argument("config", help="TOML file (see wsnets.merge.config)")
+    q.add_argument("-o", "--out", default=None, help="output (overrides the config's out)")
+    q.add_argument("--no-hash", action="store_true", help="skip the SHA-256 of the inputs in the provenance")
+    add_common(q)
+
+    q = add_parser(ms, "methods", "list the per-tensor merge methods and their options",
+                   "wsnets merge methods --json", _methods)
+    add_common(q, device=False)
 
     q = add_parser(ms, "soup", "greedy (default) or uniform model soup (Wortsman et al. 2022)",
                    "wsnets merge soup ft*.safetensors --dataset digits -o soup.safetensors", _soup)
@@ -189,18 +306,6 @@ def register(sub) -> None:
     q.add_argument("--uniform", action="store_true", help="uniform soup (no scoring)")
     q.add_argument("--split", default="val", choices=["val", "test"], help="held-out split for greedy scoring")
     q.add_argument("--val-fraction", type=float, default=0.2, help="tail of the training split used as validation")
-
-    for name, fn, help_ in (("task-arithmetic", _task_arith, "base + scale * sum of task vectors (Ilharco et al. 2023)"),
-                            ("ties", _ties, "TIES merging: trim, elect sign, disjoint mean (Yadav et al. 2023)")):
-        q = add_parser(ms, name, help_, f"wsnets merge {name} --base base.safetensors ft1.safetensors ft2.safetensors "
-                       "-o merged.safetensors", fn)
-        q.add_argument("--base", required=True, help="the shared pre-trained model")
-        common(q)
-        if name == "ties":
-            q.add_argument("--density", type=float, default=0.2, help="fraction of each task vector kept by magnitude")
-            q.add_argument("--scale", type=float, default=1.0, help="lambda on the merged task vector")
-        else:
-            q.add_argument("--scale", type=float, default=0.4, help="lambda on the summed task vectors")
 
     q = add_parser(ms, "align", "permute model B's hidden neurons to match model A (Git Re-Basin)",
                    "wsnets merge align a.safetensors b.safetensors -o b_aligned.safetensors", _align)

@@ -11,7 +11,9 @@
   ``lambda * tau_merged`` to the base (paper default ``lambda = 1``).
 
 Both act on parameters; BatchNorm running statistics are not task vectors: the merge takes the mean
-of the fine-tuned models' statistics, or recomputes them on ``bn_data``.
+of the fine-tuned models' statistics, or recomputes them on ``bn_data``. Both are the registered
+methods of :mod:`wsnets.merge.methods` (which also run streamed on checkpoints of any architecture,
+:func:`wsnets.merge.merge_checkpoints`) applied to WeightSpaces.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 
 from ..errors import ConfigError
 from ..weights import WeightSpace
-from .compat import ModelLike, gather, is_stat
+from .compat import ModelLike, gather
+from .engine import select
 from .functional import has_batchnorm, recompute_bn
+from .registry import keep_count
 
 TA_SCALE = 0.4   # Ilharco et al. pick lambda on validation data; 0.3-0.5 is typical for several tasks
 TIES_DENSITY = 0.2
@@ -41,64 +45,54 @@ def task_vectors(base: ModelLike, models: Sequence[ModelLike] | WeightSpace) -> 
     return WeightSpace(b.arch, tv, both.batch_size - 1, check=False)
 
 
-def _finish(base: WeightSpace, delta: dict[str, torch.Tensor], finetuned: WeightSpace,
-            bn_data: torch.Tensor | Iterable[torch.Tensor] | None) -> WeightSpace:
-    out = {}
-    for k, v in base.params.items():
-        out[k] = finetuned.params[k].mean(0) if is_stat(k) else v + delta[k]
-    ws = WeightSpace(base.arch, out, check=False)
+def _bn(ws: WeightSpace, bn_data: torch.Tensor | Iterable[torch.Tensor] | None) -> WeightSpace:
     return recompute_bn(ws, bn_data) if bn_data is not None and has_batchnorm(ws) else ws
 
 
 def task_arithmetic(base: ModelLike, models: Sequence[ModelLike] | WeightSpace, *, scale: float = TA_SCALE,
                     bn_data: torch.Tensor | Iterable[torch.Tensor] | None = None) -> WeightSpace:
-    """``theta_base + scale * sum_t (theta_t - theta_base)``.
+    """``theta_base + scale * sum_t (theta_t - theta_base)`` (the registered ``task_arithmetic`` method).
 
     Parameters
     ----------
     base : the shared pre-trained model.
     models : ``T`` models fine-tuned from ``base`` (or a batched WeightSpace).
     scale : lambda; ``1 / T`` gives the plain average of the fine-tuned models.
-    bn_data : inputs on which to recompute BatchNorm statistics of the result.
+    bn_data : inputs on which to recompute BatchNorm statistics of the result (else the mean of the
+        fine-tuned models' statistics).
     """
-    both = gather([base, *(list(models) if isinstance(models, WeightSpace) else models)])
-    b, ft = both[0], both[1:]
-    delta = {k: scale * (v - b.params[k]).sum(0) for k, v in ft.params.items() if not is_stat(k)}
-    return _finish(b, delta, ft, bn_data)
+    from .stream import merge_spaces
+    return _bn(merge_spaces("task_arithmetic", models, base=base, scale=scale), bn_data)
 
 
 def trim(tv: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``ceil(density * P)`` largest-magnitude entries of each row of ``tv [T, P]``, zero the rest."""
+    """Keep the ``ceil(density * P)`` largest-magnitude entries of each row of ``tv [T, P]``, zero the rest
+    (exact count; ties at the cutoff go to the earlier entries)."""
     if not 0.0 < density <= 1.0:
         raise ConfigError(f"TIES density must be in (0, 1], got {density}")
-    P = tv.shape[1]
-    k = max(1, int(torch.tensor(density * P).ceil().item()))
-    if k >= P:
-        return tv
-    idx = tv.abs().topk(k, dim=1).indices
-    mask = torch.zeros_like(tv, dtype=torch.bool).scatter_(1, idx, True)
-    return tv * mask
+    return tv * select(tv.abs(), [keep_count(density, tv.shape[1])] * tv.shape[0])
 
 
 def ties_vector(tv: torch.Tensor, density: float = TIES_DENSITY) -> torch.Tensor:
     """TIES merged task vector ``[P]`` from task vectors ``tv [T, P]`` (trim, elect sign, disjoint mean)."""
-    t = trim(tv, density)
-    sign = torch.sign(t.sum(0))                       # elected sign per parameter
-    agree = (torch.sign(t) == sign) & (t != 0)        # entries that survive trimming and agree
-    n = agree.sum(0)
-    return torch.where(n > 0, (t * agree).sum(0) / n.clamp(min=1), torch.zeros_like(sign))
+    from .engine import run_in_memory
+    from .registry import get_method
+    m = get_method("ties")
+    opts = m.resolve({"density": density, "scale": 1.0}, tv.shape[0])
+    return run_in_memory(m, opts, tv, torch.zeros(tv.shape[1], dtype=tv.dtype, device=tv.device))
 
 
 def ties(base: ModelLike, models: Sequence[ModelLike] | WeightSpace, *, density: float = TIES_DENSITY,
          scale: float = TIES_SCALE, bn_data: torch.Tensor | Iterable[torch.Tensor] | None = None) -> WeightSpace:
-    """TIES-merging of ``T`` models fine-tuned from ``base``.
+    """TIES-merging of ``T`` models fine-tuned from ``base`` (the registered ``ties`` method, whole-model scope).
 
     Parameters
     ----------
     density : fraction of each task vector's entries kept by magnitude (trimming is global over all
         parameters of a model, as in the paper); 1 keeps everything.
     scale : lambda applied to the merged task vector.
-    bn_data : inputs on which to recompute BatchNorm statistics of the result.
+    bn_data : inputs on which to recompute BatchNorm statistics of the result (else the mean of the
+        fine-tuned models' statistics).
 
     Examples
     --------
@@ -110,14 +104,5 @@ def ties(base: ModelLike, models: Sequence[ModelLike] | WeightSpace, *, density:
     >>> bool((a.flat() - b.flat()).abs().max() < 1e-6)
     True
     """
-    both = gather([base, *(list(models) if isinstance(models, WeightSpace) else models)])
-    b, ft = both[0], both[1:]
-    keys = [k for k in b.params if not is_stat(k)]
-    tv = torch.cat([(ft.params[k] - b.params[k]).flatten(1) for k in keys], dim=1)  # [T, P]
-    merged = scale * ties_vector(tv, density)
-    delta, off = {}, 0
-    for k in keys:
-        n = b.params[k].numel()
-        delta[k] = merged[off:off + n].view_as(b.params[k])
-        off += n
-    return _finish(b, delta, ft, bn_data)
+    from .stream import merge_spaces
+    return _bn(merge_spaces("ties", models, base=base, scope="model", density=density, scale=scale), bn_data)
