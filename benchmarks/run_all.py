@@ -39,6 +39,8 @@ SCRIPTS: dict[str, tuple[str, list[str], list[str]]] = {
     "esd_speed": ("ESD analysis vs weightwatcher 0.7.7, same layers, equal alpha (issue 6)", [], ["--quick"]),
     "landscape_speed": ("Batched 2-D loss surface vs the naive per-point loop (issue 8)", [], ["--quick"]),
     "merge_quality": ("SWA, soups, barriers before/after weight matching, Bezier curves (issue 7)", [], ["--quick"]),
+    "merge_speed": ("Streamed merges of three ~2 GB sharded checkpoints, TIES and linear, vs mergekit: wall time and "
+                    "peak RSS (issue 19)", [], ["--quick"]),
     "region_distances": ("Gueta et al.: distances within dataset < within task < across tasks", [], ["--quick"]),
     "metamodel_quality": ("Meta-model Kendall tau table on the default mixed-architecture zoo, seeds mean ± std (issue 5)",
                           ["--seeds", "3", "--filter", "epoch=15", "--methods", "graph,transformer,statnn-gbm,statnn-mlp,esd"],
