@@ -84,3 +84,23 @@ def test_missing_file_and_no_method(ckpts, tmp_path, capsys):
     assert main(["merge", "average", ckpts["ft0"], str(tmp_path / "nope.safetensors"), "-o", str(tmp_path / "o.safetensors")]) == 2
     assert "nope.safetensors: no such file" in capsys.readouterr().err
     assert main(["merge"]) == 2
+
+
+def test_methods_are_listed_with_their_options(capsys):
+    assert main(["merge", "methods", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["ties"]["options"]["density"] == {"type": "float", "default": 0.2, "per_model": True, "choices": None,
+                                                   "range": "(0, 1]", "help": listed["ties"]["options"]["density"]["help"]}
+    assert listed["linear"]["aliases"] == ["average"] and listed["slerp"]["models"] == [2, 2]
+    assert main(["merge", "methods"]) == 0
+    assert "dare-ties" in capsys.readouterr().out
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    for name in ("registry", "stream", "task_arithmetic", "average"):
+        mod = importlib.import_module(f"wsnets.merge.{name}")
+        failed, tried = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+        assert tried > 0 and failed == 0, mod.__name__

@@ -273,3 +273,13 @@ def test_run_in_memory_leaves_inputs_alone():
     m = get_method("ties")
     run_in_memory(m, m.resolve({}, 3), tv, torch.zeros(50))
     assert torch.equal(tv, keep)
+
+
+def test_overflow_in_the_compute_dtype_is_an_error():
+    from wsnets.errors import NonFiniteWeightsError
+    base = {"w": torch.zeros(4, dtype=torch.float16)}
+    fts = [{"w": torch.full((4,), 60000.0, dtype=torch.float16)}] * 2
+    with pytest.raises(NonFiniteWeightsError, match="merging tensor 'w' overflowed the compute dtype float16"):
+        merge_checkpoints("task_arithmetic", [dict(f) for f in fts], base=base, scale=1.0, dtype="float16")
+    out = merge_checkpoints("task_arithmetic", [dict(f) for f in fts], base=base, scale=0.5).tensors["w"]
+    assert out.dtype == torch.float16 and out.eq(60000).all()            # float32 compute by default

@@ -62,9 +62,8 @@ def linear(x: Inputs, *, weight: PerModel[float] = 1.0, normalize: bool = True) 
     weight : one weight per model (a scalar broadcasts)
     normalize : divide by the sum of the weights (else the weights must sum to 1)
     """
-    w = x.column(weight)
-    out = (w.T @ x.models).squeeze(0)
-    return out / w.sum() if normalize else out
+    w = x.column([v / sum(weight) for v in weight] if normalize else weight)
+    return (w.T @ x.models).squeeze(0)
 
 
 @register(paper="https://dl.acm.org/doi/10.1145/325165.325242", base=False, min_models=2, max_models=2)

@@ -336,11 +336,9 @@ class _Job:
         mods = torch.empty((len(self.model_cks), e - s), dtype=cd, device=self.device)
         for k, ck in enumerate(self.model_cks):
             mods[k].copy_(ck.read(n, s, e))
-        _check_finite(mods, self.model_cks, n)
         b = None
         if with_base:
             b = torch.empty(e - s, dtype=cd, device=self.device).copy_(self.base_ck.read(n, s, e))
-            _check_finite(b, [self.base_ck], n)
         return Chunk(mods, b, n, s, go + s, row_len)
 
     def _slices(self, group: list[str], with_base: bool) -> Iterator[Chunk]:
@@ -370,6 +368,8 @@ class _Job:
                          sink=self._sink, whole=one)
 
     def _sink(self, chunk: Chunk, values: torch.Tensor) -> None:
+        if values.is_floating_point() and not bool(torch.isfinite(values.sum())) and not bool(values.isfinite().all()):
+            self._not_finite(chunk)
         v = values.to(self.out_dtypes[chunk.tensor])
         if self.tensors is not None:
             self.tensors[chunk.tensor].view(-1)[chunk.offset:chunk.offset + v.numel()] = v.cpu()
@@ -427,6 +427,17 @@ class _Job:
             self.writer = None
         return result
 
+    def _not_finite(self, chunk: Chunk) -> None:
+        """A slice of the output holds NaN or Inf: name the input it came from (every method masks by
+        multiplying, so an input's NaN or Inf reaches the output), else the overflow."""
+        n, s = chunk.tensor, chunk.offset
+        e = s + chunk.models.shape[1]
+        for ck in self.opened:
+            if not bool(ck.read(n, s, e).float().isfinite().all()):
+                raise NonFiniteWeightsError(f"{ck.label}: tensor {n!r} has NaN or Inf values")
+        raise NonFiniteWeightsError(f"merging tensor {n!r} overflowed the compute dtype "
+                                    f"{str(self.compute_dtype(n)).removeprefix('torch.')} (choose --dtype float32)")
+
     def close(self) -> None:
         """Delete an unfinished output, stop hashing, close the inputs."""
         if self.bar is not None:
@@ -441,14 +452,6 @@ class _Job:
 
 def _plain(opts: Mapping[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
-
-
-def _check_finite(values: torch.Tensor, cks: list[Checkpoint], n: str) -> None:
-    """A row's sum is finite when every value is (an overflow to inf is confirmed element-wise)."""
-    rows = values.reshape(len(cks), -1)
-    for ck, v, s in zip(cks, rows, rows.sum(1)):
-        if not bool(torch.isfinite(s)) and not bool(torch.isfinite(v).all()):
-            raise NonFiniteWeightsError(f"{ck.label}: tensor {n!r} has NaN or Inf values")
 
 
 def merge_spaces(method: str | Method, models: Any, *, base: Any = None, names: Sequence[str] | None = None,
