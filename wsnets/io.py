@@ -281,15 +281,24 @@ def _load_safetensors(path: Path, **kwargs: Any) -> WeightSpace:
 
 def _from_tensors(tensors: dict[str, torch.Tensor], meta: Mapping[str, str], path: Path, *, activation: str = "relu",
                   input_shape=None) -> WeightSpace:
-    arch = arch_from_metadata(meta[ARCH_KEY], str(path)) if ARCH_KEY in meta else None
+    arch, batch = read_wsnets_metadata(meta, str(path))
     if arch is not None:
-        batch = meta.get(BATCH_KEY)
-        if batch in (None, "", "none"):
-            batch = None
-        elif not batch.isdigit() or int(batch) < 1:
-            raise MetadataError(f"{path}: metadata {BATCH_KEY!r} is {batch!r}, not a positive integer or 'none'")
-        return WeightSpace(arch, check_entries(tensors, str(path)), None if batch is None else int(batch))
+        return WeightSpace(arch, check_entries(tensors, str(path)), batch)
     return from_state_dict(tensors, activation=activation, input_shape=input_shape, source=str(path))
+
+
+def read_wsnets_metadata(meta: Mapping[str, str], source: str = "") -> tuple[Architecture | None, int | None]:
+    """The architecture and batch size a safetensors file's wsnets metadata records (None, None without
+    one), checked: a malformed value is a one-line :class:`MetadataError` naming the file and key."""
+    if ARCH_KEY not in meta:
+        return None, None
+    arch = arch_from_metadata(meta[ARCH_KEY], source)
+    batch = meta.get(BATCH_KEY)
+    if batch in (None, "", "none"):
+        return arch, None
+    if not batch.isdigit() or int(batch) < 1:
+        raise MetadataError(f"{source}: metadata {BATCH_KEY!r} is {batch!r}, not a positive integer or 'none'")
+    return arch, int(batch)
 
 
 _MAX_ARCH_JSON = 50_000_000  # characters; a real architecture's JSON is kilobytes

@@ -234,10 +234,11 @@ def test_architecture_aware_merges_say_they_need_an_architecture(family, tmp_pat
     _, _, dirs = family
     f = str(dirs[1] / "a.safetensors")
     err = _cli_err(capsys, ["merge", "align", f, str(dirs[2] / "a.safetensors"), "-o", str(tmp_path / "x.safetensors")])
-    assert err.startswith("wsnets merge: error: alignment needs each model's architecture and wsnets cannot determine")
+    assert err.startswith("wsnets merge align: error: alignment needs each model's architecture (")
+    assert err.endswith("a per-tensor merge needs none (wsnets merge methods)")
     err = _cli_err(capsys, ["merge", "average", f, str(dirs[2] / "a.safetensors"), "-o", str(tmp_path / "x.safetensors"),
                             "--dataset", "digits"])
-    assert "recomputing BatchNorm statistics (--dataset) needs each model's architecture" in err
+    assert "recomputing BatchNorm statistics (--dataset) needs each model's architecture (" in err
     assert main(["merge", "average", f, str(dirs[2] / "a.safetensors"), "-o", str(tmp_path / "x.safetensors")]) == 0
 
 

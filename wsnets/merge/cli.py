@@ -49,8 +49,7 @@ def _load_all(paths: list[str], device: str, args=None, command: str = "this mer
         try:
             spaces.append(load_checkpoint(p, args))
         except (UnsupportedLayerError, ShapeMismatchError) as e:
-            raise type(e)(f"{command} needs each model's architecture and wsnets cannot determine it ({e}); "
-                          "give it with --module/--arch, or merge per tensor, which needs none "
+            raise type(e)(f"{command} needs each model's architecture ({e}); a per-tensor merge needs none "
                           "(wsnets merge methods)") from None
     return gather(spaces, names=paths).to(device)
 
@@ -108,11 +107,11 @@ def _soup(args):
 def _align(args):
     from .align import align
     batch = _load_all(args.models, args.device, args, "alignment")
-    d = _data(args.dataset, batch, args.device, needed=args.method == "activation")
+    d = _data(args.dataset, batch, args.device, needed=args.matching == "activation")
     data = d[0][:args.num_examples] if d else None
-    kw = {"seed": args.seed} if args.method == "weight" else {}
-    ws, perms = align(batch[0], batch[1], method=args.method, data=data, **kw)
-    return _write(args, ws, f"{args.method}_matching", {"reference": args.models[0], "seed": args.seed},
+    kw = {"seed": args.seed} if args.matching == "weight" else {}
+    ws, perms = align(batch[0], batch[1], method=args.matching, data=data, **kw)
+    return _write(args, ws, f"{args.matching}_matching", {"reference": args.models[0], "seed": args.seed},
                   {"permutations": {str(g): p.tolist() for g, p in perms.items()}})
 
 
@@ -310,7 +309,8 @@ def register(sub) -> None:
     q = add_parser(ms, "align", "permute model B's hidden neurons to match model A (Git Re-Basin)",
                    "wsnets merge align a.safetensors b.safetensors -o b_aligned.safetensors", _align)
     common(q, dataset_help="zoo dataset for activation matching")
-    q.add_argument("--method", default="weight", choices=["weight", "activation"], help="matching method")
+    q.add_argument("--method", dest="matching", default="weight", choices=["weight", "activation"],
+                   help="matching method")
     q.add_argument("--num-examples", type=int, default=512, help="examples for activation matching")
     q.add_argument("--seed", type=int, default=0, help="order of the coordinate descent over layers")
 

@@ -173,14 +173,22 @@ class Checkpoint:
 
 
 def _memory_checkpoint(sd: Mapping[str, Any], label: str, files: list[Path] | None = None) -> Checkpoint:
+    from ..io import check_entries
+    checked = check_entries(sd, label)       # string names, dense real tensors (one-line errors)
     tensors, infos = {}, {}
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"{label}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        t = v.detach().contiguous()
-        tensors[k] = t
-        infos[k] = TensorInfo(k, tuple(t.shape), t.dtype)
+    for k, v in sd.items():                  # in the state_dict's order; step counters kept (copied)
+        if k in checked or (isinstance(k, str) and k.endswith("num_batches_tracked") and isinstance(v, torch.Tensor)):
+            t = v.detach().contiguous()
+            tensors[k] = t
+            infos[k] = TensorInfo(k, tuple(t.shape), t.dtype)
     return Checkpoint(label, infos, {}, files or [], memory=tensors)
+
+
+def _checked_meta(meta: dict[str, str], path: Path) -> dict[str, str]:
+    """A file's metadata, its wsnets architecture and batch size (if any) checked as wsnets.load checks them."""
+    from ..io import read_wsnets_metadata
+    read_wsnets_metadata(meta, str(path))
+    return meta
 
 
 def _sharded(index: Path) -> Checkpoint:
@@ -206,7 +214,7 @@ def _sharded(index: Path) -> Checkpoint:
             bin_shards.update({n: shard for n in names})
             continue
         shard_infos, shard_meta = read_header(shard)
-        meta = meta or shard_meta
+        meta = meta or _checked_meta(shard_meta, shard)
         for n in names:
             if n not in shard_infos:
                 raise CheckpointError(f"{shard}: tensor {n!r} listed in {index.name} is not in this shard")
@@ -257,7 +265,7 @@ def open_checkpoint(src: Any, label: str | None = None) -> Checkpoint:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         infos, meta = read_header(path)
-        return Checkpoint(str(path), infos, meta, [path])
+        return Checkpoint(str(path), infos, _checked_meta(meta, path), [path])
     if suffix in (".pt", ".pth", ".bin", ".ckpt"):
         from ..io import read_torch
         return _memory_checkpoint(read_torch(path), str(path), [path])

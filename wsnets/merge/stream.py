@@ -392,7 +392,7 @@ class _Job:
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=sum(ref.infos[n].nbytes for n in names), unit="B", unit_scale=True,
-                            desc=f"merge {self.method.name}", leave=False)
+                            desc=f"merge {self.method.name}", leave=False, disable=None)   # on a terminal only
         merged = [n for n in names if kinds[n] == "merge"]
         passes = 1
         if self.scope == "model" and merged:
