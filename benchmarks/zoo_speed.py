@@ -14,6 +14,13 @@ Two workloads, each timed both ways in one run:
   CUDA the batched trainer runs its fused Triton kernel (:mod:`wsnets.zoo.fused`) when Triton is
   installed, timed twice: in float32 (PyTorch's default precision) and with TF32 allowed.
 
+* ``resnet`` and ``vit`` (``--workloads``, off by default): one group of residual CNNs of
+  ``zoo/digits-wild.toml`` and one group of transformers of ``zoo/digits-vit.toml`` (planned at their
+  real populations; ``--dag-pick``: the group of median per-model cost, or the cheapest, or both), trained
+  by the batched trainer's DAG engine (:mod:`wsnets.zoo.dag_engine`), against the sequential loop on
+  the same models built as their own ``nn.Module`` class (:func:`wsnets.zoo.recipe.family_module`:
+  ``WildCNN``, ``ViT`` with ``nn.TransformerEncoderLayer``) with the same initial weights.
+
 Both methods run with the same torch thread count (``--threads``). On CPU the batched trainer uses its
 fused C loops (:mod:`wsnets.zoo.cpu_kernels`) where they load (the header line and the JSON say so;
 ``WSNETS_CPU_KERNELS=0`` times the torch path, which trains the same numbers). ``--workers N`` adds a row for the
@@ -30,6 +37,7 @@ Usage::
     python benchmarks/zoo_speed.py --quick --out benchmarks/out/zoo_speed.json
     python benchmarks/zoo_speed.py --threads 2 --workers 2 --out benchmarks/out/zoo_speed_2t.json
     python benchmarks/zoo_speed.py --device cuda --mlp-models 50000 --seq-models 20 --out zoo_speed_gpu.json
+    python benchmarks/zoo_speed.py --workloads resnet,vit --dag-pick small,median --out benchmarks/results/zoo_speed_dag.json
 """
 
 from __future__ import annotations
@@ -52,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wsnets.io import atomic_write_json  # noqa: E402
 from wsnets.weights import WeightSpace  # noqa: E402
 from wsnets.zoo.build import plan  # noqa: E402
-from wsnets.zoo.recipe import RunSpec, load_recipe, parse_recipe  # noqa: E402
+from wsnets.zoo.build import _options  # noqa: E402
+from wsnets.zoo.recipe import RunSpec, family_module, load_recipe, parse_recipe  # noqa: E402
 from wsnets.zoo import cpu_kernels  # noqa: E402
 from wsnets.zoo.trainer import DataBank, init_params, train_group  # noqa: E402
 
@@ -69,7 +78,7 @@ def batched(groups, recipe, bank, dev) -> tuple[float, int, list[float]]:
     n, accs = 0, []
     for arch, runs in groups:
         cks = list(train_group(arch, runs, epochs=recipe.epochs, checkpoints=recipe.checkpoints,
-                               batch_size=recipe.batch_size, bank=bank, device=dev))
+                               batch_size=recipe.batch_size, bank=bank, device=dev, **_options(recipe, runs)))
         accs += cks[-1].metrics["test_acc"].tolist()
         n += len(runs)
     _sync(dev)
@@ -105,7 +114,13 @@ def sequential(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, int, list
     accs = []
     for r in runs:
         p = init_params(r.arch, torch.tensor([r.seed], device=dev), torch.tensor([r.hp["init_scale"]], device=dev))
-        model = WeightSpace(r.arch, {k: v[0] for k, v in p.items()}).to_module().to(dev).train()
+        if r.fields and dict(r.fields).get("kind") in ("wild-cnn", "vit"):  # the class it was drawn as
+            model = family_module(r)
+            model.load_state_dict({k: v[0] for k, v in p.items()}, strict=False)
+            model = model.to(dev).train()
+            assert r.hp["dropout"] == 0, "the family workloads have no dropout"
+        else:
+            model = WeightSpace(r.arch, {k: v[0] for k, v in p.items()}).to_module().to(dev).train()
         if r.hp["dropout"] > 0:  # dropout after each hidden activation, as the batched trainer does
             mods = list(model)
             last = max(i for i, m in enumerate(mods) if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)))
@@ -178,6 +193,19 @@ def vmap_loop(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, float, int
     return time.perf_counter() - t, time.process_time() - c, K, accs
 
 
+def _macs(arch) -> int:
+    """Multiply-adds of one forward pass of one sample through the convolutions, linear layers and attention."""
+    m = 0
+    for l, s in zip(arch.layers, arch.shapes):
+        if l.kind in ("conv1d", "conv2d"):
+            m += math.prod(s[2:]) * l.in_features * l.out_features * l.kernel_numel
+        elif l.kind == "linear":
+            m += math.prod(s[1:-1]) * l.in_features * l.out_features
+        elif l.kind == "mha":
+            m += s[1] * 4 * l.out_features ** 2 + 2 * s[1] ** 2 * l.out_features
+    return m
+
+
 @contextlib.contextmanager
 def _matmul_precision(p: str):
     """``torch.set_float32_matmul_precision(p)`` inside, the previous setting restored after."""
@@ -228,6 +256,10 @@ def main(argv=None) -> int:
     ap.add_argument("--vmap-models", type=int, default=None, help="K of the torch.func.vmap reference (0: skip)")
     ap.add_argument("--repeat", type=int, default=None,
                     help="time each workload this many times, interleaved, and report median speedups (default 3, 1 with --quick)")
+    ap.add_argument("--workloads", default="recipe,mlp",
+                    help="comma-separated: recipe, mlp, resnet (a residual group of zoo/digits-wild.toml), "
+                         "vit (a transformer group of zoo/digits-vit.toml)")
+    ap.add_argument("--dag-pick", default="median", help="which resnet/vit group(s): median, small (comma-separated)")
     ap.add_argument("--out", required=True, help="JSON file to write")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -248,6 +280,10 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
     results = []
 
+    work = set(a.workloads.split(","))
+    bad = work - {"recipe", "mlp", "resnet", "vit"}
+    if bad:
+        ap.error(f"--workloads: unknown {sorted(bad)}")
     full = plan(recipe, n_rec)
     groups = [(g.arch, list(g.runs)) for g in full[::every]]
     # the fixed-MLP workload's models (timed below)
@@ -259,7 +295,7 @@ def main(argv=None) -> int:
     runs = mr.runs()
     mbank = bank if recipe.datasets == ["digits"] else DataBank.build(["digits"], dev)
     warmup = {}
-    if dev.type == "cuda":  # outside the timings: CUDA libraries' first calls, Triton's compilation of the
+    if dev.type == "cuda" and work & {"recipe", "mlp"}:  # outside the timings: CUDA libraries' first calls, Triton's compilation of the
         # fused kernel (once per configuration and machine, then cached on disk), in both precisions
         from wsnets.zoo import fused
         for p in ("highest", "high"):
@@ -276,19 +312,21 @@ def main(argv=None) -> int:
     seq_runs = all_runs[:: max(1, len(all_runs) // n_seq)][:n_seq]
     sizes = sorted(len(rs) for _, rs in groups)
     rec, bld = [], []
-    for _ in range(repeat):
+    for _ in range(repeat if "recipe" in work else 0):
         rec.append((batched(groups, recipe, bank, dev), rseq := sequential(seq_runs, recipe, bank, dev)))
         if a.workers:
             bld.append((built(recipe, n_rec, every, a.workers, dev), rseq))
-    results.append(_repeated(f"{recipe.name} recipe planned at {n_rec} models: {len(all_runs)} models in {len(groups)} of "
-                             f"{len(full)} groups (sizes {sizes[0]}-{sizes[-1]}), {recipe.epochs} epochs, batch {recipe.batch_size}", rec))
-    if a.workers:
+    if rec:
+        results.append(_repeated(f"{recipe.name} recipe planned at {n_rec} models: {len(all_runs)} models in {len(groups)} "
+                                 f"of {len(full)} groups (sizes {sizes[0]}-{sizes[-1]}), {recipe.epochs} epochs, batch "
+                                 f"{recipe.batch_size}", rec))
+    if bld:
         results.append(_repeated(f"same {len(all_runs)} models through `wsnets zoo build` with {a.workers} worker process(es) "
                                  f"(1 thread each; store writes included; sequential loop as above)", bld))
 
     # workload 2: fixed MLP 64-32-32-10, SGD, 10 epochs on digits
     mlp, vm, tf32 = [], [], []
-    for _ in range(repeat):
+    for _ in range(repeat if "mlp" in work else 0):
         seq = sequential(runs[:n_seq], mr, mbank, dev)
         mlp.append((batched([(runs[0].arch, runs)], mr, mbank, dev), seq))
         if dev.type == "cuda":  # the same with TF32 matrix products allowed (the fused kernel's tensor-core path)
@@ -296,12 +334,32 @@ def main(argv=None) -> int:
                 tf32.append((batched([(runs[0].arch, runs)], mr, mbank, dev), seq))
         if n_vmap:
             vm.append((vmap_loop(runs[:n_vmap], mr, mbank, dev), seq))
-    results.append(_repeated(f"MLP 64-32-32-10, 10 epochs on digits, batch 64 (K={n_mlp})", mlp))
+    if mlp:
+        results.append(_repeated(f"MLP 64-32-32-10, 10 epochs on digits, batch 64 (K={n_mlp})", mlp))
     if tf32:
         results.append(_repeated("same, TF32 matrix products (torch.set_float32_matmul_precision('high'); "
                                  "sequential loop in float32 as above)", tf32))
-    if n_vmap:
+    if vm:
         results.append(_repeated(f"naive torch.func.vmap loop, same MLP (K={n_vmap})", vm))
+
+    # workloads 3 and 4: a residual CNN group and a transformer group of the heterogeneous recipes
+    for fam, path, want in (("resnet", "zoo/digits-wild.toml", "resnet"), ("vit", "zoo/digits-vit.toml", "transformer")):
+        if fam not in work:
+            continue
+        fr = load_recipe(path)
+        fbank = DataBank.build(fr.datasets, dev)
+        cands = sorted((g for g in plan(fr) if g.arch.describe().startswith(want)),
+                       key=lambda g: (_macs(g.arch), g.runs[0].index))
+        for pick in a.dag_pick.split(","):
+            g = cands[0] if pick == "small" else cands[len(cands) // 2]
+            runs = list(g.runs)
+            seq_n = min(len(runs), a.seq_models or (4 if a.quick else 8))
+            reps = [(batched([(g.arch, runs)], fr, fbank, dev), sequential(runs[:seq_n], fr, fbank, dev))
+                    for _ in range(repeat)]
+            desc = ", ".join(f"{k}={v}" for k, v in dict(runs[0].fields).items() if k != "kind")
+            results.append(_repeated(f"{fr.name}: {pick} {want} group ({desc}; {g.arch.num_params} params, "
+                                     f"{_macs(g.arch) / 1e3:.0f}k MACs/sample), K={len(runs)}, {fr.epochs} epochs, "
+                                     f"batch {fr.batch_size}; sequential {seq_n} models", reps))
 
     env = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
            "threads": a.threads, "repeat": repeat, "torch": torch.__version__, "python": platform.python_version(),

@@ -1,5 +1,15 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -30,3 +40,45 @@ def reference_batches():
             for s in range(steps):
                 yield order[s * B:(s + 1) * B]
     return batches
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for st in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = st.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(st.parent.name))
+    return out
+
+
+@pytest.fixture()
+def kill_build_after():
+    """``kill(n, recipe, out, workers=1, env=None)``: run ``wsnets zoo build RECIPE --out OUT`` in a
+    subprocess, SIGKILL it once ``n`` groups are committed (asserting it had not finished), and return
+    the PIDs of its child processes at that moment."""
+    def kill(n: int, recipe: Path, out: Path, workers: int = 1, env: dict | None = None) -> list[int]:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+        proc = subprocess.Popen([sys.executable, "-m", "wsnets", "zoo", "build", str(recipe), "--out", str(out),
+                                 "--json", "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            try:
+                con = sqlite3.connect(f"file:{out / 'index.sqlite'}?mode=ro", uri=True, timeout=1)
+                done = con.execute("SELECT count(*) FROM groups").fetchone()[0]
+                con.close()
+            except sqlite3.Error:
+                continue
+            if done >= n:
+                break
+        assert proc.poll() is None, "build finished before it could be killed"
+        kids = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return kids
+    return kill

@@ -93,19 +93,6 @@ dropout = {uniform = [0.0, 0.3], zero = 0.5}
 """
 
 
-def _children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (Linux /proc)."""
-    out = []
-    for st in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = st.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(st.parent.name))
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -114,30 +101,13 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("workers,start", [(1, "fork"), (2, "fork"), (2, "spawn")])
-def test_sigkill_then_resume_equals_uninterrupted_build(tmp_path, workers, start):
+def test_sigkill_then_resume_equals_uninterrupted_build(tmp_path, workers, start, kill_build_after):
     """Killed in-process or with 2 worker processes (forked or spawned; they then exit), resumed
     in-process: equal to an uninterrupted in-process build."""
     recipe = tmp_path / "kill.toml"
     recipe.write_text(RECIPE_TOML)
     killed, ref = tmp_path / "killed", tmp_path / "ref"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WSNETS_ZOO_WORKER_START=start)
-    proc = subprocess.Popen([sys.executable, "-m", "wsnets", "zoo", "build", str(recipe), "--out", str(killed), "--json",
-                             "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    n_done, deadline = 0, time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-        try:
-            con = sqlite3.connect(f"file:{killed / 'index.sqlite'}?mode=ro", uri=True, timeout=1)
-            n_done = con.execute("SELECT count(*) FROM groups").fetchone()[0]
-            con.close()
-        except sqlite3.Error:
-            continue
-        if n_done >= 2:
-            break
-    assert proc.poll() is None, "build finished before it could be killed"
-    kids = _children(proc.pid)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kids = kill_build_after(2, recipe, killed, workers=workers, env={"WSNETS_ZOO_WORKER_START": start})
     if workers > 1:
         assert len(kids) >= workers - 1  # this process trains too
         deadline = time.time() + 60

