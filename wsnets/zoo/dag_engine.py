@@ -14,9 +14,10 @@ training mode (tested to float tolerance), with one difference in how values are
   ~10 elementwise passes of a batched BatchNorm written out, which were two thirds of a small ResNet's
   step. Activations, residual additions and pooling run on this layout unchanged;
 * everything else uses the interpreter's layout ``[K, B, ...]`` and :func:`wsnets.functional._dag_op`
-  (linear layers as ``baddbmm``, LayerNorm, attention as one ``scaled_dot_product_attention`` over
-  ``K*B*heads``), except self-attention's input projection (``nn.MultiheadAttention``), which is one
-  ``baddbmm`` for q, k and v together instead of three.
+  (linear layers as ``baddbmm``, LayerNorm), except that attention is one call of PyTorch's fused
+  ``scaled_dot_product_attention`` over ``K*B*heads`` (the interpreter writes attention out, for
+  double backward and vmap, which training does not need) and self-attention's input projection
+  (``nn.MultiheadAttention``) is one ``baddbmm`` for q, k and v together instead of three.
 
 A value changes layout where an operation needs the other (global pooling into the linear head, a
 patch embedding's tokens): one transpose of a small tensor. Dropout after hidden activations is
@@ -115,12 +116,28 @@ def _op(l: Layer, xs: list, params: dict[str, torch.Tensor], K: int, generator: 
     xs = [_to_k(v, K) for v in xs]
     if k == "mha" and len(xs) == 1:
         return _self_attention(l, xs[0], params, K)
+    if k == "attention":
+        return _attention(*xs, l.heads, l.mode == "causal", l.value)
     return _dag_op(l, xs, params, K, True, generator, "train", None)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False,
+               scale: float = 1.0) -> torch.Tensor:
+    """:func:`wsnets.functional._attention` through ``F.scaled_dot_product_attention`` (the fused CPU
+    kernel: up to ~1.6x faster on 17 tokens; training needs neither its double backward nor vmap)."""
+    lead = q.shape[:-2]
+    T, S = q.shape[-2], k.shape[-2]
+
+    def split(t: torch.Tensor, n: int) -> torch.Tensor:
+        t = t.expand(*lead, *t.shape[-2:]) if t.shape[:-2] != lead else t
+        return t.reshape(-1, n, heads, t.shape[-1] // heads).transpose(1, 2)     # [M, heads, n, d]
+    qh, kh, vh = split(q, T), split(k, S), split(v, S)
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale / qh.shape[-1] ** 0.5)
+    return out.transpose(1, 2).reshape(*lead, T, v.shape[-1])
 
 
 def _self_attention(l: Layer, h: torch.Tensor, params: dict[str, torch.Tensor], K: int) -> torch.Tensor:
     """``nn.MultiheadAttention(h, h, h)`` of ``K`` models, the q/k/v projection as one ``baddbmm``."""
-    from ..functional import _attention
     D = l.out_features
     lead = h.shape[:-1]
     h2 = h.reshape(K, -1, D)
