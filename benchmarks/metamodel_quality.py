@@ -45,6 +45,18 @@ def _value(text: str):
         return text
 
 
+def _takes(encoder: dict, override: str) -> bool:
+    """Whether ``encoder.KEY=VALUE`` applies to an encoder config (see the call site)."""
+    key, text = override.split("=", 1)
+    key = key[len("encoder."):]
+    if key in encoder:
+        return type(_value(text)) is type(encoder[key])
+    import inspect
+    from wsnets.nn.registry import ENCODERS
+    cls = ENCODERS.get(encoder.get("name"))
+    return cls is not None and key in inspect.signature(cls.__init__).parameters
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default=None, help="zoo directory (required unless --merge)")
@@ -102,10 +114,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             base = load_config(cfg_path)
-            # encoder.* overrides only where the method's encoder has that option and of the same type
-            # (GBMs have no 'hidden'; FlatMLP's is a list)
-            ovr = [o for o in common if not o.startswith("encoder.") or (o.split("=")[0][8:] in base.encoder and type(
-                _value(o.split("=", 1)[1])) is type(base.encoder[o.split("=")[0][8:]]))]
+            # encoder.* overrides only where the method's encoder has that option: in its config with a value of
+            # the same type (GBMs have no 'hidden'; FlatMLP's is a list), or as an argument of its class
+            # (e.g. the graph encoders' edge_dim = 25 for 5x5 kernels)
+            ovr = [o for o in common if not o.startswith("encoder.") or _takes(base.encoder, o)]
             cfg = load_config(cfg_path, ovr)
             res = run_training(cfg, zoo=a.zoo, out=runs / m, seeds=seeds, device=a.device, plots=not a.quick)
         except WSNetsError as e:

@@ -108,3 +108,22 @@ def test_statnn_mlp_on_zoo_round_trip(zoo, tmp_path):
     rows = MetaModel.load(tmp_path / "r").predict_records(test.weightspaces())
     tau = kendall_tau(torch.tensor([r["test_acc"] for r in rows]), [r["test_acc"] for r in test.rows])
     assert tau == pytest.approx(m["seeds"][0]["test"]["test_acc"]["kendall_tau"], abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["statnn-mlp", "esd"])
+def test_ood_split_with_deeper_test_networks_trains_and_predicts(tmp_path, method):
+    """Trained on depth-1 MLPs, tested on depth-2 ones: feature rows are padded to the deeper networks,
+    the encoder takes that width, and the saved meta-model predicts a deep checkpoint."""
+    from wsnets.zoo import build, open as open_zoo
+    (tmp_path / "r.toml").write_text(RECIPE.replace("depth = [1]", "depth = [1, 2]").replace("population = 24",
+                                                                                             "population = 16"))
+    build(tmp_path / "r.toml", tmp_path / "zoo", progress=False)
+    deep = [r for r in open_zoo(tmp_path / "zoo").filter(epoch=4) if r["depth"] == 2]
+    assert deep
+    rc = main(["train", str(ROOT / "train" / f"{method}.toml"), "--zoo", str(tmp_path / "zoo"), "--out",
+               str(tmp_path / "run"), "--no-progress", "--set", "optim.epochs=2", "--set", "data.filter={epoch=4}",
+               "--set", "data.ood={depth=['<=',1]}", "--json"])
+    assert rc == 0
+    ck = tmp_path / "deep.safetensors"
+    deep[0].load().save(ck)
+    assert main(["predict", str(ck), "--meta-model", str(tmp_path / "run"), "--json"]) == 0

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ConfigError, MissingKeyError
 from ..io import atomic_write_json
+from ..weights import WeightSpace
 from .config import TrainConfig
 from .distributed import Dist, device_for, setup, teardown
 from .logging import RunLogger
@@ -171,6 +172,10 @@ def _encoder(cfg: TrainConfig, train_ds: Any, example: Any) -> tuple[Any, Any]:
     nets = example if isinstance(example, (list, tuple)) else [example]
     example = max(nets, key=lambda w: len(w.arch.weight_layers))  # rows zero-padded to the deepest network
     encoder = build_encoder(enc_cfg, example)
+    if getattr(encoder, "in_features", feats.shape[1]) != feats.shape[1] and hasattr(train_ds, "widest_arch"):
+        # rows are padded to the zoo's widest network, which an out-of-distribution split may keep out of training
+        example = WeightSpace.random(train_ds.widest_arch())
+        encoder = build_encoder(enc_cfg, example)
     if getattr(encoder, "in_features", feats.shape[1]) != feats.shape[1]:
         raise ConfigError(f"encoder {cfg.encoder_name!r} takes {encoder.in_features} features, the zoo gives "
                           f"{feats.shape[1]}")

@@ -181,6 +181,14 @@ class ZooDataset(torch.utils.data.Dataset):
         and test share one width (a split without the deepest networks would otherwise be narrower)."""
         return max((_feature_width(a, self.representation) for a in {r["arch"] for r in self.zoo.rows}), default=0)
 
+    def widest_arch(self):
+        """The filtered zoo's architecture (any split) with the longest ``stats``/``esd``/``flat`` row: the
+        width every split's rows are padded to (an out-of-distribution test split may hold deeper networks
+        than training)."""
+        from ..arch import Architecture
+        archs = sorted({r["arch"] for r in self.zoo.rows})
+        return Architecture.from_json(max(archs, key=lambda a: _feature_width(a, self.representation)))
+
     def collate(self, items: Sequence[tuple[Any, dict]]) -> tuple[Any, dict[str, torch.Tensor]]:
         """Batch items: ``(batched_x, {target: [B] tensor})`` (float, or long for class targets)."""
         xs = [x for x, _ in items]
