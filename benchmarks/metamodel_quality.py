@@ -119,7 +119,8 @@ def main(argv=None) -> int:
             # (e.g. the graph encoders' edge_dim = 25 for 5x5 kernels)
             ovr = [o for o in common if not o.startswith("encoder.") or _takes(base.encoder, o)]
             cfg = load_config(cfg_path, ovr)
-            res = run_training(cfg, zoo=a.zoo, out=runs / m, seeds=seeds, device=a.device, plots=not a.quick)
+            res = run_training(cfg, zoo=a.zoo, out=runs / m, seeds=seeds, device=a.device, plots=not a.quick,
+                               overwrite=True)
         except WSNetsError as e:
             print(f"{m}: skipped: {e}", file=sys.stderr)
             results["methods"][m] = {"error": str(e)}

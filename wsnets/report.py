@@ -33,8 +33,9 @@ def results_table(res: dict) -> str:
     for m, r in res["methods"].items():
         test = r["test"]
         cells = [_cell(test.get(tg, {}).get(k)) for tg in REGRESSION for k in ("kendall_tau", "r2")]
-        name = _label(m) + (f" †" if r.get("only_architecture") else "")
         n_test = r.get("sizes", {}).get("test", r.get("alpha", {}).get("valid", ""))
+        name = _label(m) + (f" † (only {n_test} test models)" if r.get("only_architecture") else "") + \
+            (" ‡" if r.get("slope") else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {n_test} | {t.get(m, float('nan')):.0f} |")
     out = "\n".join(lines)
     for m, r in res["methods"].items():
@@ -43,7 +44,11 @@ def results_table(res: dict) -> str:
     only = {r["only_architecture"] for r in res["methods"].values() if r.get("only_architecture")}
     if only:
         out += (f"\n\n† fixed-architecture encoder: trained and tested only on the zoo's most common architecture "
-                f"({', '.join(sorted(only))}), so its test set is a subset of the others'.")
+                f"({', '.join(sorted(only))}), so its test set is a small subset of the others': its τ on so few "
+                "models is too noisy to compare with the rows above.")
+    for m, r in res["methods"].items():
+        if r.get("slope"):
+            out += "\n\n‡ " + alpha_note(r)
     if res.get("regions"):
         out += "\n\n| region zoo | dataset accuracy | dataset macro-F1 | task accuracy | time (s) |\n|---|---|---|---|---|\n"
         for m, r in res["regions"].items():
@@ -150,6 +155,20 @@ def _plot_predictions(res: dict, path: Path) -> bool:
     return _save(plt, fig, path, f"Predicted vs true test accuracy on held-out models ({res['recipe']})")
 
 
+def alpha_note(r: dict) -> str:
+    """What the mean-α row's numbers are: τ and R² of a line fitted on the training split (so τ carries the
+    sign of the slope), against τ of α itself (the plot)."""
+    parts = []
+    for tg in REGRESSION:
+        slope = r["slope"].get(tg)
+        raw = r["test"].get(tg, {}).get("kendall_tau_raw_alpha", {}).get("mean")
+        if slope is None or raw is None:
+            continue
+        parts.append(f"{TARGET_LABEL[tg].split(' (')[0]}: slope {slope:+.3g}, τ(α) = {raw:+.3f}")
+    return ("mean ESD α with no training: τ and R² are those of a line fitted on the training split (target against "
+            "mean α), so τ is τ(α) times the sign of the slope; τ of α itself (the plot): " + "; ".join(parts) + ".")
+
+
 def _plot_alpha(res: dict, path: Path) -> bool:
     plt = _pyplot()
     a = res["methods"].get("esd-alpha", {}).get("alpha")
@@ -158,11 +177,15 @@ def _plot_alpha(res: dict, path: Path) -> bool:
     alpha, acc, gap = (torch.tensor(a[k]) for k in ("test_alpha", "test_acc", "gen_gap"))
     ok = torch.isfinite(alpha)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    r = res["methods"]["esd-alpha"]
     for ax, y, name in ((axes[0], acc, "test_acc"), (axes[1], gap, "gen_gap")):
-        tau = res["methods"]["esd-alpha"]["test"][name]["kendall_tau_raw_alpha"]["mean"]
+        tau = r["test"][name]["kendall_tau_raw_alpha"]["mean"]
+        slope = (r.get("slope") or {}).get(name)
+        line = "" if slope is None else (f"\nline fitted on the training split: slope {slope:+.3g}, its τ = "
+                                         f"{r['test'][name]['kendall_tau']['mean']:+.3f} (the table)")
         ax.scatter(alpha[ok], y[ok], s=6, alpha=0.5)
         ax.set(xlabel="mean power-law exponent α over layers (ESD)", ylabel=TARGET_LABEL[name],
-               title=f"Kendall τ(α, {name}) = {tau:.3f}  (n = {int(ok.sum())})")
+               title=f"Kendall τ(α, {name}) = {tau:+.3f}  (n = {int(ok.sum())}){line}")
     return _save(plt, fig, path, "Heavy-tailed ESD metric vs generalization (Martin & Mahoney): held-out models")
 
 

@@ -13,8 +13,8 @@
 4. Prints one table (Kendall tau / R^2 for test accuracy and generalization gap, dataset/task accuracy,
    time per method) and writes ``report/`` with ``results.md``, ``results.json`` and plots.
 
-Recipes and configs are read from the repository's ``zoo/`` and ``train/`` folders (an editable
-install, as the README's command makes) or from paths given on the command line.
+Recipes and configs are those shipped with wsnets (the repository's ``zoo/`` and ``train/``, copied into
+an installed wheel; see :mod:`wsnets.resources`) or paths given on the command line.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, WSNetsError
+from .errors import WSNetsError
 
-ROOT = Path(__file__).resolve().parent.parent
 REGRESSION = ("test_acc", "gen_gap")
 DEFAULT_METHODS = ("graph", "statnn-gbm", "statnn-mlp", "flatmlp", "esd", "esd-alpha")
 REGION_METHODS = ("graph", "statnn-gbm")
@@ -56,14 +55,9 @@ LABELS = {"graph": "Neural-graph encoder (PNA)", "transformer": "Neural-graph tr
 
 
 def resource(kind: str, name: str) -> Path:
-    """A recipe (``kind="zoo"``) or config (``kind="train"``) by path or by name in the repository."""
-    p = Path(name)
-    if p.suffix == ".toml" and p.is_file():
-        return p
-    q = ROOT / kind / f"{name}.toml"
-    if q.is_file():
-        return q
-    raise ConfigError(f"no {kind} file {name!r} (looked for {p} and {q}); pass a path to a .toml file")
+    """A recipe (``kind="zoo"``) or config (``kind="train"``) by path or by name (see :mod:`wsnets.resources`)."""
+    from .resources import find
+    return find({"zoo": "recipe", "train": "config"}[kind], name)
 
 
 def default_cache() -> Path:
@@ -105,7 +99,7 @@ def _train(method: str, zoo: Path, out: Path, targets: list[str], *, seeds: int,
     if epochs is not None:
         sets += [f"optim.epochs={epochs}", f"optim.patience={max(3, epochs // 3)}"]
     cfg = apply_overrides(cfg, sets)
-    res = run_training(cfg, zoo=zoo, out=out, seeds=seeds, device=device)
+    res = run_training(cfg, zoo=zoo, out=out, seeds=seeds, device=device, overwrite=True)  # (report/ checked by run)
     if arch:
         res["only_architecture"] = arch
     return res
@@ -116,7 +110,7 @@ def alpha_ranker(zoo: Path, split_seed: int = 0, filter: dict | None = None) -> 
     R^2 of a 1-D linear fit of the target on alpha made on the training split."""
     from .train.metrics import mean_std, regression_metrics
     from .zoo import ZooDataset
-    out: dict[str, Any] = {"test": {}, "alpha": {}}
+    out: dict[str, Any] = {"test": {}, "alpha": {}, "slope": {}}
     sets = {s: ZooDataset(zoo, "esd", targets=list(REGRESSION), split=s, split_seed=split_seed, filter=filter)
             for s in ("train", "test")}
     alphas, ys = {}, {}
@@ -132,6 +126,7 @@ def alpha_ranker(zoo: Path, split_seed: int = 0, filter: dict | None = None) -> 
         pred = coef[0] * at + coef[1]
         out["test"][t] = {k: mean_std([v]) for k, v in regression_metrics(pred, yt).items()}
         out["test"][t]["kendall_tau_raw_alpha"] = mean_std([regression_metrics(at, yt)["kendall_tau"]])
+        out["slope"][t] = float(coef[0])  # the table's τ is that of the line: sign(slope) x τ(α, target)
     out["alpha"] = {"test_alpha": alphas["test"].tolist(), "test_acc": ys["test"]["test_acc"].tolist(),
                     "gen_gap": ys["test"]["gen_gap"].tolist(), "valid": int(ok["test"].sum())}
     return out
@@ -154,12 +149,13 @@ def mean_alpha(networks: list) -> torch.Tensor:
 def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: str | Path | None = None,
         out: str | Path = "report", device: str = "cpu", seeds: int = 1, methods: tuple[str, ...] = DEFAULT_METHODS,
         epochs: int | None = None, limit: int | None = None, progress: bool = True, full_configs: bool = False,
-        threads: int | None = 1, region_methods: tuple[str, ...] = REGION_METHODS) -> dict:
+        threads: int | None = 1, region_methods: tuple[str, ...] = REGION_METHODS, overwrite: bool = False) -> dict:
     """Run the main job (see module docstring); returns what ``report/results.json`` holds.
 
     ``threads`` sets torch's CPU threads for the whole job (default 1: the zoo trainer's and the
     encoders' many small ops lose more to thread synchronization than they gain, and on a busy
     machine oversubscribed threads slow them down by an order of magnitude); None keeps torch's.
+    An ``out`` holding the report of an earlier run is refused unless ``overwrite``.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -169,6 +165,10 @@ def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: s
             resource("train", m)  # fail fast on a typo, before minutes of zoo building
     cache = Path(cache) if cache else default_cache()
     out = Path(out)
+    if (out / "results.json").exists() and not overwrite:
+        from .errors import OutputExistsError
+        raise OutputExistsError(f"{out} holds the report of an earlier run (results.json): pass --overwrite to "
+                                "replace it, or --out another folder")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -213,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     res = run(args.recipe, regions=None if args.no_regions else args.regions, cache=args.cache, out=args.out,
               device=args.device, seeds=args.seeds, methods=methods, epochs=args.epochs, limit=args.limit, progress=not args.json,
               full_configs=args.full_configs, threads=args.threads or None,
-              region_methods=region_methods)
+              region_methods=region_methods, overwrite=args.overwrite)
     from .cli import emit
     from .report import results_table
     emit(args, res, lambda: results_table(res) + f"\n\nreport written to {args.out}/ "
@@ -230,6 +230,7 @@ def register(sub) -> None:
     p.add_argument("--no-regions", action="store_true", help="skip the region zoo")
     p.add_argument("--cache", default=None, help="zoo cache directory (default ~/.cache/wsnets/zoos)")
     p.add_argument("--out", default="report", help="report directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the report of an earlier run in --out")
     p.add_argument("--seeds", type=int, default=1, help="seeds per method (mean ± std reported)")
     p.add_argument("--epochs", type=int, default=None, help="override training epochs of every neural method")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")

@@ -75,6 +75,11 @@ def _checkpoints(d: Path) -> list[Path]:
         "tensor_only.pt": sd["0.weight"],
         "nan.pt": {**sd, "2.weight": torch.full_like(sd["2.weight"], float("nan"))},
         "nochain.pt": {**sd, "2.weight": torch.randn(10, 9)},
+        # architectures that keys and shapes do not determine (the spine refuses them, saying how to give one)
+        "bare_conv.pt": nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten(), nn.Linear(4, 10)).state_dict(),
+        "bare_residual.pt": {"a.weight": torch.randn(8, 64), "a.bias": torch.zeros(8), "b.weight": torch.randn(8, 8),
+                             "b.bias": torch.zeros(8), "c.weight": torch.randn(10, 8), "c.bias": torch.zeros(10)},
     }.items():
         b = io.BytesIO()
         torch.save(obj, b)
@@ -271,7 +276,7 @@ def _commands(c) -> list[list[str]]:
     for ck in map(str, c["ckpts"]):
         # esd reads any tensors and no architecture: metadata, NaN (a per-layer status), shapes that do not
         # chain non-tensor and sparse entries (reported as skipped) are fine there
-        if not any(t in Path(ck).name for t in ("meta_", "nan", "nochain", "notensor", "sparse")):
+        if not any(t in Path(ck).name for t in ("meta_", "nan", "nochain", "notensor", "sparse", "bare_")):
             cmds += [["esd", ck]]
         cmds += [["graph", ck], ["predict", ck, "--meta-model", str(g / "run")],
                  ["merge", "average", ck, good, "--out", str(out / "avg.safetensors")],

@@ -117,3 +117,34 @@ def test_plot_takes_a_png_file_or_a_folder_with_one_meaning_everywhere(tmp_path)
             assert any(_png(p) for p in d.glob(f"{o}*")), (name, o)
     assert main(["zoo", "info", str(tmp_path / "z"), "--plot", str(tmp_path / "x.pdf")]) == 2
     assert not (tmp_path / "x.pdf").exists()
+
+
+def test_an_existing_run_is_never_overwritten_without_overwrite(tmp_path, capsys):
+    """``wsnets train --out RUN`` on a run refuses (exit 2, the run byte for byte as before); ``--overwrite``
+    replaces it whole (a 1-seed run over a 2-seed one leaves no seeds/1); ``wsnets run`` keeps a report."""
+    import hashlib
+    from wsnets.cli import main
+    build(parse_recipe({"name": "o", "seed": 1, "population": 16, "datasets": ["digits"], "epochs": 1,
+                        "architecture": {"kind": "mlp", "depth": [1, 2], "width": 8}}), tmp_path / "z", progress=False)
+    train = ["train", str(ROOT / "train" / "statnn-gbm.toml"), "--zoo", str(tmp_path / "z"), "--no-progress",
+             "--encoder.max_iter", "5"]
+    run = tmp_path / "run"
+    assert main([*train, "--out", str(run), "--seeds", "2"]) == 0
+    (run / "notes.txt").write_text("mine")
+
+    def tree():
+        return {str(p.relative_to(run)): hashlib.sha1(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    before = tree()
+    capsys.readouterr()
+    assert main([*train, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--overwrite" in err
+    assert tree() == before
+    assert main([*train, "--out", str(run), "--overwrite"]) == 0
+    assert (run / "seeds" / "0").is_dir() and not (run / "seeds" / "1").exists()
+    assert (run / "notes.txt").read_text() == "mine"  # files wsnets did not write are left alone
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "results.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["run", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "report")]) == 2
+    assert "--overwrite" in capsys.readouterr().err and not (tmp_path / "cache").exists()

@@ -295,8 +295,7 @@ def analyze(model: Any, **kwargs: Any):
 
     Returns
     -------
-    pandas DataFrame (one row per layer; ``attrs["skipped"]`` lists skipped tensors), or a list of
-    dicts when pandas is not installed.
+    pandas DataFrame (one row per layer; ``attrs["skipped"]`` lists skipped tensors).
 
     Examples
     --------
@@ -310,11 +309,8 @@ def analyze(model: Any, **kwargs: Any):
 
 
 def to_table(res: ESDResult):
-    """Rows as a pandas DataFrame (``attrs["skipped"]`` set), or the list of dicts without pandas."""
-    try:
-        import pandas as pd
-    except ImportError:  # pragma: no cover - pandas is optional
-        return res.rows
+    """Rows as a pandas DataFrame (``attrs["skipped"]`` set)."""
+    import pandas as pd
     df = pd.DataFrame.from_records(res.rows)
     df.attrs["skipped"] = list(res.skipped)
     return df

@@ -30,13 +30,17 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if args.no_progress:
         cfg.log.progress = False
-    res = run_training(cfg, zoo=args.zoo, out=args.out, seeds=args.seeds, device=args.device, wandb=args.wandb)
-    summary = {"out": args.out, "sizes": res["sizes"], "test": res["test"]}
+    res = run_training(cfg, zoo=args.zoo, out=args.out, seeds=args.seeds, device=args.device, wandb=args.wandb,
+                       overwrite=args.overwrite)
+    summary = {"out": args.out, "sizes": res["sizes"], "models": res.get("models"), "test": res["test"]}
 
     def text() -> str:
         from .metrics import fmt
-        lines = [f"{res['name']} ({res['encoder']}) -> {args.out}   models train/val/test: "
-                 f"{res['sizes']['train']}/{res['sizes']['val']}/{res['sizes']['test']}, {len(res['seeds'])} seed(s)"]
+        sz, models = res["sizes"], res.get("models") or {}
+        of = (f" (of {models['train']}/{models['val']}/{models['test']} models)"
+              if models and any(models[s] != sz[s] for s in models) else " (one per model)" if models else "")
+        lines = [f"{res['name']} ({res['encoder']}) -> {args.out}   checkpoints train/val/test: "
+                 f"{sz['train']}/{sz['val']}/{sz['test']}{of}, {len(res['seeds'])} seed(s)"]
         for t, ms in res["test"].items():
             if t in ("loss", "loss_parts") or not isinstance(ms, dict):
                 continue
@@ -112,7 +116,7 @@ def register(sub) -> None:
     p = add_parser(sub, "train", COMMANDS["train"][1],
                    "wsnets train train/graph.toml --zoo zoos/digits-mlp --out runs/graph --seeds 3 --optim.epochs 20",
                    _train)
-    p.add_argument("config", help="TOML config (see train/*.toml)")
+    p.add_argument("config", help="a shipped config by name (graph, hnp, statnn-gbm, ...: train/*.toml) or a TOML path")
     p.add_argument("--zoo", required=True, help="zoo directory (wsnets zoo build)")
     p.add_argument("--out", required=True, help="run directory to write (model, config, metrics, plots)")
     p.add_argument("--seeds", type=int, default=1, help="train this many seeds; metrics report mean ± std")
@@ -120,6 +124,8 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. optim.lr=3e-4 (repeatable); --optim.lr 3e-4 works too")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out if there is one (default: refuse; its files are removed first)")
     add_common(p)
     _lenient(p)
     q = add_parser(sub, "predict", COMMANDS["predict"][1],

@@ -198,9 +198,11 @@ def check_encoder_values(enc: Mapping[str, Any], source: str = "config") -> None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a TOML config and apply ``key=value`` overrides."""
+    """Read a TOML config, given by path or by name (``"graph"``: the configs shipped in ``train/``, see
+    :mod:`wsnets.resources`), and apply ``key=value`` overrides."""
     from ..io import read_toml
-    path = Path(path)
+    from ..resources import find
+    path = find("config", path)
     cfg = from_dict(read_toml(path, "config"), str(path))
     return apply_overrides(cfg, overrides, str(path))
 

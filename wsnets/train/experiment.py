@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import ConfigError, MissingKeyError
+from ..errors import ConfigError, MissingKeyError, OutputExistsError
 from ..io import atomic_write_json
 from ..weights import WeightSpace
 from .config import TrainConfig
@@ -72,19 +72,48 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# what a run directory holds (a run is there if one of the first four is); --overwrite removes all of it
+RUN_MARKS = ("model.safetensors", "config.json", "metrics.json", "seeds")
+RUN_FILES = RUN_MARKS + ("normalization.json", "reference.safetensors", "log.jsonl", "wandb")
+RUN_PLOTS = ("scatter_*.png", "confusion_*.png")
+
+
+def check_out(out: Path, overwrite: bool = False, remove: bool = True) -> None:
+    """Refuse to write a run into ``out`` if it holds one (:class:`OutputExistsError`) unless ``overwrite``;
+    with ``overwrite`` (and ``remove``) the old run's files are deleted first, so runs never mix (a 1-seed
+    run over a 3-seed one would keep seeds/1 and seeds/2). Files wsnets does not write are left alone."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a directory")
+    found = [n for n in RUN_MARKS if (out / n).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{out} holds a meta-model run ({', '.join(found)}): pass --overwrite to replace it, "
+                                "or write to another --out")
+    if remove:
+        import shutil
+        for p in [out / n for n in RUN_FILES] + [q for g in RUN_PLOTS for q in out.glob(g)]:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+
+
 def run_training(cfg: TrainConfig, *, zoo: str | Path | None = None, out: str | Path, seeds: int = 1,
                  device: str = "cpu", wandb: bool = False, datasets: dict[str, Any] | None = None,
-                 example: Any = None, plots: bool = True) -> dict:
+                 example: Any = None, plots: bool = True, overwrite: bool = False) -> dict:
     """Train ``seeds`` meta-models (seeds ``cfg.seed + k``) and write ``RUN`` (see module docstring).
 
     ``datasets``/``example`` replace the zoo (datasets already split; used by tests and custom data).
+    ``out`` holding a run is refused unless ``overwrite`` (which replaces it: see :func:`check_out`).
     Returns the content of ``metrics.json``.
     """
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    out = Path(out)
+    check_out(out, overwrite, remove=False)  # refused before any work; removed below, after the data loaded
     dist = setup(device)
     dev = device_for(dist, device)
-    out = Path(out)
     try:
         if datasets is None:
             if zoo is None:
@@ -95,9 +124,14 @@ def run_training(cfg: TrainConfig, *, zoo: str | Path | None = None, out: str | 
         if not is_gbm(cfg):  # a bad [encoder] fails here, before any output; the random state is left as it was
             with torch.random.fork_rng(devices=[]):
                 _encoder(cfg, datasets["train"], example)
+        if dist.is_main:
+            check_out(out, overwrite)
+        dist.barrier()
         logger = RunLogger(out / "log.jsonl", wandb=wandb or cfg.log.wandb, project=cfg.log.project,
                            name=f"{cfg.name}", config=cfg.to_dict(), wandb_dir=out, active=dist.is_main)
-        sizes = {s: len(datasets[s]) for s in SPLITS}
+        sizes = {s: len(datasets[s]) for s in SPLITS}  # checkpoints (several per model when epochs are not filtered)
+        models = {s: len({r["model_id"] for r in datasets[s].rows}) for s in SPLITS} \
+            if all(hasattr(datasets[s], "rows") for s in SPLITS) else None
         logger.info(f"{cfg.name}: {cfg.encoder_name} on {sizes['train']}/{sizes['val']}/{sizes['test']} "
                     f"train/val/test checkpoints, targets {', '.join(cfg.data.targets)}, {seeds} seed(s), "
                     f"{dist.world_size} process(es) on {dev}")
@@ -120,7 +154,7 @@ def run_training(cfg: TrainConfig, *, zoo: str | Path | None = None, out: str | 
                         _plots(mm, real, y, test, out)
             logger.info(f"seed {s}: " + ", ".join(_line(t, test[t]) for t in cfg.data.targets))
         result = {"name": cfg.name, "encoder": cfg.encoder_name, "zoo": str(zoo) if zoo else None,
-                  "sizes": sizes, "world_size": dist.world_size, "seeds": per_seed,
+                  "sizes": sizes, "models": models, "world_size": dist.world_size, "seeds": per_seed,
                   "test": aggregate([p["test"] for p in per_seed]), "config": cfg.to_dict()}
         if dist.is_main:
             atomic_write_json(out / "metrics.json", result)

@@ -242,8 +242,8 @@ def fit(model: MetaModel, train_ds: Any, val_ds: Any, cfg: TrainConfig, *, devic
             val_loss = rec["train_loss"]
         history.append(rec)
         logger.log("epoch", step=epoch, **rec)
-        bar.set_postfix({"train": f"{rec['train_loss']:.3f}",
-                         **{k: f"{v:.3f}" for k, v in rec.get("val", {}).items()}})
+        bar.set_postfix({"train loss": f"{rec['train_loss']:.3f}",  # validation metrics say so (not test_*)
+                         **{f"val {k}": f"{v:.3f}" for k, v in rec.get("val", {}).items()}})
         if val_loss < best - 1e-9:
             best, best_epoch, bad = val_loss, epoch, 0
             best_state = copy.deepcopy(model.state_dict())

@@ -167,7 +167,7 @@ def register(sub) -> None:
     zsub = p.add_subparsers(dest="zoo_command", metavar="SUBCOMMAND")
     b = add_parser(zsub, "build", "train a zoo from a recipe (resumes an interrupted build)",
                    "wsnets zoo build zoo/digits-mlp.toml --out zoos/digits-mlp --shard 0/2", _build)
-    b.add_argument("recipe", help="recipe TOML (or a name in zoo/, e.g. digits-mlp)")
+    b.add_argument("recipe", help="a shipped recipe by name (digits-mlp, regions, ...: zoo/*.toml) or a TOML path")
     b.add_argument("--out", required=True, help="zoo directory (created; an existing one is resumed)")
     b.add_argument("--limit", type=int, default=None, help="build only the first N models of the population")
     b.add_argument("--shard", default=None, help="build part I of N (0-based), e.g. 0/4; merge parts with 'zoo merge'")

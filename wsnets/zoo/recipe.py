@@ -329,11 +329,10 @@ def _interval(v: Any, where: str) -> tuple[float, float]:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe file; a name without a path looks in the repository's ``zoo/``."""
-    p = Path(path)
-    if not p.exists() and not p.suffix:
-        cand = Path(__file__).resolve().parents[2] / "zoo" / f"{p.name}.toml"
-        p = cand if cand.exists() else p
+    """Parse and validate a recipe file, given by path or by name (``"digits-mlp"``: the recipes shipped in
+    ``zoo/``, see :mod:`wsnets.resources`)."""
+    from ..resources import find
+    p = find("recipe", path)
     from ..io import read_toml
     return parse_recipe(read_toml(p, "recipe"), str(p))
 

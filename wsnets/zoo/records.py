@@ -153,6 +153,12 @@ class Zoo:
     def extra_metrics(self, row: dict[str, Any]) -> dict[str, float]:
         return dict(self._extra.get((row["model_id"], int(row["epoch"])), {}))
 
+    def to_pandas(self):
+        """The rows as a pandas DataFrame (one row per checkpoint, the index's columns plus any extra metrics
+        recorded with :meth:`record`)."""
+        import pandas as pd
+        return pd.DataFrame([{**r, **self.extra_metrics(r)} for r in self.rows])
+
     def __repr__(self) -> str:
         return f"Zoo({str(self.root)!r}, rows={len(self)}, models={len({r['model_id'] for r in self.rows})})"
 
