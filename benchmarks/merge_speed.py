@@ -249,7 +249,7 @@ def main(argv=None) -> int:
                 tools.append(("mergekit", lambda out: [mergekit_bin, str(cfg), str(out), "--out-shard-size", "500M",
                                                        "--no-copy-tokenizer", "--no-write-model-card"]))
             for tool, cmd in tools:
-                out = root / f"out_{tool.split()[0]}_{method}"
+                out = root / f"out_{tool.replace(' --', '_').replace('-', '_')}_{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 warm(dirs)
                 r = run_measured(cmd(out), env)

@@ -5,8 +5,9 @@ and asks for what depends on the whole tensor through requests: :meth:`Inputs.to
 :meth:`Inputs.gram` (inner products), :meth:`Inputs.top`/:meth:`Inputs.bottom` (the ``c`` largest or
 smallest entries per model, exactly ``c``). :func:`run_group` runs the kernel over all slices once per
 unresolved request, accumulating it (a sum, or one 16-bit level of a radix histogram of the values'
-bit patterns), then once more to produce the output. A tensor that fits in one slice is read once and
-the passes reuse it, so memory is bounded by the slice size, not by the tensor or the model.
+bit patterns), then once more to produce the output; memory is bounded by the slice size, not by the
+tensor or the model. A tensor that fits in one slice is read once and its requests resolve on the spot
+(one pass). Kernels own their slice: :attr:`Inputs.delta` is computed in the models' buffer.
 
 Selections are exact and deterministic: the ``c`` largest entries are those above the ``c``-th largest
 value ``v`` plus, among entries equal to ``v``, the first ones in row-major order, which is what a

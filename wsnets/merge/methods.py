@@ -25,6 +25,11 @@ DARE-TIES merge              disjoint mean (``normalize=True``,    disjoint sum 
 task arithmetic lambda       ``scale=0.4`` (Ilharco et al.'s       ``lambda=1``
                              typical value; choose on validation)
 breadcrumbs outliers         ``ceil(gamma * n)`` largest removed   ``int(gamma * n)``
+compute dtype                float32 for half-precision inputs     the inputs' (bfloat16 for bfloat16
+                             (``dtype=`` to choose; recorded)      inputs) unless ``dtype:`` is set
+model stock ``filter_wise``  one ratio per row of the first axis   per vector of the last axis (the same
+                                                                   for 2-D weights)
+SLERP                        two models, the first at ``t = 0``    the base at ``t = 0`` and one other
 ============================ ===================================== ======================================
 
 Running statistics (BatchNorm ``running_mean``/``running_var``) are not task vectors: methods with a

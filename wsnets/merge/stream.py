@@ -28,7 +28,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -355,17 +355,9 @@ class _Job:
         """Run ``m`` over a group of tensors (one, or the whole model); returns the number of passes."""
         info = self.ref.infos[group[0]]
         one = len(group) == 1 and info.numel <= max(1, self.budget // self.compute_dtype(group[0]).itemsize)
-        cache: list[Chunk] = []
-
-        def chunks() -> Iterable[Chunk]:
-            if not one:
-                return self._slices(group, with_base)
-            if not cache:                     # a one-slice group is read once
-                cache.extend(self._slices(group, with_base))
-            return cache
         rows = (info.shape[0] if len(info.shape) >= 2 else 1) if len(group) == 1 else None
-        return run_group(m, o, chunks, numel=sum(self.ref.infos[n].numel for n in group), name=name, rows=rows,
-                         sink=self._sink, whole=one)
+        return run_group(m, o, lambda: self._slices(group, with_base), numel=sum(self.ref.infos[n].numel for n in group),
+                         name=name, rows=rows, sink=self._sink, whole=one)   # one slice: requests resolve in one pass
 
     def _sink(self, chunk: Chunk, values: torch.Tensor) -> None:
         if values.is_floating_point() and not bool(torch.isfinite(values.sum())) and not bool(values.isfinite().all()):
