@@ -248,3 +248,79 @@ def stack(spaces: Sequence[WeightSpace]) -> WeightSpace:
             raise TypeError("stack() takes unbatched WeightSpaces")
     return WeightSpace(arch, {k: torch.stack([s.params[k] for s in spaces]) for k in spaces[0].params},
                        len(spaces), check=False)
+
+
+class MixedBatch:
+    """Networks whose tensors share names and shapes but whose architectures differ elsewhere (the
+    activation function, as in the Small CNN Zoo's relu/tanh mix) batched together.
+
+    ``ws`` holds the stacked tensors under network 0's architecture (use it for shapes and tensors
+    only); network ``i`` has architecture ``kinds[index[i]]``. Fixed-architecture encoders read it and
+    take each network's activations as a feature (:func:`activation_codes`). Made by :func:`stack_shapes`.
+    """
+
+    __slots__ = ("ws", "kinds", "index")
+
+    def __init__(self, ws: WeightSpace, kinds: Sequence[Architecture], index: torch.Tensor) -> None:
+        if index.shape != (ws.batch_size,):
+            raise ShapeMismatchError(f"MixedBatch of {ws.batch_size} networks got an index of shape {tuple(index.shape)}")
+        self.ws, self.kinds, self.index = ws, tuple(kinds), index
+
+    @property
+    def arch(self) -> Architecture:
+        return self.ws.arch
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.index.numel())
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def groups(self) -> list[tuple[Architecture, torch.Tensor]]:
+        """``(architecture, indices of its networks)`` for each architecture present."""
+        return [(a, (self.index == k).nonzero().flatten()) for k, a in enumerate(self.kinds)]
+
+    def to(self, *args: Any, **kwargs: Any) -> "MixedBatch":
+        return MixedBatch(self.ws.to(*args, **kwargs), self.kinds, self.index)
+
+    def __repr__(self) -> str:
+        return f"MixedBatch({len(self)} networks: {', '.join(a.describe() for a in self.kinds)})"
+
+
+def stack_shapes(spaces: Sequence[WeightSpace]) -> WeightSpace | MixedBatch:
+    """Stack single networks whose tensors share names and shapes: a batched WeightSpace when they
+    share one architecture, else a :class:`MixedBatch` (e.g. relu and tanh networks of one shape)."""
+    if not spaces:
+        raise ValueError("stack_shapes() needs at least one WeightSpace")
+    arch = spaces[0].arch
+    kinds: dict[Architecture, int] = {}
+    index = [kinds.setdefault(s.arch, len(kinds)) for s in spaces]   # hashing, no tensor work
+    if len(kinds) == 1:
+        return stack(spaces)
+    shapes = arch.param_shapes
+    for a in kinds:
+        if a.param_shapes != shapes:
+            raise ArchitectureMismatchError(f"{a.describe()} and {arch.describe()} cannot be stacked: their tensors "
+                                            "differ in names or shapes")
+    if any(s.batch_size is not None for s in spaces):
+        raise TypeError("stack_shapes() takes unbatched WeightSpaces")
+    ws = WeightSpace(arch, {k: torch.stack([s.params[k] for s in spaces]) for k in shapes}, len(spaces), check=False)
+    return MixedBatch(ws, list(kinds), torch.tensor(index, dtype=torch.long))
+
+
+def activation_codes(x: WeightSpace | MixedBatch) -> torch.Tensor:
+    """``[B, L]`` long: for each network and weight layer, the index in :data:`wsnets.arch.ACTIVATIONS` of
+    the activation applied to that layer's outputs (0, identity, when none is, as for the output layer)."""
+    from .arch import ACTIVATIONS
+
+    def code(a: Architecture) -> list[int]:
+        c = [0] * len(a.weight_layers)
+        for l, g in zip(a.layers, a.layer_group):
+            if l.kind == "act" and 0 < g <= len(c):
+                c[g - 1] = ACTIVATIONS.index(l.fn)
+        return c
+    if isinstance(x, MixedBatch):
+        return torch.tensor([code(a) for a in x.kinds], dtype=torch.long)[x.index]
+    B = x.batch_size if x.batch_size is not None else 1
+    return torch.tensor(code(x.arch), dtype=torch.long).expand(B, -1)

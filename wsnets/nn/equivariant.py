@@ -33,10 +33,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..arch import Architecture
-from ..errors import ArchitectureMismatchError
-from ..weights import WeightSpace
+from ..arch import ACTIVATIONS, Architecture
+from ..errors import ArchitectureMismatchError, ConfigError
+from ..weights import MixedBatch, WeightSpace, activation_codes
 from .common import make_mlp
+from .probes import ProbeField, logit_features, probe_logits
 
 
 @dataclass(frozen=True)
@@ -255,10 +256,11 @@ class WeightSpacePool(nn.Module):
 
 
 class WeightSpaceEncoder(nn.Module):
-    """Encoder for one architecture: lift -> ``layers`` x :class:`DWSBlock` -> invariant pool -> MLP.
+    """Encoder for one weight-space shape: lift -> ``layers`` x :class:`DWSBlock` -> invariant pool -> MLP.
 
-    Input: a batched :class:`~wsnets.WeightSpace` (``representation = "tensors"``); BatchNorm is folded
-    first. Output ``[B, out_dim]``. Another architecture raises :class:`ArchitectureMismatchError`.
+    Input: a batched :class:`~wsnets.WeightSpace`, or a :class:`~wsnets.weights.MixedBatch` of networks
+    whose tensors share shapes but not activations (``representation = "tensors"``); BatchNorm is folded
+    first. Output ``[B, out_dim]``. Other tensor shapes raise :class:`ArchitectureMismatchError`.
 
     Parameters
     ----------
@@ -267,12 +269,21 @@ class WeightSpaceEncoder(nn.Module):
     layers : number of residual equivariant blocks.
     out_dim : embedding size.
     fixed_io : True for HNP (inputs/outputs keep identity), False for NP.
+    act_embed : add a learned embedding of each layer's activation function (relu, tanh, ...) to that
+        layer's lifted weights and biases, so networks of one shape but different activations (the
+        Small CNN Zoo) are told apart; a per-layer constant, hence equivariant.
+    probes : number of probe inputs (0: none). The networks' logits on them (centered, scale-free, plus
+        their log scale and per-probe confidence; :func:`wsnets.nn.probes.logit_features`) join the
+        pooled features. Output neurons are fixed, so this stays invariant for HNP; NP (which also
+        permutes outputs) refuses probes.
+    probe_learn : learn the probes (see :class:`~wsnets.nn.probes.ProbeField`).
     """
 
     representation = "tensors"
 
     def __init__(self, arch: Architecture, hidden: int = 16, layers: int = 2, out_dim: int = 64,
-                 fixed_io: bool = True, dropout: float = 0.0) -> None:
+                 fixed_io: bool = True, dropout: float = 0.0, act_embed: bool = True, probes: int = 0,
+                 probe_learn: bool = True) -> None:
         super().__init__()
         arch = _folded(arch)
         self.arch_describe = arch.describe()
@@ -280,44 +291,67 @@ class WeightSpaceEncoder(nn.Module):
         sizes = arch.group_sizes
         L = len(sizes) - 1
         fixed = (0, L) if fixed_io else ()
+        if probes and not fixed_io:
+            raise ConfigError("probes need fixed output neurons: use them with HNP, not NP")
         cin = [c for l in arch.weight_layers for c in (l.kernel_numel, 1)]
         self.lift = WeightSpaceLinear(sizes, cin, hidden, fixed)
+        self.act_embed = nn.Embedding(len(ACTIVATIONS), hidden) if act_embed else None
+        if self.act_embed is not None:
+            nn.init.normal_(self.act_embed.weight, std=0.1)
         self.blocks = nn.ModuleList(DWSBlock(sizes, hidden, fixed, dropout) for _ in range(layers))
         self.norm = ChannelNorm(hidden)
         self.pool = WeightSpacePool(self.lift)
-        self.head = make_mlp([self.pool.out_dim, 2 * out_dim, out_dim], dropout=dropout)
+        self.probe_field = ProbeField(probes, learn=probe_learn) if probes else None
+        n_probe = probes * sizes[-1] + 1 + 3 * probes if probes else 0
+        self.head = make_mlp([self.pool.out_dim + n_probe, 2 * out_dim, out_dim], dropout=dropout)
         self.out_dim = out_dim
 
-    def features(self, ws: WeightSpace) -> WSFeatures:
-        """Check the architecture, fold BatchNorm and scale: the :class:`WSFeatures` the layers read."""
-        if not isinstance(ws, WeightSpace):
-            raise TypeError(f"{type(self).__name__} takes a batched WeightSpace, got {type(ws).__name__}")
-        ws = _fold_ws(ws)
-        if shape_signature(ws.arch) != self.signature:
-            raise ArchitectureMismatchError(
-                f"{type(self).__name__} was built for {self.arch_describe}, got {ws.arch.describe()}")
+    def features(self, x: WeightSpace | MixedBatch) -> WSFeatures:
+        """Check the shapes, fold BatchNorm and scale: the :class:`WSFeatures` the layers read."""
+        ws = self._checked(x)
         p = next(self.parameters())
         return WSFeatures.from_weightspace(ws.to(device=p.device, dtype=p.dtype))
 
-    def forward(self, ws: WeightSpace) -> torch.Tensor:
-        h = self.lift(self.features(ws))
+    def _checked(self, x: WeightSpace | MixedBatch) -> WeightSpace:
+        if not isinstance(x, (WeightSpace, MixedBatch)):
+            raise TypeError(f"{type(self).__name__} takes a batched WeightSpace or MixedBatch, got {type(x).__name__}")
+        ws = _fold_ws(x.ws if isinstance(x, MixedBatch) else x)
+        if shape_signature(ws.arch) != self.signature:
+            raise ArchitectureMismatchError(
+                f"{type(self).__name__} was built for {self.arch_describe}, got {ws.arch.describe()}")
+        return ws
+
+    def forward(self, x: WeightSpace | MixedBatch) -> torch.Tensor:
+        h = self.lift(self.features(x))
+        if self.act_embed is not None:
+            e = self.act_embed(activation_codes(x).to(self.act_embed.weight.device))     # [B, L, hidden]
+            h = h + WSFeatures(tuple(e[:, i, :, None, None] for i in range(len(h.weights))),
+                               tuple(e[:, i, :, None] for i in range(len(h.biases))))
         for blk in self.blocks:
             h = blk(h)
-        return self.head(self.pool(self.norm(h)))
+        z = self.pool(self.norm(h))
+        if self.probe_field is not None:
+            p = next(self.parameters())
+            logits = probe_logits(x.to(device=p.device, dtype=p.dtype), self.probe_field)
+            z = torch.cat([z, logit_features(logits).to(z.dtype)], dim=1)
+        return self.head(z)
 
 
 class NPEncoder(WeightSpaceEncoder):
     """:class:`WeightSpaceEncoder` with NP layers: invariant to input/output neuron permutations as well."""
 
-    def __init__(self, arch: Architecture, hidden: int = 16, layers: int = 2, out_dim: int = 64, dropout: float = 0.0):
-        super().__init__(arch, hidden, layers, out_dim, fixed_io=False, dropout=dropout)
+    def __init__(self, arch: Architecture, hidden: int = 16, layers: int = 2, out_dim: int = 64, dropout: float = 0.0,
+                 act_embed: bool = True):
+        super().__init__(arch, hidden, layers, out_dim, fixed_io=False, dropout=dropout, act_embed=act_embed)
 
 
 class HNPEncoder(WeightSpaceEncoder):
     """:class:`WeightSpaceEncoder` with HNP layers: input/output neurons keep their identity."""
 
-    def __init__(self, arch: Architecture, hidden: int = 16, layers: int = 2, out_dim: int = 64, dropout: float = 0.0):
-        super().__init__(arch, hidden, layers, out_dim, fixed_io=True, dropout=dropout)
+    def __init__(self, arch: Architecture, hidden: int = 16, layers: int = 2, out_dim: int = 64, dropout: float = 0.0,
+                 act_embed: bool = True, probes: int = 0, probe_learn: bool = True):
+        super().__init__(arch, hidden, layers, out_dim, fixed_io=True, dropout=dropout, act_embed=act_embed,
+                         probes=probes, probe_learn=probe_learn)
 
 
 def _folded(arch: Architecture) -> Architecture:

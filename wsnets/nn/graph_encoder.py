@@ -16,7 +16,7 @@ Features (:class:`GraphFeaturizer`), all functions of what a node/edge *is*, nev
 
 Layers (:class:`EdgePNALayer`): edge update from both endpoints, then messages in both directions
 (forward to the target, backward to the source), aggregated PNA-style (Corso et al. 2020: mean,
-max, min, std; identity and log-degree amplification scalers), pre-LayerNorm residual updates.
+max, std; identity and log-degree amplification scalers), pre-LayerNorm residual updates.
 
 Readout (:func:`graph_readout`): mean over input, hidden and output nodes separately, max and
 signed-log sum over all nodes, and mean over edges, per graph.
@@ -35,8 +35,9 @@ from ..arch import ACTIVATIONS
 from ..graph import EDGE_TYPES
 from ..errors import ShapeMismatchError
 from .common import make_mlp, sinusoidal, signed_log
+from .probes import OutputProbeReadout, ProbeField, graph_probe_activations
 
-PNA_AGGREGATORS = ("mean", "max", "min", "std")
+PNA_AGGREGATORS = ("mean", "max", "std")
 
 
 def _edge_type_table(hidden: int) -> nn.Embedding:
@@ -49,17 +50,21 @@ def _edge_type_table(hidden: int) -> nn.Embedding:
 
 
 class GraphFeaturizer(nn.Module):
-    """Initial node ``[N, hidden]`` and edge ``[E, hidden]`` embeddings of a neural-graph batch."""
+    """Initial node ``[N, hidden]`` and edge ``[E, edge_hidden]`` embeddings of a neural-graph batch."""
 
-    def __init__(self, hidden: int, edge_dim: int = 9, pos_dim: int = 16, layer_scale: bool = False) -> None:
+    def __init__(self, hidden: int, edge_dim: int = 9, pos_dim: int = 16, layer_scale: bool = False,
+                 probes: int = 0, edge_hidden: int | None = None) -> None:
         super().__init__()
+        eh = edge_hidden or hidden
         self.hidden, self.edge_dim, self.pos_dim, self.layer_scale = hidden, edge_dim, pos_dim, layer_scale
+        self.probes = probes
         extra = 3 if layer_scale else 0     # value / layer RMS and log layer RMS (see layer_rms)
+        extra += 2 * probes + 1 if probes else 0   # probe activations / group RMS, signed log, log group RMS
         self.node_in = make_mlp([5 + 2 * pos_dim + pos_dim + 1 + extra, hidden, hidden])
         self.node_type = nn.Embedding(3, hidden)
         self.node_act = nn.Embedding(len(ACTIVATIONS), hidden)
-        self.edge_in = make_mlp([edge_dim + 1 + pos_dim + 1 + (edge_dim + 1 if layer_scale else 0), hidden, hidden])
-        self.edge_type = _edge_type_table(hidden)
+        self.edge_in = make_mlp([edge_dim + 1 + pos_dim + 1 + (edge_dim + 1 if layer_scale else 0), eh, eh])
+        self.edge_type = _edge_type_table(eh)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # meta-models saved before DAG edge types existed have a 3-row edge-type table: keep its rows
@@ -69,8 +74,9 @@ class GraphFeaturizer(nn.Module):
             state_dict[key] = torch.cat([old, self.edge_type.weight.detach()[old.shape[0]:].to(old)])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        nfeats, efeats, node_batch = self.inputs(batch)
+    def forward(self, batch, probe_acts: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        nfeats, efeats, node_batch = self.inputs(batch, probe_acts)
         h = self.node_in(nfeats) + self.node_type(batch.node_type) + self.node_act(batch.node_act)
         e = self.edge_in(efeats) + self.edge_type(batch.edge_type)
         src, dst = batch.edge_index
@@ -78,11 +84,13 @@ class GraphFeaturizer(nn.Module):
         aux = {"batch": node_batch, "seg_in": segments(dst, N), "seg_out": segments(src, N)}
         return h, e, aux
 
-    def inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def inputs(self, batch, probe_acts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw node ``[N, F_n]`` and edge ``[E, F_e]`` features before the input MLPs, and the batch vector.
 
         With ``layer_scale`` the last node columns are bias / bias RMS, log bias RMS, log incoming-weight
-        RMS, and the last edge columns weight / weight RMS (``edge_dim``) and log weight RMS.
+        RMS, and the last edge columns weight / weight RMS (``edge_dim``) and log weight RMS. With probes,
+        ``probe_acts`` ``[N, P]`` (:func:`wsnets.nn.probes.graph_probe_activations`) adds each neuron's
+        activations divided by their RMS over its group (per network), their signed log, and the log RMS.
         """
         x, ea, (src, dst) = batch.x, batch.edge_attr, batch.edge_index
         dev, dt = x.device, x.dtype
@@ -120,6 +128,16 @@ class GraphFeaturizer(nn.Module):
             b_rms = layer_rms(bias.squeeze(1) ** 2, group, G)[group]
             nfeats += [bias / b_rms.unsqueeze(1), b_rms.log().unsqueeze(1), w_rms.log().unsqueeze(1)]
             efeats += [w / w_rms[dst].unsqueeze(1), w_rms[dst].log().unsqueeze(1)]
+        if self.probes:
+            if probe_acts is None or probe_acts.shape != (N, self.probes):
+                raise ShapeMismatchError(f"the featurizer takes {self.probes} probe activations per node, got "
+                                         f"{None if probe_acts is None else tuple(probe_acts.shape)}")
+            n_layers = int(layer.max()) + 1 if N else 1
+            group = node_batch * n_layers + layer
+            G = (int(node_batch.max()) + 1 if N else 1) * n_layers
+            a = probe_acts.to(dt)
+            rms = layer_rms(a.square().mean(1), group, G)[group].unsqueeze(1)
+            nfeats += [a / rms, signed_log(a), rms.log()]
         return torch.cat(nfeats, dim=1), torch.cat(efeats, dim=1), node_batch
 
 
@@ -140,23 +158,25 @@ def segments(index: torch.Tensor, n: int) -> tuple[torch.Tensor | None, torch.Te
 
 
 def pna_aggregate(m: torch.Tensor, seg: tuple[torch.Tensor | None, torch.Tensor], delta: float) -> torch.Tensor:
-    """PNA aggregation of messages ``m [E, H]`` -> ``[n, 8H]`` (4 aggregators x 2 scalers).
+    """PNA aggregation of messages ``m [E, H]`` -> ``[n, 6H]`` (3 aggregators x 2 scalers).
 
-    ``seg`` comes from :func:`segments` (target of each message). Nodes that receive nothing get
-    zeros. ``delta`` is the fixed log-degree normalizer of the amplification scaler
+    ``seg`` comes from :func:`segments` (target of each message). Aggregators: mean, max and standard
+    deviation (min is left out: messages leave a GELU, which is bounded below, so the min of many is
+    nearly constant, and each aggregator costs two passes over the edges). Nodes that receive nothing
+    get zeros. ``delta`` is the fixed log-degree normalizer of the amplification scaler
     ``log(d + 1) / delta`` (fixed, so a graph's embedding never depends on what else is in the batch).
-    Sorted segment reductions are used instead of scatters: several times faster for max/min.
+    Sorted segment reductions are used instead of scatters: several times faster for max.
     """
     order, lengths = seg
-    ms = m if order is None else m[order]
+    ms = m if order is None else m.index_select(0, order)
     has = (lengths > 0).unsqueeze(1)
+    zero = torch.zeros((), dtype=m.dtype, device=m.device)
 
     def red(x: torch.Tensor, how: str) -> torch.Tensor:
-        out = torch.segment_reduce(x, how, lengths=lengths, unsafe=True)
-        return torch.where(has, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return torch.where(has, torch.segment_reduce(x, how, lengths=lengths, unsafe=True), zero)
     mean, sq = red(ms, "mean"), red(ms * ms, "mean")
-    std = torch.where(has, (sq - mean * mean).clamp(min=0).add(1e-6).sqrt(), torch.zeros((), dtype=m.dtype, device=m.device))
-    agg = torch.cat([mean, red(ms, "max"), red(ms, "min"), std], dim=1)
+    std = torch.where(has, (sq - mean * mean).clamp(min=0).add(1e-6).sqrt(), zero)
+    agg = torch.cat([mean, red(ms, "max"), std], dim=1)
     amp = ((lengths.to(m.dtype) + 1).log() / delta).unsqueeze(1)
     return torch.cat([agg, agg * amp], dim=1)
 
@@ -172,7 +192,12 @@ class EdgeUpdate(nn.Module):
         self.out = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
 
     def forward(self, hn: torch.Tensor, en: torch.Tensor, e: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-        return e + self.out(self.a(hn)[dst] + self.b(hn)[src] + self.c(en))
+        return e + self.out(self.a(hn).index_select(0, dst) + self.b(hn).index_select(0, src) + self.c(en))
+
+
+def edge_norm(e: torch.Tensor) -> torch.Tensor:
+    """LayerNorm of edge embeddings ``[E, H]`` without weight or bias."""
+    return torch.nn.functional.layer_norm(e, e.shape[-1:])
 
 
 class EdgePNALayer(nn.Module):
@@ -180,44 +205,63 @@ class EdgePNALayer(nn.Module):
 
     ``e_ij <- e_ij + f_e([h_i, h_j, e_ij])``; forward messages ``act(W_f [h_j, e_ij])`` to target ``i``,
     backward messages ``act(W_b [h_i, e_ij])`` to source ``j``, each PNA-aggregated;
-    ``h_i <- h_i + f_h([h_i, agg_f, agg_b])``. Pre-LayerNorm on nodes and edges. Linear maps of
-    concatenations are split into node and edge parts (nodes are few, edges many).
+    ``h_i <- h_i + f_h([h_i, agg_f, agg_b])``. Pre-LayerNorm on nodes and edges (one normalization of
+    the edges per layer, shared by the messages and the next layer's edge update).
+
+    Edges outnumber nodes 10-50x, so everything is arranged to keep per-edge work small: linear maps
+    of concatenations are split into node and edge parts, and the node parts of the edge update and of
+    both messages are computed on the nodes in one matrix product and gathered once per endpoint
+    (``index_select``, whose backward is an ``index_add``); edges and messages are ``edge_hidden``
+    wide (default ``hidden``), nodes ``hidden``.
     """
 
-    def __init__(self, hidden: int, dropout: float = 0.0, delta: float = 3.0) -> None:
+    def __init__(self, hidden: int, dropout: float = 0.0, delta: float = 3.0, edge_hidden: int | None = None) -> None:
         super().__init__()
-        self.hidden, self.delta = hidden, delta
-        self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.edge = EdgeUpdate(hidden, dropout)
-        self.msg_node = nn.Linear(hidden, 2 * hidden, bias=False)   # [forward | backward] node parts
-        self.msg_edge = nn.Linear(hidden, 2 * hidden)
+        eh = edge_hidden or hidden
+        self.hidden, self.edge_hidden, self.delta = hidden, eh, delta
+        self.norm_h = nn.LayerNorm(hidden)
+        # node parts, [target side | source side]: target = (edge update, backward message), source = (edge, forward)
+        self.node_dst = nn.Linear(hidden, 2 * eh, bias=False)
+        self.node_src = nn.Linear(hidden, 2 * eh, bias=False)
+        self.edge_in = nn.Linear(eh, eh)
+        self.edge_out = nn.Linear(eh, eh)
+        self.msg_f, self.msg_b = nn.Linear(eh, eh), nn.Linear(eh, eh)
         self.act = nn.GELU()
-        k = 2 * len(PNA_AGGREGATORS) * hidden
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        k = 2 * len(PNA_AGGREGATORS) * eh
         self.post_f, self.post_b = nn.Linear(k, hidden), nn.Linear(k, hidden)
         self.f_h = make_mlp([3 * hidden, 2 * hidden, hidden], dropout=dropout)
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor, edge_index: torch.Tensor, aux: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, e: torch.Tensor, en: torch.Tensor, edge_index: torch.Tensor, aux: dict
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(h, e, en) -> (h, e, en)``; ``en`` is ``e`` layer-normalized without an affine map (see
+        :func:`edge_norm`), computed once per update and shared with the next layer: every map that
+        reads it is linear, so it absorbs the affine part a separate LayerNorm would have."""
         src, dst = edge_index
-        H = h.shape[1]
+        eh = self.edge_hidden
         hn = self.norm_h(h)
-        e = self.edge(hn, self.norm_e(e), e, src, dst)
-        node = self.msg_node(hn)
-        me = self.msg_edge(self.norm_e(e))
-        m_f = self.act(node[src, :H] + me[:, :H])
-        m_b = self.act(node[dst, H:] + me[:, H:])
+        at_dst = self.node_dst(hn).index_select(0, dst)          # [E, 2 eh]
+        at_src = self.node_src(hn).index_select(0, src)
+        d_edge, d_msg = at_dst.split(eh, dim=1)
+        s_edge, s_msg = at_src.split(eh, dim=1)
+        e = e + self.edge_out(self.dropout(self.act(d_edge + s_edge + self.edge_in(en))))
+        en = edge_norm(e)
+        m_f = self.act(s_msg + self.msg_f(en))                    # to the target, from the source's side
+        m_b = self.act(d_msg + self.msg_b(en))                    # to the source, from the target's side
         agg_f = self.post_f(pna_aggregate(m_f, aux["seg_in"], self.delta))
         agg_b = self.post_b(pna_aggregate(m_b, aux["seg_out"], self.delta))
         h = h + self.f_h(torch.cat([hn, agg_f, agg_b], dim=1))
-        return h, e
+        return h, e, en
 
     def extra_repr(self) -> str:
-        return f"hidden={self.hidden}, aggregators={PNA_AGGREGATORS}, delta={self.delta}"
+        return f"hidden={self.hidden}, edge_hidden={self.edge_hidden}, aggregators={PNA_AGGREGATORS}, delta={self.delta}"
 
 
 def graph_readout(h: torch.Tensor, e: torch.Tensor, batch, aux: dict, edge_groups: bool = False) -> torch.Tensor:
-    """Invariant per-graph readout ``[B, 7H]``: mean over input / hidden / output nodes, max and
-    signed-log sum over all nodes, mean and max over edges; with ``edge_groups`` also the mean over
-    first-layer, middle and last-layer edges (``[B, 10H]``; a group a network lacks gives zeros)."""
+    """Invariant per-graph readout ``[B, 5H + 2H_e]`` (``H_e`` the edge width): mean over input / hidden /
+    output nodes, max and signed-log sum over all nodes, mean and max over edges; with ``edge_groups``
+    also the mean over first-layer, middle and last-layer edges (``[B, 5H + 5H_e]``; a group a network
+    lacks gives zeros)."""
     nb = aux["batch"]
     B = int(batch.num_graphs) if hasattr(batch, "num_graphs") else int(nb.max()) + 1
     H = h.shape[1]
@@ -232,13 +276,13 @@ def graph_readout(h: torch.Tensor, e: torch.Tensor, batch, aux: dict, edge_group
     if edge_groups:
         nt = batch.node_type
         pos = torch.where(nt[src] == 0, 0, torch.where(nt[dst] == 2, 2, 1))
-        parts.append(scatter(e, eb * 3 + pos, 0, dim_size=3 * B, reduce="mean").reshape(B, 3 * H))
+        parts.append(scatter(e, eb * 3 + pos, 0, dim_size=3 * B, reduce="mean").reshape(B, 3 * e.shape[1]))
     return torch.cat(parts, dim=1)
 
 
-def readout_dim(hidden: int, edge_groups: bool) -> int:
+def readout_dim(hidden: int, edge_groups: bool, edge_hidden: int | None = None) -> int:
     """Width of :func:`graph_readout`'s output."""
-    return (10 if edge_groups else 7) * hidden
+    return 5 * hidden + (5 if edge_groups else 2) * (edge_hidden or hidden)
 
 
 class NeuralGraphEncoder(nn.Module):
@@ -254,6 +298,13 @@ class NeuralGraphEncoder(nn.Module):
     layer_scale : also give every weight and bias relative to the RMS of its layer (per network) and
         that RMS on a log axis (see :class:`GraphFeaturizer`).
     edge_readout : add the mean over first-layer / middle / last-layer edges to the readout.
+    probes : number of learned probe inputs (0: none). Every network runs on them (a
+        :class:`~wsnets.nn.probes.ProbeField`, which makes probes of any input shape); each neuron's
+        activations become node features and a summary of each network's outputs (confidence,
+        entropy, margin per probe) joins the readout (see :mod:`wsnets.nn.probes`).
+    probe_learn : learn the probes (False: fixed random probes).
+    edge_hidden : width of the edge embeddings and messages (default ``hidden``). Edges outnumber
+        nodes 10-50x, so this sets most of the cost.
     readout_norm : standardize the readout with a ``BatchNorm1d`` before the head. Networks of one
         architecture (a fine-tuning zoo) differ by well under 1% of the readout's norm, which the
         head cannot pick up otherwise; the running statistics are recomputed over the training split
@@ -274,21 +325,32 @@ class NeuralGraphEncoder(nn.Module):
 
     def __init__(self, hidden: int = 32, layers: int = 3, out_dim: int = 64, edge_dim: int = 9,
                  dropout: float = 0.0, pos_dim: int = 16, layer_scale: bool = False, edge_readout: bool = False,
-                 readout_norm: bool = False) -> None:
+                 readout_norm: bool = False, probes: int = 0, probe_learn: bool = True,
+                 edge_hidden: int | None = None) -> None:
         super().__init__()
-        self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale)
-        self.layers = nn.ModuleList(EdgePNALayer(hidden, dropout) for _ in range(layers))
-        self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        width = readout_dim(hidden, edge_readout)
+        eh = edge_hidden or hidden
+        self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale, probes, eh)
+        self.probe_field = ProbeField(probes, learn=probe_learn) if probes else None
+        self.probe_readout = OutputProbeReadout(probes, 4 * hidden, pos_dim) if probes else None
+        self.layers = nn.ModuleList(EdgePNALayer(hidden, dropout, edge_hidden=eh) for _ in range(layers))
+        self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(eh)
+        width = readout_dim(hidden, edge_readout, eh) + (self.probe_readout.out_dim if probes else 0)
         self.head = make_mlp([width, 2 * hidden, out_dim], dropout=dropout, norm=True)
         self.readout_norm = nn.BatchNorm1d(width) if readout_norm else nn.Identity()
         self.out_dim, self.hidden, self.edge_readout = out_dim, hidden, edge_readout
 
     def forward(self, batch) -> torch.Tensor:
-        h, e, aux = self.featurizer(batch)
+        acts = summary = None
+        if self.probe_field is not None:
+            acts, summary = graph_probe_activations(batch, self.probe_field)
+        h, e, aux = self.featurizer(batch, acts)
+        en = edge_norm(e)
         for layer in self.layers:
-            h, e = layer(h, e, batch.edge_index, aux)
-        r = graph_readout(self.norm_h(h), self.norm_e(e), batch, aux, self.edge_readout)
+            h, e, en = layer(h, e, en, batch.edge_index, aux)
+        r = graph_readout(self.norm_h(h), torch.addcmul(self.norm_e.bias, en, self.norm_e.weight), batch, aux,
+                          self.edge_readout)
+        if summary is not None:
+            r = torch.cat([r, self.probe_readout(acts.to(r.dtype), summary.to(r.dtype), batch, aux["batch"])], dim=1)
         bn = self.readout_norm
         if isinstance(bn, nn.BatchNorm1d) and bn.training and r.shape[0] < 2:
             # one network has no batch statistics (e.g. the last batch of an epoch): use the running ones

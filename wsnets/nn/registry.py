@@ -23,7 +23,7 @@ from torch import nn
 
 from ..arch import Architecture
 from ..errors import ArchitectureMismatchError, ConfigError
-from ..weights import WeightSpace
+from ..weights import MixedBatch, WeightSpace, stack_shapes
 from .baselines import ESDFeatures, FlatMLP, StatFeatures, StatGBM, esd_features
 from .equivariant import HNPEncoder, NPEncoder
 from .graph_encoder import NeuralGraphEncoder
@@ -62,11 +62,14 @@ def _first_arch(example: Any, single: bool = True) -> Architecture | None:
         return example
     if isinstance(example, WeightSpace):
         return example.arch
+    if isinstance(example, MixedBatch):
+        return example.arch
     if isinstance(example, (list, tuple)) and example and isinstance(example[0], WeightSpace):
-        archs = {w.arch for w in example}
-        if single and len(archs) > 1:
-            raise ArchitectureMismatchError("a fixed-architecture encoder needs examples of one architecture, got "
-                                            + ", ".join(sorted(a.describe() for a in archs)))
+        shapes = {tuple(w.arch.param_shapes.items()) for w in example}
+        if single and len(shapes) > 1:
+            archs = sorted({w.arch.describe() for w in example})
+            raise ArchitectureMismatchError("a fixed-architecture encoder needs examples whose tensors share shapes, "
+                                            "got " + ", ".join(archs))
         return example[0].arch
     return None
 
@@ -145,20 +148,21 @@ def represent(encoder: nn.Module | str, networks: WeightSpace | Iterable[WeightS
     """Turn networks (a batched WeightSpace or a list of single ones) into the encoder's input.
 
     ``encoder`` is an encoder (its ``representation``) or a representation name: ``graph`` ->
-    ``torch_geometric`` Batch; ``tensors`` -> batched WeightSpace; ``flat``/``stats``/``esd`` -> ``[B, F]``.
+    ``torch_geometric`` Batch; ``tensors`` -> batched WeightSpace (a :class:`~wsnets.weights.MixedBatch`
+    when the networks share tensor shapes but not activations); ``flat``/``stats``/``esd`` -> ``[B, F]``.
     """
     rep = encoder if isinstance(encoder, str) else getattr(encoder, "representation", None)
     rep = {"np": "tensors", "hnp": "tensors", "transformer": "graph"}.get(rep, rep)
     if rep == "graph":
         from ..graph import to_batch
         return to_batch(networks)
-    if isinstance(networks, WeightSpace):
-        ws = networks.batched()
+    if isinstance(networks, (WeightSpace, MixedBatch)):
+        mixed = networks if isinstance(networks, MixedBatch) else networks.batched()
     else:
-        from ..weights import stack
-        ws = stack(list(networks))
+        mixed = stack_shapes(list(networks))
     if rep == "tensors":
-        return ws
+        return mixed
+    ws = mixed.ws if isinstance(mixed, MixedBatch) else mixed
     if rep == "flat":
         return ws.flat()
     if rep == "stats":

@@ -2,9 +2,10 @@
 
 The representation names are those of :class:`wsnets.zoo.ZooDataset`: ``"graph"`` (a
 ``torch_geometric`` ``Batch`` of neural graphs), ``"tensors"`` (a batched :class:`WeightSpace`),
-``"flat"``, ``"stats"`` and ``"esd"`` (``[B, F]`` feature matrices). Conversion is delegated to
-:func:`wsnets.nn.registry.represent` (what the zoo dataset uses) one architecture group at a time, so
-``stats``/``esd`` rows of networks with different widths but equal depth batch together.
+``"flat"``, ``"stats"`` and ``"esd"`` (``[B, F]`` feature matrices); ``"tensors"`` and ``"flat"`` take
+networks whose tensors share shapes (a :class:`~wsnets.weights.MixedBatch` when activations differ).
+Conversion is delegated to :func:`wsnets.nn.registry.represent` (what the zoo dataset uses) one
+architecture group at a time, so ``stats``/``esd`` rows of networks with different widths but equal depth batch together.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ArchitectureMismatchError, ConfigError
-from ..weights import WeightSpace, stack
+from ..weights import WeightSpace, stack, stack_shapes
 
 REPRESENTATIONS = ("graph", "tensors", "flat", "stats", "esd")
 
 
-def _one_arch(nets: Sequence[WeightSpace], what: str) -> None:
-    archs = {n.arch for n in nets}
-    if len(archs) > 1:
-        names = sorted(a.describe() for a in archs)
-        raise ArchitectureMismatchError(f"the {what} representation needs one architecture, got {', '.join(names)}")
+def _one_shape(nets: Sequence[WeightSpace], what: str) -> None:
+    if len({tuple(n.arch.param_shapes.items()) for n in nets}) > 1:
+        names = sorted({n.arch.describe() for n in nets})
+        raise ArchitectureMismatchError(f"the {what} representation needs networks whose tensors share shapes, "
+                                        f"got {', '.join(names)}")
 
 
 def _features(batched: WeightSpace, representation: str) -> torch.Tensor:
@@ -49,12 +50,12 @@ def represent(nets: Sequence[WeightSpace], representation: str) -> Any:
         from ..graph import to_batch
         return to_batch(nets)
     if representation in ("tensors", "flat"):
-        _one_arch(nets, representation)
+        _one_shape(nets, representation)
     groups: dict = {}
     for i, n in enumerate(nets):
         groups.setdefault(n.arch, []).append(i)
     if representation == "tensors":
-        return stack(nets)
+        return stack_shapes(nets)
     parts = {a: _features(stack([nets[i] for i in idx]), representation) for a, idx in groups.items()}
     width = max(p.shape[-1] for p in parts.values())
     # networks of different depths: zero-padded to the longest row, as ZooDataset pads a mixed zoo

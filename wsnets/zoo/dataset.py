@@ -9,8 +9,9 @@ Representations
 ---------------
 ``graph``    the network's :class:`~wsnets.WeightSpace` per item; ``collate`` -> a ``torch_geometric``
              ``Batch`` built by :func:`wsnets.to_batch` in one batched conversion (mixed architectures fine)
-``tensors``  a single-network :class:`~wsnets.WeightSpace`; ``collate`` -> a batched WeightSpace
-             (all rows must share one architecture, else :class:`ArchitectureMismatchError`)
+``tensors``  a single-network :class:`~wsnets.WeightSpace`; ``collate`` -> a batched WeightSpace, or a
+             :class:`~wsnets.weights.MixedBatch` when the rows share tensor shapes but not the activation
+             (other shapes raise :class:`ArchitectureMismatchError`)
 ``flat``     all parameters concatenated ``[P]``, zero-padded to the longest network of the dataset
 ``stats``    Unterthiner et al. (2020) weight statistics ``[14 L]``, zero-padded to the deepest network
 ``esd``      :func:`wsnets.esd.esd_features` ``[F]``
@@ -31,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import ArchitectureMismatchError, ConfigError, MissingKeyError
-from ..weights import WeightSpace, stack
+from ..weights import WeightSpace, stack, stack_shapes
 from .records import Zoo, open as open_zoo
 
 REPRESENTATIONS = ("graph", "tensors", "flat", "stats", "esd")
@@ -199,12 +200,13 @@ class ZooDataset(torch.utils.data.Dataset):
             from ..graph import to_batch
             return to_batch(xs), y
         if rep == "tensors":
-            archs = {x.arch for x in xs}
-            if len(archs) > 1:
+            shapes = {tuple(x.arch.param_shapes.items()) for x in xs}
+            if len(shapes) > 1:
+                archs = sorted({x.arch.describe() for x in xs})
                 raise ArchitectureMismatchError(
-                    f"representation 'tensors' needs one architecture per batch, got {len(archs)}: "
-                    f"{sorted(a.describe() for a in archs)[:3]}; filter the zoo (e.g. filter={{'arch_desc': ...}})")
-            return stack(xs), y
+                    f"representation 'tensors' needs networks whose tensors share shapes, got {len(archs)} "
+                    f"architectures: {archs[:3]}; filter the zoo (e.g. filter={{'arch_desc': ...}})")
+            return stack_shapes(xs), y
         return torch.stack(xs), y
 
     def loader(self, batch_size: int = 64, shuffle: bool = False, **kw: Any) -> torch.utils.data.DataLoader:
