@@ -61,3 +61,43 @@ def test_empty_training_split_is_an_error():
     from wsnets.errors import ConfigError
     with pytest.raises(ConfigError, match="training split is empty"):
         fit(_model(ds, cfg), empty, ds["val"], cfg)
+
+
+def test_select_tau_keeps_the_epoch_of_best_mean_validation_tau():
+    from wsnets.errors import ConfigError
+    ds = _fakes.splits()
+    cfg = _fakes.config(epochs=12, optim={"patience": 0, "select": "tau", "lr": 0.03})
+    mm = _model(ds, cfg)
+    res = fit(mm, ds["train"], ds["val"], cfg)
+    score = [(h["val"]["test_acc_tau"] + h["val"]["gen_gap_tau"] + h["val"]["dataset_acc"]) / 3 for h in res.history]
+    assert res.best_epoch == score.index(max(score))
+    after = evaluate(mm, ds["val"])
+    got = (after["test_acc"]["kendall_tau"] + after["gen_gap"]["kendall_tau"] + after["dataset"]["accuracy"]) / 3
+    assert got == pytest.approx(max(score), abs=1e-9)                        # the kept weights are that epoch's
+    with pytest.raises(ConfigError, match="optim.select"):
+        _fakes.config(optim={"select": "r2"})
+
+
+def test_augment_permute_feeds_permuted_networks_and_refuses_feature_batches():
+    import wsnets
+    from wsnets.errors import ConfigError
+    from wsnets.functional import forward
+    from wsnets.train.loop import _augmenter
+    from wsnets.weights import stack_shapes
+    relu, tanh = wsnets.mlp(4, [6, 5], 3), wsnets.mlp(4, [6, 5], 3, "tanh")
+    g = torch.Generator().manual_seed(0)
+    nets = [w for a in (relu, tanh) for w in wsnets.WeightSpace.random(a, 2, generator=g)]
+    aug = _augmenter(_fakes.config(data={"augment_permute": True}))
+    x = torch.randn(3, 4)
+    mixed = stack_shapes(nets)
+    out = aug(mixed)
+    assert not torch.equal(out.ws.params["0.weight"], mixed.ws.params["0.weight"])      # hidden neurons moved
+    for arch, idx in mixed.groups():                                                     # each keeps its function
+        before = forward(arch, {k: v[idx] for k, v in mixed.ws.params.items()}, x)
+        after = forward(arch, {k: v[idx] for k, v in out.ws.params.items()}, x)
+        torch.testing.assert_close(after, before)
+    plain = wsnets.stack(nets[:2])
+    torch.testing.assert_close(forward(relu, aug(plain).params, x), forward(relu, plain.params, x))
+    assert _augmenter(_fakes.config())(x) is x
+    with pytest.raises(ConfigError, match="tensors"):
+        aug(torch.zeros(2, 5))

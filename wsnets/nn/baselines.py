@@ -24,7 +24,7 @@ from torch import nn
 
 from ..arch import Architecture
 from ..errors import ArchitectureMismatchError, ConfigError, ShapeMismatchError
-from ..weights import WeightSpace
+from ..weights import MixedBatch, WeightSpace
 from .common import make_mlp
 
 
@@ -110,7 +110,12 @@ class ESDFeatures(FeatureMLP):
 
 
 class FlatMLP(FeatureMLP):
-    """MLP on the flattened parameters of one architecture (``representation = "flat"``).
+    """MLP on the flattened parameters of one weight-space shape (``representation = "flat"``).
+
+    It also reads the networks themselves (a batched WeightSpace or a :class:`~wsnets.weights.MixedBatch`;
+    ``data.representation = "tensors"`` in a config), which is what random-permutation augmentation needs
+    (this class's ``permutation_augment`` or the training loop's ``data.augment_permute``). Networks of one
+    shape but different activations are read alike (the activation is not among its inputs).
 
     Parameters
     ----------
@@ -141,7 +146,9 @@ class FlatMLP(FeatureMLP):
         self._check(ws)
         return ws.batched().flat()
 
-    def _as_features(self, x: torch.Tensor | WeightSpace) -> torch.Tensor:
+    def _as_features(self, x: torch.Tensor | WeightSpace | MixedBatch) -> torch.Tensor:
+        if isinstance(x, MixedBatch):     # networks of one shape, several activations: the tensors are what it reads
+            x = x.ws
         if isinstance(x, WeightSpace):
             self._check(x)
             if self.training:

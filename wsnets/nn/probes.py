@@ -128,7 +128,8 @@ def graph_probe_activations(batch, field: ProbeField) -> tuple[torch.Tensor, tor
     Networks are rebuilt per architecture (``batch.arch``) from the edge and node features, by each
     node's index inside its group (its position for inputs/outputs, its rank by node id for hidden
     neurons, as :func:`wsnets.from_graph` does), so a graph whose hidden nodes were relabeled gives
-    the same activations, relabeled. BatchNorm runs with its running statistics.
+    the same activations, relabeled. BatchNorm runs with its running statistics. Sequential MLPs and
+    CNNs only: the nodes of other architectures (DAGs: residual networks, transformers) get zeros.
     """
     x, ea = batch.x, batch.edge_attr
     src, dst = batch.edge_index
@@ -172,6 +173,8 @@ def graph_probe_activations(batch, field: ProbeField) -> tuple[torch.Tensor, tor
     for k, arch_json in enumerate(kinds):   # a handful of architectures per batch
         arch = Architecture.from_json(arch_json)
         Bk = int(counts[k])
+        if not arch.is_chain:     # residual networks, transformers: no probe features (zeros) for now
+            continue
         params: dict[str, torch.Tensor] = {}
         for li, l in enumerate(arch.weight_layers):
             e = e_parts[k * L + li]

@@ -48,7 +48,9 @@ class DataConfig:
     ood: dict = field(default_factory=dict)      # e.g. {width = ["<=", 32]}
     filter: dict = field(default_factory=dict)   # passed to ZooDataset(filter=...)
     batch_size: int = 32
-    augment_permute: bool = False     # random hidden-neuron permutation of each training batch
+    augment_permute: bool = False     # random hidden-neuron permutations of each training batch ("tensors" only)
+    target_transform: str = "standard"  # heads learn "standard" (standardized) targets or "rank" scores
+                                        # (the normal score of a value's rank among the training values)
 
 
 @dataclass
@@ -61,6 +63,9 @@ class OptimConfig:
     warmup_epochs: int = 1
     patience: int = 10                # epochs without validation improvement before stopping (0: never stop early)
     grad_clip: float = 1.0            # max gradient norm; 0 disables clipping
+    ensemble: int = 1                 # meta-models trained from different seeds whose outputs are averaged
+    select: str = "loss"              # the kept epoch / early stopping: "loss" (validation loss) or "tau" (the
+                                      # mean over targets of validation Kendall τ, accuracy for dataset/task)
     amp: bool = True                  # bfloat16 autocast on CUDA (ignored on CPU)
 
 
@@ -165,7 +170,8 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
         raise ConfigError(f"{source}: data.fractions must be three non-negative numbers summing to 1 "
                           f"(train, val, test), got {fr}")
-    for name, v in (("data.batch_size", cfg.data.batch_size), ("optim.epochs", cfg.optim.epochs)):
+    for name, v in (("data.batch_size", cfg.data.batch_size), ("optim.epochs", cfg.optim.epochs),
+                    ("optim.ensemble", cfg.optim.ensemble)):
         if v < 1:
             raise ConfigError(f"{source}: {name} must be >= 1, got {v}")
     for name, v in (("optim.warmup_epochs", cfg.optim.warmup_epochs), ("head.hidden", cfg.head.hidden),
@@ -175,6 +181,10 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {name} must be >= 0, got {v}")
     if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):
         raise ConfigError(f"{source}: optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.data.target_transform not in ("standard", "rank"):
+        raise ConfigError(f"{source}: data.target_transform must be 'standard' or 'rank', got {cfg.data.target_transform!r}")
+    if cfg.optim.select not in ("loss", "tau"):
+        raise ConfigError(f"{source}: optim.select must be 'loss' or 'tau', got {cfg.optim.select!r}")
     if not 0 <= cfg.head.dropout < 1:
         raise ConfigError(f"{source}: head.dropout must be in [0, 1), got {cfg.head.dropout}")
     check_encoder_values(cfg.encoder, source)

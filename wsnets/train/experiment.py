@@ -22,11 +22,12 @@ from .distributed import Dist, device_for, setup, teardown
 from .logging import RunLogger
 from .gbm import GBMMetaModel, features_and_targets, is_gbm
 from .loop import evaluate, fit, metrics_from_outputs, normalization, predict_dataset, target_metrics
-from .meta_model import MetaModel, build_encoder, compact_metrics, is_classification
+from .meta_model import MetaModel, MetaModelEnsemble, build_encoder, compact_metrics, is_classification
 from .ranges import for_dataset
 from .metrics import aggregate, fmt
 
 SPLITS = ("train", "val", "test")
+ENSEMBLE_SEED_STRIDE = 1000   # member j of seed s trains from seed s + 1000 j (member 0 is the seed's own run)
 
 
 def _ood(d: dict) -> dict | None:
@@ -136,7 +137,7 @@ def run_training(cfg: TrainConfig, *, zoo: str | Path | None = None, out: str | 
                     f"train/val/test checkpoints, targets {', '.join(cfg.data.targets)}, {seeds} seed(s), "
                     f"{dist.world_size} process(es) on {dev}")
         classes = {t: list(datasets["train"].classes(t)) for t in cfg.data.targets if is_classification(t)}
-        norm = normalization(datasets["train"], list(cfg.data.targets))
+        norm = normalization(datasets["train"], list(cfg.data.targets), cfg.data.target_transform)
         per_seed = []
         for k in range(seeds):  # a handful of seeds, each a full training run
             s = cfg.seed + k
@@ -180,18 +181,28 @@ def _train_seed(cfg: TrainConfig, s: int, datasets: dict, example: Any, classes:
         real = mm.predict_features(xt)
         return mm, {}, target_metrics(mm, mm.predict_features(xv), yv), target_metrics(mm, real, yt), real, yt
     enc_cfg = dict(cfg.encoder)
-    encoder, example = _encoder(cfg, datasets["train"], example)
-    rep = cfg.data.representation or getattr(encoder, "representation", "graph")
-    mm = MetaModel(encoder, targets, classes=classes, normalization=norm, representation=rep,
-                   head_hidden=cfg.head.hidden, head_dropout=cfg.head.dropout)
-    mm.config, mm.example_arch = cfg.to_dict() | {"seed": s, "encoder": enc_cfg}, _one(example).arch
-    res = fit(mm, datasets["train"], datasets["val"], _with_seed(cfg, s), device=dev, dist=dist, logger=logger)
+    members, results = [], []
+    for j in range(cfg.optim.ensemble):   # a few members, each a full training run from its own seed
+        sj = s + ENSEMBLE_SEED_STRIDE * j
+        _seed_everything(sj)
+        encoder, example = _encoder(cfg, datasets["train"], example)
+        rep = cfg.data.representation or getattr(encoder, "representation", "graph")
+        mm = MetaModel(encoder, targets, classes=classes, normalization=norm, representation=rep,
+                       head_hidden=cfg.head.hidden, head_dropout=cfg.head.dropout)
+        mm.config, mm.example_arch = cfg.to_dict() | {"seed": s, "encoder": enc_cfg}, _one(example).arch
+        results.append(fit(mm, datasets["train"], datasets["val"], _with_seed(cfg, sj), device=dev, dist=dist,
+                           logger=logger))
+        members.append(mm)
+    mm = members[0] if len(members) == 1 else MetaModelEnsemble(members)
+    res = results[0]
     o, y = predict_dataset(mm, datasets["test"], device=dev, dist=dist)
     test = metrics_from_outputs(mm, o, y)
     val = evaluate(mm, datasets["val"], device=dev, dist=dist)
     x0 = datasets["test"].collate([datasets["test"][0]])[0]
     mm.feature_dim = int(x0.shape[-1]) if isinstance(x0, torch.Tensor) else None
     info = {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run}
+    if len(results) > 1:
+        info = {"best_epoch": [r.best_epoch for r in results], "epochs_run": [r.epochs_run for r in results]}
     return mm, info, val, test, mm.outputs(o), y
 
 

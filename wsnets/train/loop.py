@@ -1,8 +1,8 @@
 """One training loop for every encoder and target.
 
 AdamW with linear warm-up then cosine decay (per step), gradient clipping, bfloat16 autocast on
-CUDA, early stopping on the validation loss with the best weights kept, a tqdm bar with live
-metrics, several targets at once (sum of standardized MSE and cross-entropy, see
+CUDA, early stopping on the validation loss (or the mean validation τ, ``optim.select``) with the best
+weights kept, a tqdm bar with live metrics, several targets at once (sum of standardized MSE and cross-entropy, see
 :meth:`MetaModel.loss`). Works in one process or under ``torchrun`` (see :mod:`.distributed`).
 
 Datasets are anything with ``len``, ``ds[i] -> (x, y)`` and ``ds.collate(items) -> (batch, {target:
@@ -54,13 +54,19 @@ def target_values(ds: Any, target: str) -> torch.Tensor:
     return torch.cat([y[target].double().flatten() for _, y in loader])
 
 
-def normalization(ds: Any, targets: list[str]) -> dict[str, dict[str, float]]:
-    """Mean and std (``ddof=0``, floored at 1e-8) of each regression target on ``ds``."""
-    out = {}
+def normalization(ds: Any, targets: list[str], transform: str = "standard", n_quantiles: int = 256) -> dict:
+    """Mean and std (``ddof=0``, floored at 1e-8) of each regression target on ``ds``; with ``transform =
+    "rank"`` also ``n_quantiles`` quantiles (at probabilities ``(i + 0.5) / n``), which make the heads learn
+    rank scores (:meth:`MetaModel.normalize`)."""
+    out: dict = {}
     for t in targets:
         if not is_classification(t):
             v = target_values(ds, t)
+            v = v[~v.isnan()]
             out[t] = {"mean": float(v.mean()), "std": max(float(v.std(unbiased=False)), 1e-8)}
+            if transform == "rank":
+                p = (torch.arange(n_quantiles, dtype=torch.float64) + 0.5) / n_quantiles
+                out[t]["quantiles"] = torch.quantile(v, p).tolist()
     return out
 
 
@@ -153,6 +159,13 @@ def _summary(m: Mapping) -> dict:
     return s
 
 
+def _mean_score(m: Mapping) -> float:
+    """Mean over targets of Kendall τ (regression) or accuracy (classification): ``optim.select = "tau"``."""
+    v = [x["kendall_tau"] if "kendall_tau" in x else x["accuracy"] for x in m.values()
+         if isinstance(x, Mapping) and ("kendall_tau" in x or "accuracy" in x)]
+    return float(sum(v) / len(v)) if v else 0.0
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, ds: Any, *, device: torch.device | str = "cpu", amp: bool = False,
                           batch_size: int = 128) -> bool:
@@ -182,6 +195,25 @@ def recalibrate_batchnorm(model: torch.nn.Module, ds: Any, *, device: torch.devi
     return True
 
 
+def _augmenter(cfg: TrainConfig):
+    """The training-batch transform of ``data.augment_permute``: independent random hidden-neuron permutations of
+    every network of a ``tensors`` batch (the same functions, so the targets stay valid); else the identity."""
+    if not cfg.data.augment_permute:
+        return lambda x: x
+    from ..symmetry import random_permute
+    from ..weights import MixedBatch, WeightSpace
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def permuted(x: Any) -> Any:
+        if isinstance(x, MixedBatch):
+            return MixedBatch(random_permute(x.ws, generator=gen), x.kinds, x.index)
+        if isinstance(x, WeightSpace):
+            return random_permute(x.batched(), generator=gen)
+        raise ConfigError(f"data.augment_permute permutes networks of the 'tensors' representation, got a batch of "
+                          f"{type(x).__name__} (set data.representation = \"tensors\")")
+    return permuted
+
+
 def fit(model: MetaModel, train_ds: Any, val_ds: Any, cfg: TrainConfig, *, device: torch.device | str = "cpu",
         dist: Dist | None = None, logger: RunLogger | None = None,
         batch_sampler: Sampler | None = None) -> FitResult:
@@ -208,6 +240,7 @@ def fit(model: MetaModel, train_ds: Any, val_ds: Any, cfg: TrainConfig, *, devic
     steps_per_epoch = len(loader)
     sched = _schedule(opt, o.warmup_epochs * steps_per_epoch, o.epochs * steps_per_epoch)
     amp = o.amp and device.type == "cuda"
+    augment = _augmenter(cfg)
     best, best_epoch, bad, history = math.inf, -1, 0, []
     best_state = copy.deepcopy(model.state_dict())
     from tqdm.auto import tqdm
@@ -220,7 +253,7 @@ def fit(model: MetaModel, train_ds: Any, val_ds: Any, cfg: TrainConfig, *, devic
         net.train()
         total, count = 0.0, 0
         for x, y in loader:
-            x, y = to_device(x, device), to_device(y, device)
+            x, y = to_device(augment(x), device), to_device(y, device)
             with _autocast(device, amp):
                 out = net(x)
             loss, _ = model.loss(out, y)
@@ -237,7 +270,7 @@ def fit(model: MetaModel, train_ds: Any, val_ds: Any, cfg: TrainConfig, *, devic
         if val_ds is not None and len(val_ds):
             vm = evaluate(model, val_ds, device=device, dist=dist, amp=amp, batch_size=max(64, cfg.data.batch_size))
             rec["val"] = _summary(vm)
-            val_loss = dist.all_same(vm["loss"])
+            val_loss = dist.all_same(vm["loss"] if o.select == "loss" else -_mean_score(vm))
         else:
             val_loss = rec["train_loss"]
         history.append(rec)

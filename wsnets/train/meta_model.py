@@ -313,7 +313,36 @@ def read_run(run: str | Path) -> tuple[dict, dict]:
         if not ok or not v["std"] > 0:
             raise CheckpointError(f"{run / 'normalization.json'}: entry {t!r} must be {{\"mean\": number, \"std\": "
                                   f"positive number}}, got {v!r}")
+        q = v.get("quantiles")
+        if q is not None and not (isinstance(q, list) and len(q) >= 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in q) and q == sorted(q)):
+            raise CheckpointError(f"{run / 'normalization.json'}: entry {t!r}: 'quantiles' must be a sorted list "
+                                  f"of at least two numbers")
     return meta, norm
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of ``(xp, fp)`` at ``x`` (``xp`` non-decreasing; clamped at the ends)."""
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    w = ((x - x0) / (x1 - x0).clamp(min=torch.finfo(x.dtype).tiny)).clamp(0, 1)
+    return f0 + w * (f1 - f0)
+
+
+def _grid(q: torch.Tensor) -> torch.Tensor:
+    """Cumulative probabilities of ``K`` quantiles: ``(i + 0.5) / K``."""
+    return (torch.arange(len(q), dtype=q.dtype, device=q.device) + 0.5) / len(q)
+
+
+def rank_score(y: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
+    """``Φ⁻¹(F(y))``, ``F`` the empirical CDF given by ``quantiles`` (interpolated, within ``(0, 1)``)."""
+    p = _interp(y, quantiles, _grid(quantiles))
+    return torch.special.ndtri(p)
+
+
+def rank_value(z: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`rank_score`: ``F⁻¹(Φ(z))``."""
+    return _interp(torch.special.ndtr(z), _grid(quantiles), quantiles)
 
 
 class MetaModel(Predictor, nn.Module):
@@ -324,7 +353,8 @@ class MetaModel(Predictor, nn.Module):
     encoder : nn.Module with ``forward(batch) -> [B, d]`` and ``out_dim``.
     targets : target names, regression (``test_acc``, ``gen_gap``, ...) and/or ``dataset``/``task``.
     classes : class names of each classification target.
-    normalization : ``{target: {"mean": m, "std": s}}`` for regression targets.
+    normalization : ``{target: {"mean": m, "std": s}}`` for regression targets (plus ``"quantiles"``:
+        sorted training values, for heads trained on rank scores; see :meth:`normalize`).
     representation : the input the encoder takes (``"graph"``, ``"tensors"``, ...).
     head_hidden, head_dropout : head MLP width (0: linear) and dropout.
     """
@@ -337,7 +367,8 @@ class MetaModel(Predictor, nn.Module):
         self.targets = list(targets)
         self.classes = {t: [str(c) for c in v] for t, v in (classes or {}).items()}
         self.representation = representation
-        self.normalization = {t: {"mean": float(v["mean"]), "std": float(v["std"])}
+        self.normalization = {t: {"mean": float(v["mean"]), "std": float(v["std"]),
+                                  **({"quantiles": [float(q) for q in v["quantiles"]]} if "quantiles" in v else {})}
                               for t, v in (normalization or {}).items()}
         d = int(getattr(encoder, "out_dim"))
         heads = {}
@@ -361,11 +392,19 @@ class MetaModel(Predictor, nn.Module):
         return {t: (h(z) if is_classification(t) else h(z).squeeze(-1)) for t, h in self.heads.items()}
 
     def normalize(self, target: str, y: torch.Tensor) -> torch.Tensor:
+        """What a head is trained to output: the standardized value, or with ``quantiles`` in the target's
+        normalization (``data.target_transform = "rank"``), the normal score of its rank among the
+        training values, ``Φ⁻¹(F(y))``, so every stretch of the ranking weighs alike in the loss."""
         n = self.normalization[target]
+        if "quantiles" in n:
+            return rank_score(y, torch.as_tensor(n["quantiles"], dtype=y.dtype, device=y.device))
         return (y - n["mean"]) / n["std"]
 
     def denormalize(self, target: str, y: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize` (monotone, so it keeps the ranking of the outputs)."""
         n = self.normalization[target]
+        if "quantiles" in n:
+            return rank_value(y, torch.as_tensor(n["quantiles"], dtype=y.dtype, device=y.device))
         return y * n["std"] + n["mean"]
 
     def loss(self, out: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -410,9 +449,10 @@ class MetaModel(Predictor, nn.Module):
         cfg: TrainConfig = from_dict(meta["config"], str(run / "config.json"))
         arch = Architecture.from_json(meta["example_arch"]) if meta.get("example_arch") else None
         example = WeightSpace.random(arch) if arch is not None else None
-        encoder = build_encoder(cfg.encoder, example)
-        mm = cls(encoder, meta["targets"], classes=meta.get("classes"), normalization=norm,
-                 representation=meta["representation"], head_hidden=cfg.head.hidden, head_dropout=cfg.head.dropout)
+        members = [MetaModel(build_encoder(cfg.encoder, example), meta["targets"], classes=meta.get("classes"),
+                             normalization=norm, representation=meta["representation"], head_hidden=cfg.head.hidden,
+                             head_dropout=cfg.head.dropout) for _ in range(cfg.optim.ensemble)]
+        mm = members[0] if len(members) == 1 else MetaModelEnsemble(members)
         mm.config, mm.example_arch, mm.feature_dim = meta["config"], arch, meta.get("feature_dim")
         tensors, _ = read_safetensors(run / "model.safetensors")
         missing = set(mm.state_dict()) - set(tensors)
@@ -435,3 +475,26 @@ class MetaModel(Predictor, nn.Module):
         self.eval()
         device = next(self.parameters()).device
         return self.outputs(self(x.to(device)))
+
+
+class MetaModelEnsemble(MetaModel):
+    """Meta-models of one config trained from different seeds (``optim.ensemble``), as one meta-model: the
+    outputs are averaged (standardized values; for classes, the log of the mean probability). Saved and
+    loaded like a :class:`MetaModel` (its tensors are the members', ``members.<j>.*``)."""
+
+    def __init__(self, members: Sequence[MetaModel]) -> None:
+        nn.Module.__init__(self)
+        first = members[0]
+        self.members = nn.ModuleList(members)
+        self.targets, self.classes, self.representation = first.targets, first.classes, first.representation
+        self.normalization = first.normalization
+        self.config, self.example_arch, self.feature_dim = first.config, first.example_arch, first.feature_dim
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        outs = [m(batch) for m in self.members]
+        avg = {}
+        for t in self.targets:
+            o = torch.stack([x[t].float() for x in outs])
+            avg[t] = (o.log_softmax(-1).logsumexp(0) - torch.log(torch.tensor(float(len(outs))))
+                      if is_classification(t) else o.mean(0))
+        return avg
