@@ -490,6 +490,11 @@ class MetaModelEnsemble(MetaModel):
         self.normalization = first.normalization
         self.config, self.example_arch, self.feature_dim = first.config, first.example_arch, first.feature_dim
 
+    @property
+    def encoder(self) -> Callable[[Any], torch.Tensor]:
+        """The members' embeddings side by side ``[B, K d]`` (what the range check compares)."""
+        return lambda batch: torch.cat([m.encoder(batch) for m in self.members], dim=1)
+
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         outs = [m(batch) for m in self.members]
         avg = {}
