@@ -15,8 +15,8 @@ Features (:class:`GraphFeaturizer`), all functions of what a node/edge *is*, nev
   the two), which is what breaks the symmetry the network does not have.
 
 Layers (:class:`EdgePNALayer`): edge update from both endpoints, then messages in both directions
-(forward to the target, backward to the source), aggregated PNA-style (Corso et al. 2020: mean,
-max, std; identity and log-degree amplification scalers), pre-LayerNorm residual updates.
+(forward to the target, backward to the source), aggregated PNA-style (Corso et al. 2020: mean and
+max; identity and log-degree amplification scalers), pre-LayerNorm residual updates.
 
 Readout (:func:`graph_readout`): mean over input, hidden and output nodes separately, max and
 signed-log sum over all nodes, and mean over edges, per graph.
@@ -37,7 +37,7 @@ from ..errors import ShapeMismatchError
 from .common import make_mlp, sinusoidal, signed_log
 from .probes import OutputProbeReadout, ProbeField, graph_probe_activations
 
-PNA_AGGREGATORS = ("mean", "max", "std")
+PNA_AGGREGATORS = ("mean", "max")
 
 
 def _edge_type_table(hidden: int) -> nn.Embedding:
@@ -76,33 +76,64 @@ class GraphFeaturizer(nn.Module):
 
     def forward(self, batch, probe_acts: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        nfeats, efeats, node_batch = self.inputs(batch, probe_acts)
+        nfeats, p, node_batch = self._parts(batch, probe_acts)
         h = self.node_in(nfeats) + self.node_type(batch.node_type) + self.node_act(batch.node_act)
-        e = self.edge_in(efeats) + self.edge_type(batch.edge_type)
+        e = self.edge_in[1:](self._edge_first_layer(p)) + self.edge_type(batch.edge_type)
         src, dst = batch.edge_index
         N = nfeats.shape[0]
         aux = {"batch": node_batch, "seg_in": segments(dst, N), "seg_out": segments(src, N)}
         return h, e, aux
 
+    def _edge_first_layer(self, p: dict) -> torch.Tensor:
+        """``edge_in[0]`` applied to :meth:`inputs`' edge features ``[E, F_e]`` without building them: the
+        first linear map split by column blocks, the weight block applied to the unpadded kernels (zero
+        padding adds nothing), and the blocks of per-neuron columns applied on the nodes and gathered
+        once (``[N] -> [E]``). The same numbers as ``edge_in[0](inputs(...)[1])`` (tested)."""
+        W, bias = self.edge_in[0].weight, self.edge_in[0].bias
+        ed, D = self.edge_dim, p["ea"].shape[1]
+        blocks = [W[:, :D]] + ([W[:, ed + self.pos_dim + 2:ed + self.pos_dim + 2 + D]] if self.layer_scale else [])
+        y = torch.nn.functional.linear(p["ea"], torch.cat(blocks))                       # raw kernels [E, k eh]
+        eh = W.shape[0]
+        node_cols = [p["lay"], p["frac"]] + ([p["log_w_rms"]] if self.layer_scale else [])
+        node_w = [W[:, ed + 1:ed + self.pos_dim + 2]] + ([W[:, -1:]] if self.layer_scale else [])
+        at_node = torch.nn.functional.linear(torch.cat(node_cols, 1), torch.cat(node_w, 1), bias)   # [N, eh]
+        dst = p["dst"]
+        out = y[:, :eh] * p["scale"].index_select(0, dst).unsqueeze(1) + gather(at_node, dst)
+        out = out + signed_log(p["wnorm"]) * W[:, ed]
+        if self.layer_scale:
+            out = out + y[:, eh:] * (p["scale"] / p["w_rms"]).index_select(0, dst).unsqueeze(1)
+        return out
+
     def inputs(self, batch, probe_acts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw node ``[N, F_n]`` and edge ``[E, F_e]`` features before the input MLPs, and the batch vector.
 
-        With ``layer_scale`` the last node columns are bias / bias RMS, log bias RMS, log incoming-weight
+        Edges: the weight or kernel zero-padded to ``edge_dim`` and multiplied by ``sqrt(in-degree)`` of
+        its target, the signed log of its norm, the depth code and fraction of its target's layer. With
+        ``layer_scale`` the last node columns are bias / bias RMS, log bias RMS, log incoming-weight
         RMS, and the last edge columns weight / weight RMS (``edge_dim``) and log weight RMS. With probes,
         ``probe_acts`` ``[N, P]`` (:func:`wsnets.nn.probes.graph_probe_activations`) adds each neuron's
         activations divided by their RMS over its group (per network), their signed log, and the log RMS.
+        (:meth:`forward` computes the first edge layer from the parts, without building ``[E, F_e]``.)
         """
+        nfeats, p, node_batch = self._parts(batch, probe_acts)
+        dst = p["dst"]
+        w = torch.nn.functional.pad(p["ea"], (0, self.edge_dim - p["ea"].shape[1])) * p["scale"][dst].unsqueeze(1)
+        efeats = [w, signed_log(p["wnorm"]), p["lay"][dst], p["frac"][dst]]
+        if self.layer_scale:
+            efeats += [w / p["w_rms"][dst].unsqueeze(1), p["log_w_rms"][dst]]
+        return nfeats, torch.cat(efeats, dim=1), node_batch
+
+    def _parts(self, batch, probe_acts: torch.Tensor | None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """Node features ``[N, F_n]``, the pieces of the edge features (per edge: raw kernels ``ea``, the
+        scaled norm ``wnorm``; per node: ``scale``, ``lay``, ``frac``, ``w_rms``) and the batch vector."""
         x, ea, (src, dst) = batch.x, batch.edge_attr, batch.edge_index
         dev, dt = x.device, x.dtype
         N, E, D = x.shape[0], ea.shape[0], ea.shape[1]
         if D > self.edge_dim:
             raise ShapeMismatchError(f"graph batch has {D}-entry edge features (kernels of {D} taps) but the "
                                      f"encoder was built with edge_dim={self.edge_dim}")
-        if D < self.edge_dim:
-            ea = torch.nn.functional.pad(ea, (0, self.edge_dim - D))
         node_batch = batch.batch if getattr(batch, "batch", None) is not None else x.new_zeros(N, dtype=torch.long)
-        ones = x.new_ones(E)
-        deg_in = scatter(ones, dst, 0, dim_size=N, reduce="sum")
+        deg_in = torch.bincount(dst, minlength=N).to(dt)
         scale = deg_in.clamp(min=1).sqrt()
         # depth: absolute group index and fraction of this graph's number of groups
         layer = batch.node_layer
@@ -114,10 +145,9 @@ class GraphFeaturizer(nn.Module):
         is_in = (batch.node_type == 0).to(dt).unsqueeze(1)
         is_out = (batch.node_type == 2).to(dt).unsqueeze(1)
         bias = x[:, :1] * scale.unsqueeze(1)
-        w = ea * scale[dst].unsqueeze(1)
-        wnorm = w.norm(dim=1, keepdim=True)
+        wnorm = ea.norm(dim=1, keepdim=True) * scale.index_select(0, dst).unsqueeze(1)
         nfeats = [bias, x[:, 1:4], x[:, 4:5].clamp(min=1e-8).log(), code * is_in, code * is_out, lay, frac]
-        efeats = [w, signed_log(wnorm), lay[dst], frac[dst]]
+        p = {"ea": ea, "dst": dst, "scale": scale, "wnorm": wnorm, "lay": lay, "frac": frac}
         if self.layer_scale:
             # per network and neuron layer: RMS of the incoming weights and of the biases, so the MLPs see
             # each value relative to its layer (scale-free shape) and the layer's scale on a log axis
@@ -127,7 +157,7 @@ class GraphFeaturizer(nn.Module):
             w_rms = layer_rms(wnorm.squeeze(1) ** 2, group[dst], G)[group]      # [N]
             b_rms = layer_rms(bias.squeeze(1) ** 2, group, G)[group]
             nfeats += [bias / b_rms.unsqueeze(1), b_rms.log().unsqueeze(1), w_rms.log().unsqueeze(1)]
-            efeats += [w / w_rms[dst].unsqueeze(1), w_rms[dst].log().unsqueeze(1)]
+            p |= {"w_rms": w_rms, "log_w_rms": w_rms.log().unsqueeze(1)}
         if self.probes:
             if probe_acts is None or probe_acts.shape != (N, self.probes):
                 raise ShapeMismatchError(f"the featurizer takes {self.probes} probe activations per node, got "
@@ -138,7 +168,7 @@ class GraphFeaturizer(nn.Module):
             a = probe_acts.to(dt)
             rms = layer_rms(a.square().mean(1), group, G)[group].unsqueeze(1)
             nfeats += [a / rms, signed_log(a), rms.log()]
-        return torch.cat(nfeats, dim=1), torch.cat(efeats, dim=1), node_batch
+        return torch.cat(nfeats, dim=1), p, node_batch
 
 
 def layer_rms(sq: torch.Tensor, group: torch.Tensor, n_groups: int, eps: float = 1e-3) -> torch.Tensor:
@@ -147,38 +177,72 @@ def layer_rms(sq: torch.Tensor, group: torch.Tensor, n_groups: int, eps: float =
     return scatter(sq, group, 0, dim_size=n_groups, reduce="mean").add(eps * eps).sqrt()
 
 
-def segments(index: torch.Tensor, n: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+def segments(index: torch.Tensor, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]:
     """How to reduce edge values by ``index`` with ``torch.segment_reduce``: an ordering of the edges
-    that sorts ``index`` (None when it is sorted already, as targets of :func:`wsnets.to_batch` are)
-    and the number of edges per node ``[n]``."""
+    that sorts ``index`` and its inverse (None when it is sorted already, as targets of
+    :func:`wsnets.to_batch` are) and the number of edges per node ``[n]``."""
     order = None
     if index.numel() > 1 and not bool((index[1:] >= index[:-1]).all()):
-        order = index.argsort(stable=True)
+        perm = index.argsort(stable=True)
+        order = (perm, perm.argsort())
     return order, torch.bincount(index, minlength=n)
 
 
-def pna_aggregate(m: torch.Tensor, seg: tuple[torch.Tensor | None, torch.Tensor], delta: float) -> torch.Tensor:
-    """PNA aggregation of messages ``m [E, H]`` -> ``[n, 6H]`` (3 aggregators x 2 scalers).
+class _Gather(torch.autograd.Function):
+    """``x.index_select(0, index)`` whose backward is one ``index_add_`` (PyTorch's own backward scatters
+    through an expanded index, ~5x slower on CPU for edge-sized gradients), or, when ``index`` is a
+    permutation with known inverse, a gather by the inverse (no scatter at all)."""
 
-    ``seg`` comes from :func:`segments` (target of each message). Aggregators: mean, max and standard
-    deviation (min is left out: messages leave a GELU, which is bounded below, so the min of many is
-    nearly constant, and each aggregator costs two passes over the edges). Nodes that receive nothing
-    get zeros. ``delta`` is the fixed log-degree normalizer of the amplification scaler
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(index, inverse if inverse is not None else index)
+        ctx.n, ctx.perm = x.shape[0], inverse is not None
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        index, inverse = ctx.saved_tensors
+        if ctx.perm:
+            return grad.index_select(0, inverse), None, None
+        return grad.new_zeros((ctx.n, *grad.shape[1:])).index_add_(0, index, grad), None, None
+
+
+def gather(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``x[index]`` (``inverse``: the inverse permutation when ``index`` permutes the rows of ``x``)."""
+    return _Gather.apply(x, index, inverse)
+
+
+def pna_aggregate(m: torch.Tensor, index: torch.Tensor, seg: tuple, delta: float) -> torch.Tensor:
+    """PNA aggregation of messages ``m [E, H]`` by their target ``index`` -> ``[n, 4H]`` (2 aggregators x
+    2 scalers).
+
+    ``seg`` comes from :func:`segments` of ``index``. Aggregators: mean and max. Corso et al.'s min and
+    standard deviation are left out: messages leave a GELU, which is bounded below, so the min of many
+    is nearly constant, and each aggregator costs passes over the edges forward and backward, the
+    largest single cost of a layer. The mean is an ``index_add`` (its backward a gather; no sorting
+    needed), the max a sorted segment reduction (several times faster than a scatter). Nodes that
+    receive nothing get zeros. ``delta`` is the fixed log-degree normalizer of the amplification scaler
     ``log(d + 1) / delta`` (fixed, so a graph's embedding never depends on what else is in the batch).
-    Sorted segment reductions are used instead of scatters: several times faster for max.
     """
     order, lengths = seg
-    ms = m if order is None else m.index_select(0, order)
-    has = (lengths > 0).unsqueeze(1)
-    zero = torch.zeros((), dtype=m.dtype, device=m.device)
+    deg = lengths.to(m.dtype).unsqueeze(1)
+    mean = m.new_zeros((len(lengths), m.shape[1])).index_add(0, index, m) / deg.clamp(min=1)
+    mx = reduce_sorted(m if order is None else gather(m, *order), lengths, "max")
+    agg = torch.cat([mean, mx], dim=1)
+    return torch.cat([agg, agg * ((deg + 1).log() / delta)], dim=1)
 
-    def red(x: torch.Tensor, how: str) -> torch.Tensor:
-        return torch.where(has, torch.segment_reduce(x, how, lengths=lengths, unsafe=True), zero)
-    mean, sq = red(ms, "mean"), red(ms * ms, "mean")
-    std = torch.where(has, (sq - mean * mean).clamp(min=0).add(1e-6).sqrt(), zero)
-    agg = torch.cat([mean, red(ms, "max"), std], dim=1)
-    amp = ((lengths.to(m.dtype) + 1).log() / delta).unsqueeze(1)
-    return torch.cat([agg, agg * amp], dim=1)
+
+def reduce_sorted(x: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
+    """``torch.segment_reduce`` of rows ``x`` sorted by segment (``lengths`` rows each); empty segments give 0."""
+    out = torch.segment_reduce(x, how, lengths=lengths, unsafe=True)
+    return torch.where((lengths > 0).unsqueeze(1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def reduce_by(x: torch.Tensor, index: torch.Tensor, n: int, how: str) -> torch.Tensor:
+    """Rows of ``x`` reduced by ``index`` into ``[n, ...]`` with sorted segment reductions (a no-copy path
+    when ``index`` is sorted, as the graph and edge order of :func:`wsnets.to_batch` is); empty rows give 0."""
+    order, lengths = segments(index, n)
+    return reduce_sorted(x if order is None else gather(x, *order), lengths, how)
 
 
 class EdgeUpdate(nn.Module):
@@ -211,8 +275,8 @@ class EdgePNALayer(nn.Module):
     Edges outnumber nodes 10-50x, so everything is arranged to keep per-edge work small: linear maps
     of concatenations are split into node and edge parts, and the node parts of the edge update and of
     both messages are computed on the nodes in one matrix product and gathered once per endpoint
-    (``index_select``, whose backward is an ``index_add``); edges and messages are ``edge_hidden``
-    wide (default ``hidden``), nodes ``hidden``.
+    (:func:`gather`, whose backward is one ``index_add``); edges and messages are ``edge_hidden`` wide,
+    nodes ``hidden``.
     """
 
     def __init__(self, hidden: int, dropout: float = 0.0, delta: float = 3.0, edge_hidden: int | None = None) -> None:
@@ -220,12 +284,14 @@ class EdgePNALayer(nn.Module):
         eh = edge_hidden or hidden
         self.hidden, self.edge_hidden, self.delta = hidden, eh, delta
         self.norm_h = nn.LayerNorm(hidden)
-        # node parts, [target side | source side]: target = (edge update, backward message), source = (edge, forward)
-        self.node_dst = nn.Linear(hidden, 2 * eh, bias=False)
-        self.node_src = nn.Linear(hidden, 2 * eh, bias=False)
-        self.edge_in = nn.Linear(eh, eh)
+        # node parts, [target side | source side]: target = (edge update, backward message), source = (edge,
+        # forward message); they carry the biases of the sums they enter (a bias's gradient is then a sum
+        # over nodes, not over edges)
+        self.node_dst = nn.Linear(hidden, 2 * eh)
+        self.node_src = nn.Linear(hidden, 2 * eh)
+        self.edge_in = nn.Linear(eh, eh, bias=False)
         self.edge_out = nn.Linear(eh, eh)
-        self.msg_f, self.msg_b = nn.Linear(eh, eh), nn.Linear(eh, eh)
+        self.msg_f, self.msg_b = nn.Linear(eh, eh, bias=False), nn.Linear(eh, eh, bias=False)
         self.act = nn.GELU()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         k = 2 * len(PNA_AGGREGATORS) * eh
@@ -240,16 +306,16 @@ class EdgePNALayer(nn.Module):
         src, dst = edge_index
         eh = self.edge_hidden
         hn = self.norm_h(h)
-        at_dst = self.node_dst(hn).index_select(0, dst)          # [E, 2 eh]
-        at_src = self.node_src(hn).index_select(0, src)
+        at_dst = gather(self.node_dst(hn), dst)                  # [E, 2 eh]
+        at_src = gather(self.node_src(hn), src)
         d_edge, d_msg = at_dst.split(eh, dim=1)
         s_edge, s_msg = at_src.split(eh, dim=1)
         e = e + self.edge_out(self.dropout(self.act(d_edge + s_edge + self.edge_in(en))))
         en = edge_norm(e)
         m_f = self.act(s_msg + self.msg_f(en))                    # to the target, from the source's side
         m_b = self.act(d_msg + self.msg_b(en))                    # to the source, from the target's side
-        agg_f = self.post_f(pna_aggregate(m_f, aux["seg_in"], self.delta))
-        agg_b = self.post_b(pna_aggregate(m_b, aux["seg_out"], self.delta))
+        agg_f = self.post_f(pna_aggregate(m_f, dst, aux["seg_in"], self.delta))
+        agg_b = self.post_b(pna_aggregate(m_b, src, aux["seg_out"], self.delta))
         h = h + self.f_h(torch.cat([hn, agg_f, agg_b], dim=1))
         return h, e, en
 
@@ -269,14 +335,13 @@ def graph_readout(h: torch.Tensor, e: torch.Tensor, batch, aux: dict, edge_group
     mx = scatter(h, nb, 0, dim_size=B, reduce="max")
     sm = signed_log(scatter(h, nb, 0, dim_size=B, reduce="sum"))
     src, dst = batch.edge_index
-    eb = nb[src]
-    emean = scatter(e, eb, 0, dim_size=B, reduce="mean")
-    emax = scatter(e, eb, 0, dim_size=B, reduce="max")
-    parts = [by_type, mx, sm, emean, emax]
+    eb = nb.index_select(0, src)
+    emean, emax = reduce_by(e, eb, B, "mean"), reduce_by(e, eb, B, "max")   # edges outnumber nodes: sorted
+    parts = [by_type, mx, sm, emean, emax]                                  # segments, not scatters
     if edge_groups:
         nt = batch.node_type
         pos = torch.where(nt[src] == 0, 0, torch.where(nt[dst] == 2, 2, 1))
-        parts.append(scatter(e, eb * 3 + pos, 0, dim_size=3 * B, reduce="mean").reshape(B, 3 * e.shape[1]))
+        parts.append(reduce_by(e, eb * 3 + pos, 3 * B, "mean").reshape(B, 3 * e.shape[1]))
     return torch.cat(parts, dim=1)
 
 
@@ -303,8 +368,9 @@ class NeuralGraphEncoder(nn.Module):
         activations become node features and a summary of each network's outputs (confidence,
         entropy, margin per probe) joins the readout (see :mod:`wsnets.nn.probes`).
     probe_learn : learn the probes (False: fixed random probes).
-    edge_hidden : width of the edge embeddings and messages (default ``hidden``). Edges outnumber
-        nodes 10-50x, so this sets most of the cost.
+    edge_hidden : width of the edge embeddings and messages (default ``hidden // 2``, at least 4). Edges
+        outnumber nodes 10-50x, so this sets most of the cost: half the node width ranked a CNN zoo's test
+        accuracy as well as the full width (Kendall τ 0.810 vs 0.804, 1 seed) in 0.75x the time.
     readout_norm : standardize the readout with a ``BatchNorm1d`` before the head. Networks of one
         architecture (a fine-tuning zoo) differ by well under 1% of the readout's norm, which the
         head cannot pick up otherwise; the running statistics are recomputed over the training split
@@ -328,7 +394,7 @@ class NeuralGraphEncoder(nn.Module):
                  readout_norm: bool = False, probes: int = 0, probe_learn: bool = True,
                  edge_hidden: int | None = None) -> None:
         super().__init__()
-        eh = edge_hidden or hidden
+        eh = edge_hidden or max(4, hidden // 2)
         self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale, probes, eh)
         self.probe_field = ProbeField(probes, learn=probe_learn) if probes else None
         self.probe_readout = OutputProbeReadout(probes, 4 * hidden, pos_dim) if probes else None
