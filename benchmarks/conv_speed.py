@@ -15,9 +15,14 @@ the gradient of the sum over models of each model's mean cross-entropy on its ow
 
 Each (shape, K) is timed ``--repeat`` times with the three methods interleaved; rows give the median
 samples/s (models x batch per second) and the engine's and unfold's speedup over grouped convolution.
-Timings on a shared CPU are noisy: compare within a row. Usage::
 
-    python benchmarks/conv_speed.py --out benchmarks/results/conv_speed.json
+``--train N`` adds whole-trainer rows: the first N models of the recipe's largest group per dataset
+(train fraction 1) trained ``--train-epochs`` epochs by ``train_group`` with ``engine="cnn"`` and with
+``engine="autograd"`` (grouped convolutions), optimizer, dropout and the checkpoint evaluation included,
+interleaved; process CPU time as well as wall time. Timings on a shared CPU are noisy: compare within a
+row. Usage::
+
+    python benchmarks/conv_speed.py --train 64 --out benchmarks/results/conv_speed.json
 """
 
 from __future__ import annotations
@@ -119,6 +124,34 @@ def run(dataset: str, K: int, B: int, steps: int, repeat: int) -> dict:
             "seconds": {k: v for k, v in times.items()}}
 
 
+def train_rows(n: int, epochs: int, repeat: int) -> list[dict]:
+    """Whole-trainer rows: ``n`` models of ``zoo/cnn-zoo.toml`` per dataset, CNN engine vs autograd engine."""
+    from wsnets.zoo import load_recipe, plan
+    from wsnets.zoo.build import _options
+    from wsnets.zoo.trainer import train_group
+    r = load_recipe(Path(__file__).resolve().parents[1] / "zoo" / "cnn-zoo.toml")
+    rows = []
+    for dataset in SHAPES:
+        g = max((g for g in plan(r) if g.runs[0].dataset == dataset), key=lambda g: (g.steps, len(g.runs)))
+        runs = g.runs[:n]
+        bank = DataBank.build([dataset])
+        opts = _options(r, runs)
+        times: dict[str, list[tuple[float, float]]] = {"cnn": [], "autograd": []}
+        for _ in range(repeat):
+            for engine in times:
+                t, c = time.perf_counter(), time.process_time()
+                list(train_group(g.arch, runs, epochs=epochs, checkpoints=[epochs], batch_size=r.batch_size, bank=bank,
+                                 **{**opts, "engine": engine}))
+                times[engine].append((time.perf_counter() - t, time.process_time() - c))
+        samples = len(runs) * epochs * opts["steps_per_epoch"] * r.batch_size
+        med = {e: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for e, v in times.items()}
+        rows.append({"dataset": dataset, "models": len(runs), "epochs": epochs, "steps_per_epoch": opts["steps_per_epoch"],
+                     "cnn_samples_per_cpu_s": samples / med["cnn"][1], "autograd_samples_per_cpu_s": samples / med["autograd"][1],
+                     "cnn_vs_autograd_cpu": med["autograd"][1] / med["cnn"][1],
+                     "cnn_vs_autograd_wall": med["autograd"][0] / med["cnn"][0], "seconds": times})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="8,32,128,512", help="comma-separated K")
@@ -127,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--datasets", default="digits-img16,mnist1d-seq")
+    ap.add_argument("--train", type=int, default=0, help="also time train_group on this many models per dataset")
+    ap.add_argument("--train-epochs", type=int, default=2)
     ap.add_argument("--out", default=None, help="JSON output (the Markdown table next to it, .md)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -134,18 +169,27 @@ def main(argv=None) -> int:
     rows = [run(d, int(k), args.batch, args.steps, args.repeat) for d in args.datasets.split(",")
             for k in args.models.split(",")]
     from wsnets.zoo import cpu_kernels
+    train = train_rows(args.train, args.train_epochs, args.repeat) if args.train else []
     extra = {"loadavg_before": load0, "loadavg_after": os.getloadavg(), "cpu_loops": cpu_kernels.status(),
-             "threads": args.threads}
+             "threads": args.threads, "train": train}
     cols = ["dataset", "K", "B", "chunk", "grouped_samples_per_s", "unfold_samples_per_s", "engine_samples_per_s",
             "unfold_vs_grouped", "engine_vs_grouped"]
     md = write(args.out, "conv_speed", rows, cols, extra)
+    if train:
+        from benchmarks.common import markdown_table
+        tmd = markdown_table(train, ["dataset", "models", "epochs", "steps_per_epoch", "cnn_samples_per_cpu_s",
+                                     "autograd_samples_per_cpu_s", "cnn_vs_autograd_cpu", "cnn_vs_autograd_wall"])
+        print(tmd)
+        md += "\n\nWhole trainer (`train_group`: optimizer, dropout, checkpoint evaluation included), " \
+              f"median of {args.repeat} interleaved repeats:\n\n" + tmd
     print(f"load average before {load0[0]:.2f}, after {extra['loadavg_after'][0]:.2f}; fused CPU loops: {extra['cpu_loops']}")
     if args.out:
-        Path(args.out).with_suffix(".md").write_text(
-            f"# conv_speed: forward + backward of K Small-CNN-Zoo CNNs, {args.threads} thread(s)\n\n"
-            f"Median of {args.repeat} interleaved repeats of {args.steps} steps; samples/s = models x batch per second. "
-            f"Load average {load0[0]:.2f} before, {extra['loadavg_after'][0]:.2f} after (2-core VM shared with other jobs); "
-            f"fused CPU loops: {extra['cpu_loops']}.\n\n{md}\n")
+        from wsnets.io import atomic_write_text
+        atomic_write_text(Path(args.out).with_suffix(".md"),
+                          f"# conv_speed: forward + backward of K Small-CNN-Zoo CNNs, {args.threads} thread(s)\n\n"
+                          f"Median of {args.repeat} interleaved repeats of {args.steps} steps; samples/s = models x "
+                          f"batch per second. Load average {load0[0]:.2f} before, {extra['loadavg_after'][0]:.2f} after "
+                          f"(2-core VM shared with other jobs); fused CPU loops: {extra['cpu_loops']}.\n\n{md}\n")
     return 0
 
 

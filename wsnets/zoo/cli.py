@@ -203,6 +203,6 @@ def register(sub) -> None:
     e.add_argument("zoo", help="zoo directory")
     e.add_argument("out", help="output directory (one sub-directory per dataset and architecture when there are several)")
     e.add_argument("--format", choices=["cnn-zoo"], default="cnn-zoo",
-                   help="cnn-zoo: TF variable names, HWIO kernels, biases before kernels, config.* columns (default)")
+                   help="cnn-zoo: TF variable names, HWIO kernels, biases before kernels, config.* columns")
     add_common(e, device=False)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
