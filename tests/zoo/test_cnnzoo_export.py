@@ -89,6 +89,8 @@ def test_export_is_read_by_the_nfn_loader_and_round_trips(zoo_dir, tmp_path):
         last = {r["model_id"]: r for r in zoo.filter(epoch=86, dataset=ds)}
         assert len(metrics) == len(last) and set(metrics["modeldir"]) == set(last)
         assert bool(metrics["laststep"].all()) and set(metrics["config.activation"]) <= {"relu", "tanh"}
+        entry = next(x for x in s["directories"] if x["dataset"] == ds)  # the summary names every activation
+        assert entry["architecture"].rsplit(":", 1)[1].split("/") == sorted(set(metrics["config.activation"]))
         conv = [l for l in zoo.arch_of(next(iter(last.values()))).layers if l.is_weight]
         for i, (mid, acc) in enumerate(zip(metrics["modeldir"], metrics["test_accuracy"])):
             ws = last[mid].load()

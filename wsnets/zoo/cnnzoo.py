@@ -401,11 +401,23 @@ def export_cnn_zoo(src, out: str | Path, *, progress: bool = True, chunk: int = 
             blocks = (_to_tf(_stack_sd(zoo, rows[i:i + chunk]), keys).numpy() for i in range(0, len(rows), chunk))
             _write_dir(d, layout, blocks, metrics, progress=bar, n_rows=len(rows))
             written.append({"dir": str(d), "dataset": ds, "rows": len(rows), "models": len({r["model_id"] for r in rows}),
-                            "params": layout[-1]["end_idx"], "architecture": zoo.arch_of(rows[0]).describe()})
+                            "params": layout[-1]["end_idx"], "architecture": _describe_all(zoo, rows)})
     finally:
         if bar is not None:
             bar.close()
     return {"zoo": str(zoo.root), "out": str(out), "directories": written}
+
+
+def _describe_all(zoo, rows) -> str:
+    """The architectures of ``rows`` (one layout): ``cnn2d:1-16-16-16-10:relu/tanh`` when only the activation differs."""
+    first: dict[str, dict] = {}
+    for r in rows:
+        first.setdefault(r["arch"], r)
+    descs = sorted({zoo.arch_of(r).describe() for r in first.values()})
+    heads = {d.rsplit(":", 1)[0] for d in descs}
+    if len(descs) > 1 and len(heads) == 1:
+        return f"{heads.pop()}:{'/'.join(d.rsplit(':', 1)[1] for d in descs)}"
+    return ", ".join(descs)
 
 
 def _dir_name(dataset: str, arch: Architecture | None) -> str:
