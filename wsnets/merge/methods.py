@@ -66,6 +66,10 @@ def linear(x: Inputs, *, weight: PerModel[float] = 1.0, normalize: bool = True) 
     ----------
     weight : one weight per model (a scalar broadcasts)
     normalize : divide by the sum of the weights (else the weights must sum to 1)
+
+    The division is folded into the weights (one product over the models), where mergekit sums and then
+    divides: the two differ by float32 round-off, which flips the rounding of a bfloat16 output by one
+    unit in the last place in a fraction of a percent of entries (``benchmarks/merge_speed.py``).
     """
     w = x.column([v / sum(weight) for v in weight] if normalize else weight)
     return (w.T @ x.models).squeeze(0)
