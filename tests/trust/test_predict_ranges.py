@@ -102,8 +102,11 @@ def test_bounded_targets_are_clipped_and_the_raw_value_kept(runs, tmp_path, caps
     run = tmp_path / "shifted"
     shutil.copytree(runs / "graph", run)
     norm = json.loads((run / "normalization.json").read_text())
-    norm["test_acc"]["mean"] = 3.0      # the heads now answer far above 1
-    norm["gen_gap"]["mean"] = -4.0      # and far below -1
+    for target, shift in (("test_acc", 3.0), ("gen_gap", -4.0)):   # the heads now answer far above 1 / below -1
+        entry = norm[target]
+        entry["mean"] += shift
+        if "quantiles" in entry:    # heads trained on rank scores map back through the training quantiles
+            entry["quantiles"] = [q + shift for q in entry["quantiles"]]
     (run / "normalization.json").write_text(json.dumps(norm))
     p = _save(nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)), tmp_path / "m.safetensors")
     r = _predict_json(capsys, p, "--meta-model", run)[0]
