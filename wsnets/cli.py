@@ -164,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     as a program killed by SIGPIPE), 1 an internal error (a bug: ``WSNETS_DEBUG=1`` shows its traceback).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .memory import tame_allocator
+    tame_allocator()  # freed batch tensors go back to the system (see wsnets.memory): the main job stays < 2 GB
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser(command)

@@ -159,6 +159,8 @@ def run(recipe: str = "digits-mlp", *, regions: str | None = "regions", cache: s
     """
     if threads:
         torch.set_num_threads(threads)
+    from .memory import tame_allocator
+    tame_allocator()  # else glibc keeps freed batch tensors' memory and the job grows every epoch (wsnets.memory)
     from .report import write_report
     for m in methods + region_methods:
         if m != "esd-alpha":
