@@ -2,11 +2,11 @@
 
 Training a graph meta-model allocates and frees, every batch, tensors of sizes that change with the
 batch's networks (tens of kilobytes to tens of megabytes). glibc's ``malloc`` serves large blocks with
-``mmap`` only above a threshold it raises on its own after such blocks are freed (up to 32 MB); above that
-point they come from the heap, whose freed holes of the wrong sizes are kept: the process grows by
-hundreds of megabytes per epoch while the live tensors stay the same (measured: the same 4,859 tensors
-after every epoch, resident memory 1.07 -> 1.89 GB over six epochs; with a fixed threshold, flat at
-0.49 GB and the same numbers). :func:`tame_allocator` fixes the threshold and lets ``free`` return the top
+``mmap`` only above a threshold that it raises by itself after such a block is freed (up to 32 MB); below
+that threshold they come from the heap, whose freed holes of the wrong sizes are kept: the process grows by
+hundreds of megabytes per epoch while the live tensors stay the same (the main job: 4.2 GB at the graph
+encoder's 8th epoch and rising; with a fixed threshold, 1.2 GB at most over all 15 epochs and every number
+the same; benchmarks/results/main_job.md). :func:`tame_allocator` fixes the threshold and lets ``free`` return the top
 of the heap; the CLI calls it at start, as does :func:`wsnets.run.run`; a script can call it once.
 """
 
