@@ -226,6 +226,12 @@ checkpoints = [1]
 batch_size = 512
 group_size = 2
 engine = "dag"
+[hyperparameters]
+optimizer = ["sgd", "adam"]
+lr = {log_uniform = [1e-3, 0.1]}
+"""
+KILL_ARCH = {  # tiny draws of each new kind: residual/plain CNNs, and pre-LN transformers
+    "wild": """
 [architecture]
 kind = "wild-cnn"
 depth = [2, 3]
@@ -233,15 +239,24 @@ width = [4]
 residual = [true, false]
 batchnorm = [true, false]
 downsample = ["stride", "maxpool"]
-[hyperparameters]
-optimizer = ["sgd", "adam"]
-lr = {log_uniform = [1e-3, 0.1]}
-"""
+""",
+    "vit": """
+[architecture]
+kind = "vit"
+depth = [1, 2]
+width = [8]
+heads = [1, 2]
+patch = [4]
+mlp_ratio = [1]
+pool = ["cls", "mean"]
+""",
+}
 
 
-def test_sigkill_then_resume_equals_uninterrupted_build(tmp_path, kill_build_after):
+@pytest.mark.parametrize("kind", list(KILL_ARCH))
+def test_sigkill_then_resume_equals_uninterrupted_build(tmp_path, kill_build_after, kind):
     recipe = tmp_path / "kill.toml"
-    recipe.write_text(KILL_TOML)
+    recipe.write_text(KILL_TOML + KILL_ARCH[kind])
     killed, ref = tmp_path / "killed", tmp_path / "ref"
     kill_build_after(2, recipe, killed, workers=1)
     partial = {r["model_id"] for r in _rows(killed)}
