@@ -1,14 +1,30 @@
-"""Attention over the neurons of neural graphs with edge features as attention biases
-(relational-transformer style: Diao & Loynd 2023, "Relational Attention"; Kofinas et al. 2024).
+"""Relational attention over the neurons of neural graphs (Diao & Loynd 2023, "Relational
+Attention"; Kofinas et al. 2024).
 
 Every neuron attends to every neuron of its own network. The attention logit of query ``i`` and key
 ``j`` gets a per-head bias from the edge between them (``j -> i`` and ``i -> j`` through separate
 projections, so direction is known) plus a learned bias for their layer distance (clipped to
-``±max_hop``); keys of other graphs in the batch are masked out. After each attention block the
-edges are updated from their endpoints (sparse, ``[E, H]``), so the weights keep shaping later
-layers. Node/edge features and the readout are those of :mod:`wsnets.nn.graph_encoder`.
+``±max_hop``); keys of other graphs in the batch are masked out. An edge also carries a value: the
+probability of ``(i, j)`` weights the key neuron's value plus the edge's own (a scalar per head and
+direction times a learned vector per head). After each attention block the edges are updated from
+their endpoints (sparse, ``[E, H]``), so the weights keep shaping later layers. Node/edge features and
+the readout are those of :mod:`wsnets.nn.graph_encoder`.
 
-Memory: the dense bias is ``[B, heads, N_max, N_max]`` (N_max = most neurons of one graph in the batch).
+Two choices keep the encoder sensitive to *which* input (or output) neuron a weight belongs to, the
+one thing besides the weights that tells networks of one architecture apart when their hidden
+neurons are anonymous (``tests/spine/test_dag.py`` asserts it on transformers and BERT):
+
+* input and output neurons get their position code through a projection at the scale of the type
+  embeddings (:func:`io_codes`; in :class:`~wsnets.nn.graph_encoder.GraphFeaturizer`'s node MLP the
+  code alone moved an input neuron's attention value by ~2% of its spread);
+* half of the heads start local: every edge's logit gets ``log(number of neurons)`` (a learned factor
+  per head and direction, initialized to 1, the other heads' to 0), so a neuron's few graph
+  neighbours outweigh the rest of the network at any size. With uniform attention a hidden neuron
+  of a 400-neuron transformer gave 2% of its attention to its 8 inputs, so what their weights and
+  identities told it was diluted ~50-fold; the global heads keep the whole-network view.
+
+Memory: the attention logits are ``[B, heads, N_max, N_max]`` (N_max = most neurons of one graph in the
+batch), built in place.
 """
 
 from __future__ import annotations
@@ -18,12 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch_geometric.utils import to_dense_batch
 
-from .common import make_mlp
+from .common import make_mlp, sinusoidal
 from .graph_encoder import EdgeUpdate, GraphFeaturizer, graph_readout, readout_dim
 
 
 class RelationalAttentionLayer(nn.Module):
-    """Multi-head self-attention per graph with edge-feature and layer-distance biases, FFN, edge update."""
+    """Multi-head self-attention per graph with edge-feature, neighbour and layer-distance biases, edge
+    values, FFN, edge update (see the module docstring)."""
 
     def __init__(self, hidden: int, heads: int = 4, dropout: float = 0.0, max_hop: int = 3) -> None:
         super().__init__()
@@ -35,7 +52,16 @@ class RelationalAttentionLayer(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.bias_fwd = nn.Linear(hidden, heads)   # key = source, query = target
         self.bias_bwd = nn.Linear(hidden, heads)   # key = target, query = source
+        # edge values: a scalar per edge and head (both directions) times a learned vector per head
+        self.value_fwd, self.value_bwd = nn.Linear(hidden, heads), nn.Linear(hidden, heads)
+        self.value_dir = nn.Parameter(torch.randn(heads, hidden // heads))
         self.hop = nn.Embedding(2 * max_hop + 1, heads)
+        # per head and direction, the weight of log(neurons in the graph) added to the logit of every edge:
+        # 1 on the first half of the heads (a neighbour outweighs all non-neighbours together, at any graph
+        # size), 0 on the rest (global attention)
+        local = torch.zeros(2, heads)
+        local[:, : heads // 2] = 1.0
+        self.neighbour = nn.Parameter(local)
         self.ffn = make_mlp([hidden, 2 * hidden, hidden], dropout=dropout)
         self.edge = EdgeUpdate(hidden, dropout)
 
@@ -52,11 +78,22 @@ class RelationalAttentionLayer(nn.Module):
         en = self.norm_e(e)
         eb = nb[src]
         qi, kj = torch.cat([local[dst], local[src]]), torch.cat([local[src], local[dst]])   # both directions
-        bias = _add_pairs(bias, torch.cat([eb, eb]), qi, kj, torch.cat([self.bias_fwd(en), self.bias_bwd(en)]))
-        bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                             dropout_p=self.dropout if self.training else 0.0)
-        att = att.transpose(1, 2).reshape(B, M, H)[mask]          # back to [N, H]
+        pair = _pair_index(B, nh, M, torch.cat([eb, eb]), qi, kj)                          # [2E, nh]
+        log_n = aux["log_nodes"][eb].unsqueeze(1)                                        # [E, 1]
+        val = torch.cat([self.bias_fwd(en) + log_n * self.neighbour[0], self.bias_bwd(en) + log_n * self.neighbour[1]])
+        # hop bias, padded keys at -inf, edge biases, then q.k on top: in place on one [B, nh, M, M] tensor
+        bias = bias.masked_fill_(~mask[:, None, None, :], float("-inf")).reshape(-1)
+        bias = bias.index_add_(0, pair.reshape(-1), val.to(bias.dtype).reshape(-1)).reshape(B * nh, M, M)
+        q, k = q.reshape(B * nh, M, hd), k.reshape(B * nh, M, hd)
+        logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=hd ** -0.5)
+        p = logits.softmax(-1).reshape(B, nh, M, M)
+        if self.training and self.dropout > 0:
+            p = F.dropout(p, self.dropout)
+        # relational values: an edge's own value joins its key neuron's, weighted by the same probability
+        ev = p.reshape(-1)[pair] * torch.cat([self.value_fwd(en), self.value_bwd(en)])          # [2E, nh]
+        ev = p.new_zeros(B * nh * M).index_add_(0, (pair // M).reshape(-1), ev.reshape(-1))
+        att = torch.matmul(p, v) + ev.reshape(B, nh, M, 1) * self.value_dir.unsqueeze(1)
+        att = att.reshape(B, nh, M, hd).transpose(1, 2).reshape(B, M, H)[mask]          # back to [N, H]
         h = h + self.out(att)
         h = h + self.ffn(self.norm2(h))
         return h, self.edge(self.norm2(h), en, e, src, dst)
@@ -80,14 +117,11 @@ class RelationalAttentionLayer(nn.Module):
         return f"hidden={self.hidden}, heads={self.heads}, max_hop={self.max_hop}"
 
 
-def _add_pairs(bias: torch.Tensor, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-    """``bias[b, :, i, j] += val`` for every edge (``val [E, heads]``), out of place (autograd-safe).
-
-    Indexes ``bias`` in its own ``[B, heads, M, M]`` layout, so no permuted copy is made."""
-    B, nh, M, _ = bias.shape
+def _pair_index(B: int, nh: int, M: int, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """``[E, heads]`` flat indices of ``[b, head, i, j]`` into a ``[B, heads, M, M]`` tensor, per pair and head
+    (``index // M`` is the row ``[b, head, i]`` of a ``[B, heads, M, d]`` tensor)."""
     heads = torch.arange(nh, device=b.device).unsqueeze(0)                # [1, nh]
-    idx = (((b * nh).unsqueeze(1) + heads) * M + i.unsqueeze(1)) * M + j.unsqueeze(1)   # [E, nh]
-    return bias.reshape(-1).index_add(0, idx.reshape(-1), val.to(bias.dtype).reshape(-1)).reshape(B, nh, M, M)
+    return (((b * nh).unsqueeze(1) + heads) * M + i.unsqueeze(1)) * M + j.unsqueeze(1)
 
 
 class NeuralGraphTransformer(nn.Module):
@@ -114,6 +148,9 @@ class NeuralGraphTransformer(nn.Module):
                  dropout: float = 0.0, pos_dim: int = 16, layer_scale: bool = False, edge_readout: bool = False) -> None:
         super().__init__()
         self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale)
+        self.io_code = nn.Linear(2 * pos_dim, hidden, bias=False)
+        nn.init.normal_(self.io_code.weight, std=(2.0 / pos_dim) ** 0.5)
+        self.pos_dim = pos_dim
         self.layers = nn.ModuleList(RelationalAttentionLayer(hidden, heads, dropout) for _ in range(layers))
         self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.head = make_mlp([readout_dim(hidden, edge_readout), 2 * hidden, out_dim], dropout=dropout, norm=True)
@@ -121,10 +158,20 @@ class NeuralGraphTransformer(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         h, e, aux = self.featurizer(batch)
+        h = h + self.io_code(io_codes(batch, self.pos_dim, h.dtype))
         nb = aux["batch"]
         ptr = torch.zeros(int(nb.max()) + 2 if nb.numel() else 1, dtype=torch.long, device=nb.device)
         ptr[1:] = torch.bincount(nb, minlength=ptr.numel() - 1).cumsum(0)
         aux["local"] = torch.arange(nb.numel(), device=nb.device) - ptr[nb]
+        aux["log_nodes"] = (ptr[1:] - ptr[:-1]).clamp(min=1).to(h.dtype).log()
         for layer in self.layers:
             h, e = layer(h, e, batch, aux)
         return self.head(graph_readout(self.norm_h(h), self.norm_e(e), batch, aux, self.edge_readout))
+
+
+def io_codes(batch, pos_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, 2 * pos_dim]``: the sinusoidal position code of input neurons in the first half, of output
+    neurons in the second, zeros elsewhere."""
+    code = sinusoidal(batch.node_pos.clamp(min=0).to(dtype), pos_dim, max_period=1000.0).to(dtype)
+    t = batch.node_type.unsqueeze(1)
+    return torch.cat([code * (t == 0).to(dtype), code * (t == 2).to(dtype)], dim=1)
