@@ -73,3 +73,35 @@ def test_an_ensemble_averages_its_members_and_round_trips(tmp_path):
     pred = torch.tensor([r.get("test_acc_unclipped", r["test_acc"]) for r in mm.predict_records(list(test.ws))])
     assert wsnets.train.kendall_tau(pred, test.y["test_acc"]) == pytest.approx(
         res["seeds"][0]["test"]["test_acc"]["kendall_tau"], abs=1e-9)
+
+
+def test_a_transformer_run_saved_before_edge_values_and_io_codes_loads_as_it_was(tmp_path):
+    """Runs saved before NeuralGraphTransformer gained io_code / edge values / local-attention factors lack those
+    tensors; they load with them at zero, which is the old model (checked against the old class by hand: 1.6e-7)."""
+    from safetensors.torch import load_file, save_file
+    cfg = _fakes.config("transformer", epochs=1, encoder={"hidden": 8, "layers": 1, "heads": 2, "out_dim": 8})
+    run_training(cfg, out=tmp_path, datasets=_fakes.splits("graph"), plots=False)
+    full = load_file(tmp_path / "model.safetensors")
+    new = [k for k in full if {"io_code", "value_fwd", "value_bwd", "value_dir", "neighbour"} & set(k.split("."))]
+    assert any("io_code" in k for k in new) and any("neighbour" in k for k in new)
+    save_file({k: v for k, v in full.items() if k not in new}, tmp_path / "model.safetensors",
+              metadata={"wsnets.metamodel": "wsnets.metamodel/1"})
+    old = MetaModel.load(tmp_path)
+    assert all(not old.state_dict()[k].any() for k in new)
+    test = _fakes.FakeZooDataset(12, seed=2, representation="graph")
+    x, _ = test.collate([test[i] for i in range(len(test))])
+    ref = MetaModel.load(tmp_path)                      # the same weights with the new tensors zeroed by hand
+    sd = {**full, **{k: torch.zeros_like(v) for k, v in full.items() if k in new}}
+    ref.load_state_dict(sd)
+    torch.testing.assert_close(old(x)["test_acc"], ref(x)["test_acc"])
+    assert not torch.allclose(old(x)["test_acc"], _loaded_with(full, tmp_path)(x)["test_acc"])
+    full_missing = {k: v for k, v in full.items() if not k.endswith("qkv.weight")}
+    save_file(full_missing, tmp_path / "model.safetensors", metadata={"wsnets.metamodel": "wsnets.metamodel/1"})
+    with pytest.raises(wsnets.errors.MissingKeyError, match="qkv.weight"):   # other missing tensors still refused
+        MetaModel.load(tmp_path)
+
+
+def _loaded_with(tensors, run):
+    mm = MetaModel.load(run)
+    mm.load_state_dict(tensors)
+    return mm.eval()

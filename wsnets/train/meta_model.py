@@ -345,6 +345,12 @@ def rank_value(z: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     return _interp(torch.special.ndtr(z), _grid(quantiles), quantiles)
 
 
+# Encoder parameters added after runs were saved without them; each, when zero, gives back the model as it was
+# before it existed, so those runs load and predict as before: NeuralGraphTransformer's input/output position codes
+# (io_code), edge values (value_fwd, value_bwd, value_dir) and local-attention factors (neighbour).
+_ZERO_IS_OLD = frozenset({"io_code", "value_fwd", "value_bwd", "value_dir", "neighbour"})
+
+
 class MetaModel(Predictor, nn.Module):
     """Encoder + heads + normalization.
 
@@ -455,7 +461,11 @@ class MetaModel(Predictor, nn.Module):
         mm = members[0] if len(members) == 1 else MetaModelEnsemble(members)
         mm.config, mm.example_arch, mm.feature_dim = meta["config"], arch, meta.get("feature_dim")
         tensors, _ = read_safetensors(run / "model.safetensors")
-        missing = set(mm.state_dict()) - set(tensors)
+        state = mm.state_dict()
+        missing = set(state) - set(tensors)
+        for k in [k for k in missing if _ZERO_IS_OLD & set(k.split("."))]:
+            tensors[k] = torch.zeros_like(state[k])   # a run saved before this parameter existed: zero = its model
+            missing.discard(k)
         if missing:
             raise MissingKeyError(f"{run / 'model.safetensors'}: missing tensor {sorted(missing)[0]!r}")
         mm.load_state_dict(tensors, strict=True)
