@@ -36,9 +36,19 @@ def test_written_files_follow_the_umask(tmp_path, umask, mask):
     save(wsnets.load(torch.nn.Sequential(torch.nn.Linear(3, 2))), tmp_path / "m.safetensors")
     build(parse_recipe({"name": "u", "population": 2, "datasets": ["digits"], "epochs": 1,
                         "architecture": {"kind": "mlp", "depth": 1, "width": 8}}), tmp_path / "z", progress=False)
+    from safetensors.torch import save_file
+    from wsnets.merge import merge_checkpoints
+    ins = []
+    for i in range(2):      # merged outputs are streamed into their own temporary file or folder
+        ins.append(tmp_path / f"in{i}.safetensors")
+        save_file({"a": torch.randn(64, 64), "b": torch.randn(64)}, str(ins[-1]))
+    merge_checkpoints("linear", ins, out=tmp_path / "avg.safetensors")
+    merge_checkpoints("linear", ins, out=tmp_path / "sharded", shard_size=8192)
+    shards = sorted((tmp_path / "sharded").iterdir())
+    assert len(shards) >= 3 and stat.S_IMODE((tmp_path / "sharded").stat().st_mode) == 0o777 & ~mask
     files = [tmp_path / "report.json", tmp_path / "m.safetensors", tmp_path / "z" / "index.sqlite",
-             *(tmp_path / "z" / "shards").glob("*.safetensors")]
-    assert len(files) == 4
+             *(tmp_path / "z" / "shards").glob("*.safetensors"), tmp_path / "avg.safetensors", *shards]
+    assert len(files) == 5 + len(shards)
     for f in files:
         assert _mode(f) == 0o666 & ~mask, (f, oct(_mode(f)))
     os.chmod(tmp_path / "report.json", 0o640)

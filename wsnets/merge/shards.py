@@ -377,20 +377,23 @@ class ShardWriter:
         free = shutil.disk_usage(parent).free
         if free < self.total_bytes:
             raise OutputError(f"{parent}: {free / 1e9:.2f} GB free, the output needs {self.total_bytes / 1e9:.2f} GB")
+        from ..io import file_mode, umask
         prefix = f".{self.out.name}.{_tag()}."
         if self.single:
             fd, tmp = tempfile.mkstemp(dir=parent, prefix=prefix, suffix=".tmp")
             os.close(fd)
             self.tmp = Path(tmp)
             self.paths = [self.tmp]
+            os.chmod(self.tmp, file_mode(self.out))  # mkstemp makes 0600; the output gets what open() would give it
         else:
             self.tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp"))
             self.paths = [self.tmp / n for n in self.names]
+            os.chmod(self.tmp, 0o777 & ~umask())     # mkdtemp makes 0700; the folder gets what mkdir() would give it
         self.fds = []
         self.headers = []
         for p, lay, nb in zip(self.paths, self.layout, self.data_bytes):
             head = _header_bytes(lay, metadata)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)   # less the umask, as open() does
             os.pwrite(fd, len(head).to_bytes(8, "little") + head, 0)
             os.ftruncate(fd, 8 + len(head) + nb)
             self.fds.append(fd)
