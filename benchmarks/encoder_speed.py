@@ -13,9 +13,11 @@ Every encoder is timed ``--rounds`` times, interleaved, and keeps its best. Our 
     python benchmarks/encoder_speed.py --quick --out benchmarks/out/encoder_speed.json
 
 ``--before REV`` also times the graph encoder of git revision ``REV`` (its ``wsnets/nn/graph_encoder.py``
-loaded next to today's package, same settings), so a speed-up is measured before/after in one run:
+loaded next to today's package, same settings), so a speed-up is measured before/after in one run
+(repeat it for several revisions); ``--encoders`` times only the named rows (and nfn HNP, the reference):
 
     python benchmarks/encoder_speed.py --before 7845389 --only-mlp
+    python benchmarks/encoder_speed.py --before 2e54276 --before 282621e --only-mlp --encoders "graph (PNA)"
 """
 
 from __future__ import annotations
@@ -117,12 +119,16 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", help="torch device (cuda works)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--out", default=None, help="write JSON results here")
-    ap.add_argument("--before", default=None, metavar="REV", help="also time the graph encoder of git revision REV")
+    ap.add_argument("--before", action="append", default=[], metavar="REV",
+                    help="also time the graph encoder of git revision REV (repeatable)")
+    ap.add_argument("--encoders", default=None, metavar="A,B",
+                    help="only these encoders (names as in the table; nfn HNP and --before revisions always run)")
     ap.add_argument("--only-mlp", action="store_true", help="only the MLP 64-32-32-10 networks")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time every encoder this many times, interleaved, and keep each one's best (load noise)")
     args = ap.parse_args(argv)
-    before = graph_encoder_at(args.before) if args.before else None
+    before = {rev: graph_encoder_at(rev) for rev in args.before}
+    only = None if args.encoders is None else {x.strip() for x in args.encoders.split(",")}
     if args.threads:
         torch.set_num_threads(args.threads)
     B = args.batch or (16 if args.quick else 64)
@@ -132,10 +138,12 @@ def main(argv=None) -> None:
     for net_name, arch in networks.items():
         g = torch.Generator().manual_seed(0)
         ws = wsnets.WeightSpace.random(arch, B, generator=g)
-        candidates = {name: (lambda c=cfg: build_encoder(c, ws)) for name, cfg in ENCODERS.items()}
-        if before is not None:
-            candidates[f"graph (PNA) @{args.before}"] = lambda: before(**{k: v for k, v in GRAPH.items() if k != "name"})
-        candidates["nfn NP"] = lambda: NFNEncoder(ws, "NP")
+        candidates = {name: (lambda c=cfg: build_encoder(c, ws)) for name, cfg in ENCODERS.items()
+                      if only is None or name in only}
+        for rev, cls in before.items():
+            candidates[f"graph (PNA) @{rev}"] = lambda c=cls: c(**{k: v for k, v in GRAPH.items() if k != "name"})
+        if only is None or "nfn NP" in only:
+            candidates["nfn NP"] = lambda: NFNEncoder(ws, "NP")
         candidates["nfn HNP"] = lambda: NFNEncoder(ws, "HNP")
         built = {}
         net_rows = []
@@ -173,7 +181,7 @@ def main(argv=None) -> None:
             "graphs_per_cpu_s", "vs_nfn_hnp_cpu", "note"]
     write(args.out, "encoder_speed", rows, cols,
           {"batch": B, "device": args.device, "quick": args.quick, "threads": torch.get_num_threads(),
-           "before": args.before, "rounds": args.rounds})
+           "before": args.before, "encoders": args.encoders, "rounds": args.rounds})
 
 
 if __name__ == "__main__":

@@ -156,3 +156,44 @@ def test_gather_gradients_match_autograd_through_index_select():
     (a,) = torch.autograd.grad((gather(x, index) * w).sum(), x)
     (b,) = torch.autograd.grad((x.index_select(0, index) * w).sum(), x)
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("sort", [True, False])
+def test_gather_linear_and_segment_sums_match_autograd_through_plain_ops(sort):
+    """The fused per-edge sums and the sparse segment sums give autograd's values and gradients."""
+    from wsnets.nn.graph_encoder import gather_linear, reduce_by, segments
+    g = torch.Generator().manual_seed(0)
+    n, E, H, K = 6, 30, 4, 3
+    dst = torch.randint(0, n - 1, (E,), generator=g)        # node n-1 receives nothing
+    dst = dst.sort().values if sort else dst
+    src = torch.randint(0, n, (E,), generator=g)
+    seg_dst, seg_src = segments(dst, n), segments(src, n)
+    x, w = torch.randn(E, K, dtype=torch.float64, generator=g), torch.randn(H, K, dtype=torch.float64, generator=g)
+    a, b = torch.randn(n, H, dtype=torch.float64, generator=g), torch.randn(n, H, dtype=torch.float64, generator=g)
+    for ia, ib in [(dst, src), (seg_dst, seg_src)]:          # plain index (index_add) and Segments (sparse sum)
+        assert torch.autograd.gradcheck(lambda *t: gather_linear(t[0], t[1], t[2], ia, t[3], ib), (
+            x.requires_grad_(), w.requires_grad_(), a.requires_grad_(), b.requires_grad_()))
+        assert torch.autograd.gradcheck(lambda *t: gather_linear(t[0], t[1], t[2], ia), (x, w, a))
+    ref = a[dst] + b[src] + x @ w.T
+    torch.testing.assert_close(gather_linear(x, w, a, seg_dst, b, seg_src), ref)
+    m = torch.randn(E, H, dtype=torch.float64, generator=g, requires_grad=True)
+    torch.testing.assert_close(seg_src.sum(m), torch.zeros(n, H, dtype=m.dtype).index_add(0, src, m))
+    assert torch.autograd.gradcheck(seg_dst.sum, (m,))
+    mean = reduce_by(m, dst, n, "mean")
+    torch.testing.assert_close(mean[:-1], torch.stack([m[dst == k].mean(0) for k in range(n - 1)]))
+    assert (mean[-1] == 0).all()
+
+
+def test_max_over_equal_segments_matches_segment_reduce():
+    """Segments of one length (a batch of one architecture) take a reshape: same values and gradients."""
+    from wsnets.nn.graph_encoder import reduce_sorted
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4 * 5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    lengths = torch.full((4,), 5)
+    got = reduce_sorted(x, lengths, "max")
+    ref = torch.segment_reduce(x, "max", lengths=lengths, unsafe=True)
+    torch.testing.assert_close(got, ref)
+    w = torch.randn(4, 3, dtype=torch.float64, generator=g)
+    (ga,) = torch.autograd.grad((got * w).sum(), x)
+    (gb,) = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(ga, gb)
