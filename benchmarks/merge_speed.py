@@ -11,12 +11,13 @@ process (``os.wait4``'s ``ru_maxrss``). The outputs are compared tensor by tenso
 the fraction of entries that differ), then deleted, as are the inputs unless ``--keep``.
 
 Target (issue 19): wsnets' peak RSS under 1.5x the largest tensor + 500 MB, wall time no worse than
-mergekit's. The page cache is warmed before each run so both tools read from memory. wsnets runs twice:
-as it comes (it hashes every input with SHA-256 in a background thread for the provenance, about a
-CPU-second per GB) and with ``--no-hash`` (the same work as mergekit, which records no hashes).
+mergekit's. The page cache is warmed before each run so both tools read from memory. wsnets runs as it
+comes (it digests every input with XXH3-128 in a background thread for the provenance, ~0.2 CPU-second
+per GB) and, with ``--variants``, with ``--hash sha256`` (the cryptographic digest, ~1 CPU-second per GB)
+and ``--no-hash`` (the same work as mergekit, which records no digests).
 
     python benchmarks/merge_speed.py [--size-gb 2] [--methods ties,linear] [--dir /tmp/wsnets-merge-bench]
-                                     [--keep] [--out merge_speed.json]
+                                     [--variants default,sha256,no-hash] [--keep] [--out merge_speed.json]
 """
 
 from __future__ import annotations
@@ -213,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default="/tmp/wsnets-merge-bench", help="where inputs and outputs are written")
     ap.add_argument("--keep", action="store_true", help="keep the inputs (outputs are always deleted)")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--variants", default="default,sha256,no-hash",
+                    help="wsnets runs: default (XXH3-128 digests), sha256 (--hash sha256), no-hash (--no-hash)")
     ap.add_argument("--quick", action="store_true", help="0.4 GB checkpoints")
     ap.add_argument("--out", default=None, help="JSON results")
     args = ap.parse_args(argv)
@@ -241,20 +244,21 @@ def main(argv=None) -> int:
               f"RSS target {target:.0f} MB", flush=True)
         for method in methods:
             outs = {}
-            tools = [("wsnets", lambda out: wsnets_cmd(method, dirs, out)),
-                     ("wsnets --no-hash", lambda out: wsnets_cmd(method, dirs, out) + ["--no-hash"])]
+            flags = {"default": [], "sha256": ["--hash", "sha256"], "no-hash": ["--no-hash"]}
+            tools = [(" ".join(["wsnets", *flags[v]]), lambda out, v=v: wsnets_cmd(method, dirs, out) + flags[v])
+                     for v in args.variants.split(",")]
             if have_mk:
                 cfg = root / f"mergekit_{method}.yml"
                 cfg.write_text(mergekit_config(method, dirs))
                 tools.append(("mergekit", lambda out: [mergekit_bin, str(cfg), str(out), "--out-shard-size", "500M",
                                                        "--no-copy-tokenizer", "--no-write-model-card"]))
             for tool, cmd in tools:
-                out = root / f"out_{tool.replace(' --', '_').replace('-', '_')}_{method}"
+                out = root / f"out_{tool.replace(' --', '_').replace('-', '_').replace(' ', '_')}_{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 warm(dirs)
                 r = run_measured(cmd(out), env)
                 ok = r["exit"] == 0
-                print(f"{method:<7} {tool:<16} exit {r['exit']}  wall {r['wall_s']:.1f} s  cpu {r['cpu_s']:.1f} s  "
+                print(f"{method:<7} {tool:<20} exit {r['exit']}  wall {r['wall_s']:.1f} s  cpu {r['cpu_s']:.1f} s  "
                       f"peak RSS {r['peak_rss_mb']:.0f} MB  load {os.getloadavg()[0]:.1f}", flush=True)
                 if not ok:
                     print(r["stderr"], file=sys.stderr)
@@ -263,15 +267,16 @@ def main(argv=None) -> int:
                 if tool.startswith("wsnets"):
                     row["rss_under_target"] = r["peak_rss_mb"] < target
                 rows.append(row)
-                if tool == "wsnets --no-hash":
-                    shutil.rmtree(out, ignore_errors=True)        # same numbers as the run with hashes
-                else:
+                if tool in ("wsnets", "mergekit"):
                     outs[tool] = out
-            if len(outs) == 2 and all(r["ok"] for r in rows[-3:]):
+                else:
+                    shutil.rmtree(out, ignore_errors=True)        # same numbers as the default run
+            mine = rows[-len(tools):]
+            if len(outs) == 2 and all(r["ok"] for r in mine):
                 c = compare(outs["wsnets"], outs["mergekit"], dirs if method == "ties" else None)
                 extra[f"{method}_agreement"] = c
-                mk = rows[-1]
-                for ws in rows[-3:-1]:
+                mk = mine[-1]
+                for ws in mine[:-1]:
                     ws["wall_vs_mergekit"] = ws["wall_s"] / mk["wall_s"]
                     ws["cpu_vs_mergekit"] = ws["cpu_s"] / mk["cpu_s"]
                     ws["rss_vs_mergekit"] = ws["peak_rss_mb"] / mk["peak_rss_mb"]

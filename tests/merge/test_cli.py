@@ -1,12 +1,15 @@
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 import wsnets
 from wsnets.cli import main
 from wsnets.io import read_safetensors
-from wsnets.merge import task_arithmetic, ties, weight_matching
+from wsnets.merge import digest_files, task_arithmetic, ties, weight_matching
 
 
 @pytest.fixture()
@@ -29,10 +32,24 @@ def test_average_writes_provenance(ckpts, tmp_path, capsys):
     tensors, meta = read_safetensors(out)
     assert meta["wsnets.merge.method"] == "linear"
     ing = json.loads(meta["wsnets.merge.ingredients"])
-    assert [i["path"] for i in ing] == [ckpts["ft0"], ckpts["ft1"]] and len(ing[0]["sha256"]) == 64
+    assert [i["path"] for i in ing] == [ckpts["ft0"], ckpts["ft1"]] and ing[0]["digest"] == digest_files([ckpts["ft0"]])
+    assert ing[1]["digest"] == "xxh3_128:" + xxhash.xxh3_128(Path(ckpts["ft1"]).read_bytes()).hexdigest()
     assert json.loads(meta["wsnets.merge.parameters"])["weight"] == [1.0, 3.0]
     a, b, m = wsnets.load(ckpts["ft0"]), wsnets.load(ckpts["ft1"]), wsnets.load(out)
     torch.testing.assert_close(m.flat(), 0.25 * a.flat() + 0.75 * b.flat())
+
+
+@pytest.mark.parametrize("flags, want", [(["--hash", "sha256"], "sha256"), (["--no-hash"], "none"),
+                                         (["--hash", "none"], "none")])
+def test_hash_option_chooses_the_recorded_digest(ckpts, tmp_path, flags, want):
+    out = tmp_path / "avg.safetensors"
+    assert main(["merge", "linear", ckpts["ft0"], ckpts["ft1"], "-o", str(out), "--json", *flags]) == 0
+    _, meta = read_safetensors(out)
+    ing = json.loads(meta["wsnets.merge.ingredients"])
+    assert meta["wsnets.merge.digest"] == want
+    assert [i["digest"] for i in ing] == ([None, None] if want == "none" else
+                                          ["sha256:" + hashlib.sha256(Path(ckpts[k]).read_bytes()).hexdigest()
+                                           for k in ("ft0", "ft1")])
 
 
 @pytest.mark.parametrize("method", ["ties", "task-arithmetic"])

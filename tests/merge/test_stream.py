@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import wsnets
 from wsnets.cli import main
 from wsnets.errors import ArchitectureMismatchError, CheckpointError, ConfigError, OutputExistsError
-from wsnets.merge import TensorRule, merge_checkpoints, merge_config, open_checkpoint, ties
+from wsnets.merge import TensorRule, ingredients, merge_checkpoints, merge_config, open_checkpoint, ties
 from wsnets.merge.shards import ShardWriter, read_header
 
 
@@ -121,18 +122,67 @@ def test_provenance_records_dtype_and_hashes(family, tmp_path):
     got, meta = _read_all(out)
     assert meta["wsnets.merge.dtype"] == "float32" and got["embed.weight"].dtype == torch.bfloat16
     ing = json.loads(meta["wsnets.merge.ingredients"])
-    assert [i["sha256"] for i in ing] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in half[1:]]
+    assert meta["wsnets.merge.digest"] == "xxh3_128"
+    assert [i["digest"] for i in ing] == ["xxh3_128:" + xxhash.xxh3_128(p.read_bytes()).hexdigest() for p in half[1:]]
     params = json.loads(meta["wsnets.merge.parameters"])
     assert params["density"] == [0.5, 0.5] and meta["wsnets.merge.scope"] == "model"
     merge_checkpoints("ties", half[1:], base=half[0], out=out, density=0.5, dtype="bfloat16", out_dtype="float32",
-                      hash_inputs=False)
+                      digest=None)
     got, meta = _read_all(out)
     assert meta["wsnets.merge.dtype"] == "bfloat16" and meta["wsnets.merge.out_dtype"] == "float32"
-    assert got["embed.weight"].dtype == torch.float32 and json.loads(meta["wsnets.merge.ingredients"])[0]["sha256"] is None
-    # a sharded directory's hash covers its index and shards
-    merge_checkpoints("linear", dirs, out=out)
+    assert got["embed.weight"].dtype == torch.float32
+    assert json.loads(meta["wsnets.merge.ingredients"])[0]["digest"] is None
+    assert meta["wsnets.merge.digest"] == "none"
+    # a sharded directory's digest covers its index and shards
+    merge_checkpoints("linear", dirs, out=out, digest="sha256")
     _, meta = _read_all(out)
-    assert all(len(i["sha256"]) == 64 for i in json.loads(meta["wsnets.merge.ingredients"]))
+    assert meta["wsnets.merge.digest"] == "sha256"
+    for d, i in zip(dirs, json.loads(meta["wsnets.merge.ingredients"])):
+        index = d / "model.safetensors.index.json"            # the index, then its shards as it names them
+        files = [index, *(d / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))]
+        lines = "".join(f"{f.name} {hashlib.sha256(f.read_bytes()).hexdigest()}\n" for f in files)
+        assert i["digest"] == "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_recorded_digest_changes_with_one_input_byte(family, tmp_path, algorithm):
+    """The recorded digest equals a reference computation (xxhash/hashlib over the file's bytes) and
+    changes when one byte of an input changes, the tensors (and so the merged output) unchanged."""
+    base, fts, _ = family
+    paths = []
+    for i, sd in enumerate([base, *fts]):
+        p = tmp_path / f"m{i}.safetensors"
+        save_file(sd, str(p), metadata={"note": "a"})
+        paths.append(p)
+    ref = {"xxh3_128": lambda b: xxhash.xxh3_128(b).hexdigest(), "sha256": lambda b: hashlib.sha256(b).hexdigest()}
+    out = tmp_path / "out.safetensors"
+
+    def merged():
+        merge_checkpoints("ties", paths[1:], base=paths[0], out=out, density=0.5, digest=algorithm)
+        t, meta = _read_all(out)
+        out.unlink()
+        return t, {e["role"] + e["path"]: e["digest"] for e in ingredients(meta)}
+    t0, d0 = merged()
+    assert d0 == {("base" if i == 0 else "model") + str(p): f"{algorithm}:{ref[algorithm](p.read_bytes())}"
+                  for i, p in enumerate(paths)}
+    raw = bytearray(paths[2].read_bytes())
+    at = raw.index(b'"note":"a"') + len('"note":"')
+    raw[at:at + 1] = b"b"                                          # one byte of the header's metadata
+    paths[2].write_bytes(bytes(raw))
+    t1, d1 = merged()
+    changed = {k for k in d0 if d0[k] != d1[k]}
+    assert changed == {"model" + str(paths[2])}
+    assert d1["model" + str(paths[2])] == f"{algorithm}:{ref[algorithm](bytes(raw))}"
+    assert all(torch.equal(t0[k], t1[k]) for k in t0)
+
+
+def test_ingredients_reads_older_sha256_entries():
+    old = {"wsnets.merge.ingredients": json.dumps([{"path": "a.safetensors", "sha256": "ab" * 32},
+                                                   {"path": "b.safetensors", "sha256": None}]),
+           "wsnets.merge.base": json.dumps({"path": "base.safetensors", "sha256": "cd" * 32})}
+    assert ingredients(old) == [{"role": "base", "path": "base.safetensors", "digest": "sha256:" + "cd" * 32},
+                                {"role": "model", "path": "a.safetensors", "digest": "sha256:" + "ab" * 32},
+                                {"role": "model", "path": "b.safetensors", "digest": None}]
 
 
 def test_weightspace_outputs_load_back_with_their_architecture(tmp_path):
@@ -295,6 +345,7 @@ method = "ties"
 base = "{dirs[0].name}"
 out = "merged"
 scope = "tensor"
+digest = "sha256"
 
 [parameters]
 density = 0.5
@@ -323,12 +374,14 @@ weight = [1.0, 1.0]
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
     assert json.loads(meta["wsnets.merge.tensor_options"])[0]["match"] == "layer.0.*"
+    assert meta["wsnets.merge.digest"] == "sha256"                 # the config's choice
     plain = merge_checkpoints("ties", fts, base=base, scope="tensor", density=[0.5, 0.25], weight=[0.7, 0.3]).tensors
     assert not torch.equal(plain["layer.0.weight"], got["layer.0.weight"])
     assert torch.equal(plain["embed.weight"], got["embed.weight"])
     r = merge_config(cfg, tmp_path / "again.safetensors")
     assert r.out == tmp_path / "again.safetensors"
     for text, msg in (('method = "ties"\nmodels = ["ft1"]\nfoo = 1\n', "unknown key 'foo'"),
+                      ('method = "linear"\nmodels = ["ft1"]\ndigest = "md5"\n', "merge.toml: unknown digest 'md5'"),
                       ('method = "ties"\nbase = "base"\nmodels = [{path = "ft1", gamma = 1}]\n', "merge.toml: ties: unknown option 'gamma'"),
                       ('method = "ties"\nbase = "base"\nmodels = [{path = "ft1", scale = 1}]\n',
                        "'scale' is not a per-model option"),

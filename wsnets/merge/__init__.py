@@ -25,7 +25,7 @@ from .compat import first_mismatch, gather
 from .config import load_config, merge_config
 from .registry import Interval, Method, PerModel, get_method, keep_count, list_methods, register
 from .shards import open_checkpoint
-from .stream import MergeResult, TensorRule, merge_checkpoints
+from .stream import MergeResult, TensorRule, digest_files, ingredients, merge_checkpoints
 from .functional import evaluate, forward, recompute_bn
 from .interpolate import Curve, barrier, interpolate, interpolation_curve, loss_barrier, path_metrics
 from .soup import SoupResult, dataset_evaluator, greedy_soup, uniform_soup
@@ -36,6 +36,7 @@ __all__ = [
     "task_vectors", "task_arithmetic", "ties", "ties_vector", "trim", "weight_matching", "activation_matching",
     "align", "matching_objective", "interpolate", "interpolation_curve", "loss_barrier", "barrier", "path_metrics",
     "Curve", "BezierCurve", "train_bezier", "bernstein", "forward", "evaluate", "recompute_bn", "gather",
-    "first_mismatch", "merge_checkpoints", "MergeResult", "TensorRule", "merge_config", "load_config", "get_method",
-    "list_methods", "register", "Method", "PerModel", "Interval", "keep_count", "open_checkpoint",
+    "first_mismatch", "merge_checkpoints", "digest_files", "ingredients", "MergeResult", "TensorRule", "merge_config",
+    "load_config", "get_method", "list_methods", "register",
+    "Method", "PerModel", "Interval", "keep_count", "open_checkpoint",
 ]

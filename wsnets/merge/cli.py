@@ -8,7 +8,8 @@ architecture. ``config`` runs a TOML merge config. ``soup``, ``align`` and ``bar
 networks, so they need an architecture wsnets can trace, and say so in one line when it cannot.
 
 Merged models are written as safetensors whose metadata records the provenance: method, parameters,
-dtypes and ingredients (path and SHA-256 of each input).
+dtypes and ingredients (path and digest of each input: XXH3-128 by default, ``--hash sha256`` for a
+cryptographic one; see :func:`wsnets.merge.stream.digest_files`).
 """
 
 from __future__ import annotations
@@ -23,18 +24,18 @@ from ..cli import add_arch_options, add_common, add_parser, emit
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedLayerError
 from ..weights import WeightSpace
 from .registry import Method, list_methods
-from .stream import META_PREFIX, _sha256_files
+from .stream import DEFAULT_DIGEST, DIGESTS, META_PREFIX, digest_files
 
 
 def provenance(method: str, ingredients: list[str], parameters: dict[str, Any], base: str | None = None) -> dict[str, str]:
     """Metadata entries describing how a merged model was made."""
     from .. import __version__
-    ing = [{"path": p, "sha256": _sha256_files([Path(p)])} for p in ingredients]
+    ing = [{"path": p, "digest": digest_files([Path(p)])} for p in ingredients]
     meta = {f"{META_PREFIX}method": method, f"{META_PREFIX}ingredients": json.dumps(ing),
             f"{META_PREFIX}parameters": json.dumps(parameters, default=str),
-            f"{META_PREFIX}version": __version__}
+            f"{META_PREFIX}version": __version__, f"{META_PREFIX}digest": DEFAULT_DIGEST}
     if base is not None:
-        meta[f"{META_PREFIX}base"] = json.dumps({"path": base, "sha256": _sha256_files([Path(base)])})
+        meta[f"{META_PREFIX}base"] = json.dumps({"path": base, "digest": digest_files([Path(base)])})
     return meta
 
 
@@ -164,8 +165,19 @@ def _merge(args):
                             dtype=args.dtype, out_dtype=getattr(args, "out_dtype", None),
                             scope=getattr(args, "scope", None),
                             shared_only=args.shared_only, shard_size=args.shard_size, chunk_mb=args.chunk_mb,
-                            device=args.device, hash_inputs=not args.no_hash, progress=not args.json)
+                            device=args.device, digest=_digest(args), progress=not args.json)
     return _report(args, res)
+
+
+def _digest(args) -> str:
+    return "none" if args.no_hash else getattr(args, "hash", DEFAULT_DIGEST)
+
+
+def _add_hash(q) -> None:
+    q.add_argument("--hash", default=argparse.SUPPRESS, choices=[*DIGESTS, "none"],
+                   help=f"digest of each input recorded in the provenance (default {DEFAULT_DIGEST}: fast, catches "
+                   "any accidental change, what xxh128sum prints; sha256: cryptographic, ~4x the CPU; none)")
+    q.add_argument("--no-hash", action="store_true", help="record no digest of the inputs (= --hash none)")
 
 
 def _report(args, res) -> int:
@@ -202,7 +214,8 @@ def _merge_with_bn(args, method: Method, options: dict[str, Any]) -> int:
 
 def _config(args):
     from .config import merge_config
-    res = merge_config(args.config, args.out, hash_inputs=not args.no_hash, progress=not args.json, device=args.device)
+    kw = {"digest": _digest(args)} if hasattr(args, "hash") or args.no_hash else {}   # else the config's
+    res = merge_config(args.config, args.out, progress=not args.json, device=args.device, **kw)
     return _report(args, res)
 
 
@@ -261,7 +274,7 @@ def _add_method(ms, method: Method, name: str) -> None:
     q.add_argument("--shard-size", default="5GB", help="largest output shard in a directory output")
     q.add_argument("--chunk-mb", type=float, default=16.0, help="slice size per model in MB of compute dtype "
                    "(memory is a few slices)")
-    q.add_argument("--no-hash", action="store_true", help="skip the SHA-256 of the inputs in the provenance")
+    _add_hash(q)
     if method.name in ("linear", "task_arithmetic", "ties"):
         q.add_argument("--dataset", default=None, help="zoo dataset whose training inputs recompute BatchNorm "
                        "statistics of the result (needs an architecture wsnets can trace)")
@@ -292,7 +305,7 @@ def register(sub) -> None:
                    "wsnets merge config merge.toml -o merged/", _config)
     q.add_argument("config", help="TOML file (see wsnets.merge.config)")
     q.add_argument("-o", "--out", default=None, help="output (overrides the config's out)")
-    q.add_argument("--no-hash", action="store_true", help="skip the SHA-256 of the inputs in the provenance")
+    _add_hash(q)
     add_common(q)
 
     q = add_parser(ms, "methods", "list the per-tensor merge methods and their options",

@@ -10,6 +10,7 @@
     scope = "tensor"                # unit of whole-tensor statistics: "tensor" or "model"
     shared_only = false             # true: merge the tensors all models share, list the rest
     shard_size = "5GB"
+    digest = "xxh3_128"             # of each input, in the provenance: xxh3_128 (default), sha256 or none
 
     [parameters]                    # method options for every tensor and model
     density = 0.5
@@ -37,10 +38,10 @@ from typing import Any
 
 from ..errors import ConfigError
 from .registry import Method, Option, get_method
-from .stream import MergeResult, TensorRule, merge_checkpoints
+from .stream import MergeResult, TensorRule, merge_checkpoints, parse_digest
 
 _TOP = {"method", "base", "models", "out", "dtype", "out_dtype", "scope", "shared_only", "shard_size", "chunk_mb",
-        "parameters", "tensors"}
+        "digest", "parameters", "tensors"}
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -101,9 +102,14 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         out["base"] = resolve(cfg["base"], "base")
     if "out" in cfg:
         out["out"] = resolve(cfg["out"], "out")
-    for k in ("dtype", "out_dtype", "scope", "shard_size", "chunk_mb"):
+    for k in ("dtype", "out_dtype", "scope", "shard_size", "chunk_mb", "digest"):
         if k in cfg:
             out[k] = cfg[k]
+    if "digest" in cfg:
+        try:
+            parse_digest(cfg["digest"])
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
     if "shared_only" in cfg:
         if not isinstance(cfg["shared_only"], bool):
             raise ConfigError(f"{where}: shared_only must be true or false")

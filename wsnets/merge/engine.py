@@ -50,6 +50,7 @@ class Chunk:
     offset: int          # in the tensor
     group_offset: int    # in the group
     row_len: int         # elements per row of the tensor (filter-wise statistics)
+    out: torch.Tensor | None = None    # a reusable ``[n]`` buffer of the compute dtype for the result
 
 
 class _Sum:
@@ -175,6 +176,15 @@ class Inputs:
     def n(self) -> int:
         """Elements in this slice."""
         return self._chunk.models.shape[1]
+
+    def empty(self) -> torch.Tensor:
+        """An ``[n]`` buffer of the compute dtype for the kernel's result (reused from slice to slice
+        by a streamed merge, so a kernel writing its result there allocates nothing)."""
+        out = self._chunk.out
+        if out is None or out.numel() != self.n:
+            ref = self.models if self.models is not None else self._delta
+            out = torch.empty(self.n, dtype=ref.dtype, device=ref.device)
+        return out
 
     @property
     def delta(self) -> torch.Tensor:

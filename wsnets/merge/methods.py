@@ -72,7 +72,7 @@ def linear(x: Inputs, *, weight: PerModel[float] = 1.0, normalize: bool = True) 
     unit in the last place in a fraction of a percent of entries (``benchmarks/merge_speed.py``).
     """
     w = x.column([v / sum(weight) for v in weight] if normalize else weight)
-    return (w.T @ x.models).squeeze(0)
+    return torch.matmul(w.T, x.models, out=x.empty().view(1, -1)).squeeze(0)
 
 
 @register(paper="https://dl.acm.org/doi/10.1145/325165.325242", base=False, min_models=2, max_models=2)

@@ -135,8 +135,10 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.infos
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Flat elements ``[start, stop)`` of tensor ``name`` in its stored dtype (a new CPU tensor or a view)."""
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat elements ``[start, stop)`` of tensor ``name`` in its stored dtype (a new CPU tensor or a view).
+        ``out``: a uint8 CPU buffer of at least that many bytes to read a file's bytes into (reused by the
+        caller), else a new one."""
         info = self.infos[name]
         stop = info.numel if stop is None else stop
         if self._memory is not None:
@@ -144,7 +146,8 @@ class Checkpoint:
         if self._bin is not None:
             return self._bin_tensor(name).reshape(-1)[start:stop]
         size = info.dtype.itemsize
-        buf = torch.empty((stop - start) * size, dtype=torch.uint8)
+        nbytes = (stop - start) * size
+        buf = out[:nbytes] if out is not None and out.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
         f = self._handles.get(info.file)
         if f is None:
             f = self._handles[info.file] = open(info.file, "rb", buffering=0)
