@@ -88,6 +88,26 @@ def test_sharded_in_sharded_out_equals_in_memory(family, tmp_path):
     assert set(index["weight_map"]) == set(ref)
 
 
+@pytest.mark.parametrize("method, kw", [("linear", {"weight": [1, 2, 3]}), ("ties", {"density": 0.5}),
+                                        ("dare_linear", {"density": 0.5, "seed": 3})])
+def test_reused_slice_buffers_give_the_in_memory_result(family, tmp_path, method, kw):
+    """Files of mixed dtypes (float32, bfloat16, float16) merged in slices of 40 bytes, the buffers of
+    one slice reused for the next: the same tensors as merging the values in memory, whole."""
+    base, fts, _ = family
+    dts = [torch.float32, torch.bfloat16, torch.float16]
+    sds = [{k: v.to(dt) if v.is_floating_point() else v for k, v in sd.items()} for sd, dt in zip([base, *fts], dts)]
+    paths = []
+    for i, sd in enumerate(sds):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(sd, str(paths[-1]))
+    b, ms = (paths[0], paths[1:]) if method != "linear" else (None, paths)
+    got = merge_checkpoints(method, ms, base=b, chunk_mb=40 / 2**20, **kw).tensors
+    whole = [{k: v.float() if v.is_floating_point() else v for k, v in sd.items()} for sd in sds]
+    ref = merge_checkpoints(method, whole[1:] if b else whole, base=whole[0] if b else None, **kw).tensors
+    for k in ref:
+        assert torch.equal(got[k], ref[k].to(got[k].dtype)), k
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "pt", "state_dict", "index"])
 def test_inputs_of_every_format(family, tmp_path, fmt):
     base, fts, dirs = family
