@@ -19,7 +19,7 @@ import wsnets
 from wsnets.cli import main
 from wsnets.errors import ArchitectureMismatchError, CheckpointError, ConfigError, OutputExistsError
 from wsnets.merge import TensorRule, ingredients, merge_checkpoints, merge_config, open_checkpoint, ties
-from wsnets.merge.shards import ShardWriter, read_header
+from wsnets.merge.shards import Checkpoint, ShardWriter, read_header
 
 
 def _sd(seed, shapes=None, scale=1.0, base=None):
@@ -425,3 +425,52 @@ def test_output_in_the_way_is_refused(family, tmp_path):
     torch.testing.assert_close(got["embed.weight"], (base["embed.weight"] + fts[0]["embed.weight"]) / 2)
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         merge_checkpoints("linear", [tmp_path / "notes", base])
+
+
+def test_stream_digest_is_the_file_digest_whatever_the_read_order(tmp_path):
+    """Ranges fed in random order, overlapping, repeated, with gaps: the digest is the whole file's."""
+    from wsnets.merge.digest import StreamDigest, digest_files
+    data = torch.randint(0, 256, (300_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    p = tmp_path / "f.bin"
+    p.write_bytes(data.numpy().tobytes())
+    raw = p.read_bytes()
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        d = StreamDigest("xxh3_128")
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            for _ in range(int(torch.randint(0, 12, (1,), generator=g))):
+                a, b = sorted(int(v) for v in torch.randint(0, len(raw) + 1, (2,), generator=g))
+                d.feed(fd, a, memoryview(raw)[a:b])
+            got = d.hexdigest(fd)
+        finally:
+            os.close(fd)
+        assert "xxh3_128:" + got == digest_files([p]) == "xxh3_128:" + xxhash.xxh3_128(raw).hexdigest()
+
+
+def test_merge_digests_its_inputs_without_reading_them_twice(family, tmp_path, monkeypatch):
+    """Inputs of one layout (a base and its fine-tunes, sharded): the digests come from the bytes the merge
+    reads; only the headers and the index are read for the digest alone."""
+    from wsnets.merge import digest
+    _, _, dirs = family
+    extra = []
+    real = digest._hash_range
+    monkeypatch.setattr(digest, "_hash_range", lambda h, fd, a, b, buf: extra.append(real(h, fd, a, b, buf) - a)
+                        or a + extra[-1])
+    merged = []
+    read = Checkpoint.read
+    monkeypatch.setattr(Checkpoint, "read", lambda self, n, a=0, b=None, out=None: merged.append(
+        ((self.infos[n].numel if b is None else b) - a) * self.infos[n].dtype.itemsize) or read(self, n, a, b, out))
+    out = tmp_path / "m.safetensors"
+    merge_checkpoints("ties", dirs[1:], base=dirs[0], out=out, density=0.5, scope="tensor")   # one pass
+    monkeypatch.setattr(Checkpoint, "read", read)
+    _, meta = _read_all(out)
+    total = sum(f.stat().st_size for d in dirs for f in d.iterdir() if f.name.endswith((".safetensors", ".json"))
+                and f.name != "config.json")
+    data = sum(i.nbytes for d in dirs for i in open_checkpoint(d).infos.values())
+    assert sum(extra) + sum(merged) == total                 # every byte read once, by the merge or the digest
+    assert sum(merged) > 0.95 * data                         # the digest read headers, indexes, a few tensors
+    for d, e in zip(dirs, ingredients(meta)):
+        index = d / "model.safetensors.index.json"
+        files = [index, *(d / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))]
+        assert e["digest"] == digest.digest_files(files)

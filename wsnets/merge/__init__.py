@@ -25,7 +25,8 @@ from .compat import first_mismatch, gather
 from .config import load_config, merge_config
 from .registry import Interval, Method, PerModel, get_method, keep_count, list_methods, register
 from .shards import open_checkpoint
-from .stream import MergeResult, TensorRule, digest_files, ingredients, merge_checkpoints
+from .digest import digest_files
+from .stream import MergeResult, TensorRule, ingredients, merge_checkpoints
 from .functional import evaluate, forward, recompute_bn
 from .interpolate import Curve, barrier, interpolate, interpolation_curve, loss_barrier, path_metrics
 from .soup import SoupResult, dataset_evaluator, greedy_soup, uniform_soup

@@ -24,7 +24,8 @@ from ..cli import add_arch_options, add_common, add_parser, emit
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedLayerError
 from ..weights import WeightSpace
 from .registry import Method, list_methods
-from .stream import DEFAULT_DIGEST, DIGESTS, META_PREFIX, digest_files
+from .digest import DEFAULT_DIGEST, DIGESTS, digest_files
+from .stream import META_PREFIX
 
 
 def provenance(method: str, ingredients: list[str], parameters: dict[str, Any], base: str | None = None) -> dict[str, str]:
@@ -176,7 +177,7 @@ def _digest(args) -> str:
 def _add_hash(q) -> None:
     q.add_argument("--hash", default=argparse.SUPPRESS, choices=[*DIGESTS, "none"],
                    help=f"digest of each input recorded in the provenance (default {DEFAULT_DIGEST}: fast, catches "
-                   "any accidental change, what xxh128sum prints; sha256: cryptographic, ~4x the CPU; none)")
+                   "any accidental change, what xxh128sum prints; sha256: cryptographic, ~1 CPU-second per GB; none)")
     q.add_argument("--no-hash", action="store_true", help="record no digest of the inputs (= --hash none)")
 
 

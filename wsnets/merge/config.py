@@ -38,7 +38,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from .registry import Method, Option, get_method
-from .stream import MergeResult, TensorRule, merge_checkpoints, parse_digest
+from .digest import parse_digest
+from .stream import MergeResult, TensorRule, merge_checkpoints
 
 _TOP = {"method", "base", "models", "out", "dtype", "out_dtype", "scope", "shared_only", "shard_size", "chunk_mb",
         "digest", "parameters", "tensors"}

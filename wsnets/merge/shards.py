@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import CheckpointError, ConfigError, OutputError, OutputExistsError
+from .digest import StreamDigest, combine, digest_files
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -131,6 +132,34 @@ class Checkpoint:
         self._bin = bin_shards
         self._bin_cache: tuple[Path | None, dict[str, torch.Tensor]] = (None, {})
         self._handles: dict[Path, Any] = {}
+        self.digesting: str | None = None             # digest algorithm while a merge digests the files
+        self._digests: dict[Path, StreamDigest] = {}
+        self._digest: str | None = None
+
+    def start_digest(self, algorithm: str) -> None:
+        """From now on, digest the files from the bytes :meth:`read` reads (see :mod:`wsnets.merge.digest`)."""
+        self.digesting, self._digest = algorithm, None
+        self._digests = {i.file: StreamDigest(algorithm) for i in self.infos.values()
+                         if i.file is not None and self._memory is None}
+
+    def finish_digest(self) -> str:
+        """The digest of the files (``"ALGORITHM:HEX"``): what was read, and what was not read for the rest."""
+        if self._digest is None:
+            hexes = []
+            for f in self.files:
+                d = self._digests.get(f)
+                if d is None:                          # an index, a .pt/.bin file: read whole
+                    hexes.append(digest_files([f], self.digesting).split(":", 1)[1])
+                    continue
+                h = self._handles.get(f)
+                fd = os.open(f, os.O_RDONLY) if h is None else h.fileno()
+                try:
+                    hexes.append(d.hexdigest(fd))
+                finally:
+                    if h is None:
+                        os.close(fd)
+            self._digest = combine(self.files, hexes, self.digesting)
+        return self._digest
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos
@@ -158,6 +187,9 @@ class Checkpoint:
             if not k:
                 raise _corrupt(info.file, f"tensor {name!r}: file ended while reading")
             got += k
+        d = self._digests.get(info.file)
+        if d is not None:
+            d.feed(f.fileno(), info.start + start * size, view)
         return buf.view(info.dtype)
 
     def _bin_tensor(self, name: str) -> torch.Tensor:
@@ -233,7 +265,9 @@ def _sharded(index: Path) -> Checkpoint:
         missing = [n for n in bin_shards if n not in infos]
         if missing:
             raise CheckpointError(f"{index}: tensor {missing[0]!r} is not in its shard {weight_map[missing[0]]!r}")
-    ordered = {n: infos[n] for fname in by_file for n in by_file[fname]}
+    # shard by shard, each in data order: a merge then reads every file front to back (and digests the
+    # bytes as it reads them, wsnets.merge.digest)
+    ordered = {n: infos[n] for fname in by_file for n in sorted(by_file[fname], key=lambda n: infos[n].start)}
     return Checkpoint(str(index.parent), ordered, meta, files, bin_shards=bin_shards or None, root=root)
 
 

@@ -9,12 +9,12 @@ peak memory depends on the slice size, not on the model. Tensors that are not fl
 BatchNorm running statistics of methods with a base get the mean of the fine-tuned models'.
 
 The output's metadata records the provenance beside the tensors: method, resolved options, compute
-and output dtypes, scope, tensors left out, and the path and digest of every input, hashed in a
-background thread while the merge runs (:func:`digest_files`). The default digest is XXH3-128 (the
-``xxhash`` package; what ``xxh128sum FILE`` prints): a file changed by accident keeps its digest with
-probability ~2^-128, and it runs at ~5 GB/s of CPU, reading included, where SHA-256 runs at ~1.3 GB/s,
-so provenance costs a merge little. It is not cryptographic (a deliberate collision can be made): where
-tampering matters ask for ``digest="sha256"`` (``--hash sha256``; what ``sha256sum FILE`` prints).
+and output dtypes, scope, tensors left out, and the path and digest of every input file, computed
+from the bytes the merge reads (:mod:`wsnets.merge.digest`; the same value as :func:`~wsnets.merge.digest.digest_files`). The
+default digest is XXH3-128 (the ``xxhash`` package; what ``xxh128sum FILE`` prints): a file changed by
+accident keeps its digest with probability ~2^-128, and it costs a merge ~0.1 CPU-second per GB where
+SHA-256 costs ~1. It is not cryptographic (a deliberate collision can be made): where tampering matters
+ask for ``digest="sha256"`` (``--hash sha256``; what ``sha256sum FILE`` prints).
 Each input's entry is ``{"path": ..., "digest": "ALGORITHM:HEX"}`` (None for an in-memory input), and
 ``wsnets.merge.digest`` names the algorithm (``none`` when hashing is off). Earlier outputs recorded
 ``{"path": ..., "sha256": HEX}``; :func:`ingredients` reads both.
@@ -29,10 +29,8 @@ tensor([0.7500, 0.7500, 0.7500])
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -41,6 +39,7 @@ import torch
 
 from ..errors import ArchitectureMismatchError, ConfigError, NonFiniteWeightsError, OutputExistsError
 from .compat import _label
+from .digest import DEFAULT_DIGEST, parse_digest, placeholder
 from .engine import Chunk, iter_slices, run_group
 from .registry import Method, get_method
 from .shards import WEIGHT_SUFFIXES, Checkpoint, ShardWriter, open_checkpoint, parse_size
@@ -51,9 +50,6 @@ DEFAULT_CHUNK_MB = 16.0
 _HALF = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
-DIGESTS = ("xxh3_128", "sha256")
-DEFAULT_DIGEST = "xxh3_128"
-_BLOCK = 1 << 20                     # read size when hashing: the block stays in cache while it is hashed
 
 
 def is_stat(name: str) -> bool:
@@ -131,46 +127,6 @@ def _check_out(out: Path, sources: Sequence[Any]) -> None:
             p = Path(s).resolve()
             if o == p or p in o.parents or o in p.parents:
                 raise OutputExistsError(f"{out}: the output would overwrite the input {s}; choose another path")
-
-
-def _hasher(algorithm: str):
-    if algorithm == "sha256":
-        return hashlib.sha256()
-    if algorithm == "xxh3_128":
-        import xxhash
-        return xxhash.xxh3_128()
-    raise ConfigError(f"unknown digest {algorithm!r} (choose {', '.join(DIGESTS)} or none)")
-
-
-def parse_digest(algorithm: str | None) -> str | None:
-    """``"xxh3_128"``/``"sha256"`` -> itself; None or ``"none"`` -> None; anything else is an error."""
-    if algorithm is None or str(algorithm).lower() == "none":
-        return None
-    a = str(algorithm).lower().replace("-", "_")
-    _hasher(a)
-    return a
-
-
-def digest_files(files: Sequence[str | os.PathLike], algorithm: str = DEFAULT_DIGEST) -> str:
-    """The digest recorded for an input made of ``files``, as ``"ALGORITHM:HEX"``.
-
-    One file: the digest of its bytes (``xxh128sum FILE`` or ``sha256sum FILE`` prints the same hex).
-    Several (a sharded layout: its index, then its shards): the digest of the text with one line
-    ``"NAME HEX\\n"`` per file, in that order, so any changed byte of any file changes it.
-    """
-    digests = []
-    for f in files:
-        h, buf = _hasher(algorithm), bytearray(_BLOCK)
-        view = memoryview(buf)
-        with open(f, "rb", buffering=0) as fh:
-            while n := fh.readinto(view):
-                h.update(view[:n])
-        digests.append(h.hexdigest())
-    if len(digests) == 1:
-        return f"{algorithm}:{digests[0]}"
-    h = _hasher(algorithm)
-    h.update("".join(f"{Path(f).name} {d}\n" for f, d in zip(files, digests)).encode())
-    return f"{algorithm}:{h.hexdigest()}"
 
 
 def ingredients(metadata: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -252,8 +208,8 @@ def merge_checkpoints(method: str | Method, models: Sequence[Any], *, base: Any 
         (listed in the result and the output's metadata) instead of being an error.
     chunk_mb : slice size per model in MB of compute dtype; bounds memory (peak ~ a few slices).
     digest : the digest of each input file recorded in the provenance: ``"xxh3_128"`` (fast, catches
-        any accidental change), ``"sha256"`` (cryptographic, ~4x the CPU) or None (none recorded); see
-        :func:`digest_files`.
+        any accidental change), ``"sha256"`` (cryptographic, ~9x the CPU) or None (none recorded); see
+        :func:`~wsnets.merge.digest.digest_files`.
     names : labels of ``models`` in errors and provenance (default: their paths).
     """
     method = get_method(method)
@@ -308,7 +264,7 @@ class _Job:
         self.cdtype, self.odtype, self.budget, self.device, self.extra_meta = cdtype, odtype, budget, device, metadata
         self.opened: list[Checkpoint] = []
         self.writer: ShardWriter | None = None
-        self.hasher: ThreadPoolExecutor | None = None
+        self.digest: str | None = None
         self.tensors: dict[str, torch.Tensor] | None = None
         self._bufs: dict[str, torch.Tensor] = {}
         self.bar = None
@@ -351,25 +307,22 @@ class _Job:
         return torch.float32 if d in _HALF else d
 
     # -- provenance ---------------------------------------------------------------------------------
-    def start_hashes(self, algorithm: str) -> None:
-        """The digest of each input's files, in a background thread while the merge runs."""
+    def start_digests(self, algorithm: str) -> None:
+        """Digest each input file from the bytes the merge reads (inputs given as paths)."""
         self.digest = algorithm
-        self.hasher = ThreadPoolExecutor(1)
-        self.futures: list[Future | None] = [
-            self.hasher.submit(digest_files, ck.files, algorithm)
-            if isinstance(src, (str, os.PathLike)) and ck.files else None
-            for ck, src in zip(self.opened, self.sources)]
+        for ck, src in zip(self.opened, self.sources):
+            if isinstance(src, (str, os.PathLike)) and ck.files:
+                ck.start_digest(algorithm)
 
     def metadata(self, final: bool) -> dict[str, str]:
         """The output's metadata; before the end the digests are placeholders of the same length."""
         from .. import __version__
         from ..io import ARCH_KEY, BATCH_KEY
-        futures = getattr(self, "futures", [None] * len(self.opened))
-        algorithm = getattr(self, "digest", None)
+        algorithm = self.digest
 
         def digest(i: int) -> str | None:
-            f = futures[i]
-            return None if f is None else f.result() if final else _placeholder(algorithm)
+            ck = self.opened[i]
+            return None if ck.digesting is None else ck.finish_digest() if final else placeholder(algorithm)
         off = 1 if self.base_ck is not None else 0
         ing = [{"path": lab, "digest": digest(i + off)} for i, lab in enumerate(self.labels)]
         m = {"format": "pt", f"{META_PREFIX}method": self.method.name, f"{META_PREFIX}ingredients": json.dumps(ing),
@@ -455,7 +408,7 @@ class _Job:
             self.tensors = {n: torch.empty(ref.infos[n].shape, dtype=self.out_dtypes[n]) for n in names}
         else:
             if digest is not None:
-                self.start_hashes(digest)
+                self.start_digests(digest)
             self.writer = ShardWriter(out, [(n, ref.infos[n].shape, self.out_dtypes[n]) for n in names],
                                       metadata=self.metadata(False), shard_bytes=shard_bytes)
         if progress:
@@ -508,20 +461,13 @@ class _Job:
                                     f"{str(self.compute_dtype(n)).removeprefix('torch.')} (choose --dtype float32)")
 
     def close(self) -> None:
-        """Delete an unfinished output, stop hashing, close the inputs."""
+        """Delete an unfinished output, close the inputs."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.abort()
-        if self.hasher is not None:
-            self.hasher.shutdown(wait=False, cancel_futures=True)
         for ck in self.opened:
             ck.close()
-
-
-def _placeholder(algorithm: str) -> str:
-    """A digest of the right length (the header's size is fixed before the merge starts)."""
-    return f"{algorithm}:" + "0" * len(_hasher(algorithm).hexdigest())
 
 
 def _plain(opts: Mapping[str, Any]) -> dict[str, Any]:
