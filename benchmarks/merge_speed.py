@@ -12,9 +12,9 @@ the fraction of entries that differ), then deleted, as are the inputs unless ``-
 
 Target (issue 19): wsnets' peak RSS under 1.5x the largest tensor + 500 MB, wall time no worse than
 mergekit's. The page cache is warmed before each run so both tools read from memory. wsnets runs as it
-comes (it digests every input with XXH3-128 in a background thread for the provenance, ~0.2 CPU-second
-per GB) and, with ``--variants``, with ``--hash sha256`` (the cryptographic digest, ~1 CPU-second per GB)
-and ``--no-hash`` (the same work as mergekit, which records no digests).
+comes (for the provenance it digests every input file with XXH3-128 from the bytes it reads, ~0.2
+CPU-second per GB) and, with ``--variants``, with ``--hash sha256`` (the cryptographic digest, ~1
+CPU-second per GB) and ``--no-hash`` (the same work as mergekit, which records no digests).
 
     python benchmarks/merge_speed.py [--size-gb 2] [--methods ties,linear] [--dir /tmp/wsnets-merge-bench]
                                      [--variants default,sha256,no-hash] [--keep] [--out merge_speed.json]
