@@ -72,6 +72,9 @@ def test_gradients_and_logits_match_autograd(name, fused, monkeypatch):
                 h.remove()
     x = bank.xt[0][:23]
     logits = eng.logits(x)
+    # per-model inputs (the training split's members) go through the same products: the same bits
+    assert torch.equal(eng.logits(x.expand(K, *x.shape)), logits)
+    assert torch.equal(eng.row_logits(idx), eng.logits(bank.x[0][idx]))  # first-layer columns from the table
     for k in range(K):
         module = wsnets.WeightSpace(arch, {n: v[k] for n, v in params.items()}).to_module().eval()
         torch.testing.assert_close(logits[k].T, module(x), rtol=1e-4, atol=1e-5)
@@ -115,6 +118,30 @@ def test_engine_trains_as_the_autograd_engine(device):
         torch.testing.assert_close(a.params[k], b.params[k], rtol=1e-4, atol=1e-5, msg=k)
     torch.testing.assert_close(a.metrics["test_loss"], b.metrics["test_loss"], rtol=1e-4, atol=1e-5)
     assert torch.equal(a.metrics["test_acc"], b.metrics["test_acc"])
+
+
+def test_member_evaluation_matches_masked_evaluation():
+    """The training split evaluated on each model's own subset (rows of the training table) gives the
+    masked evaluation's counts and accuracies exactly and its losses up to summation order."""
+    from wsnets.zoo.trainer import _members, evaluate
+    dataset, arch = ARCHS["zoo2d"]
+    bank = DataBank.build([dataset])
+    K, Nmax = 3, bank.x.shape[1]
+    eng = CNNEngine(arch, init_params(arch, torch.arange(K), torch.ones(K)), bank, 8, torch.zeros(K), 0,
+                    torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(3)
+    member = torch.rand(K, Nmax, generator=gen) < torch.tensor([0.1, 0.5, 1.0])[:, None]
+    didx = torch.zeros(K, dtype=torch.long)
+    y_train = torch.randint(0, 10, (K, Nmax), generator=gen)  # labels differ per model (label noise)
+    a = evaluate(eng.logits, bank, didx, y_train, member, True, chunk=100)
+    b = evaluate(eng.logits, bank, didx, y_train, member, True, chunk=100,
+                 members=(_members(member), member.sum(1), didx[:, None] * Nmax, eng.row_logits))
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith("loss"):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(a[k], b[k]), k
 
 
 def test_conv_maps_cover_every_tap_once():

@@ -13,7 +13,14 @@ and a convolution is an im2col gather plus one batched matrix product per layer 
   is built), a layer whose single window covers its whole input needs no gather at all (the third layer
   of the Small CNN Zoo on 16x16 inputs), and the linear head runs feature-major ``[K, F, B]`` as the
   MLP engine's does (PyTorch's softmax over dim 1 of ``[K, C, B]`` is ~30x faster than over a last dim
-  of 10).
+  of 10);
+* a layer whose ``T * Cin`` is not a multiple of 16 (the first: 9 taps of one channel) has its bias folded
+  into the product: its columns end in a constant one, so the forward is one ``bmm`` (no pass copying
+  the bias into the output) and the weight and bias gradients one product (no sum over positions);
+* on CPU the dropout factors and the tanh/ReLU backward are one pass (``cpu_kernels.act_backward``), and
+  the gradients are written by their products straight into the flat gradient block;
+* evaluation reuses its buffers, and the training split is evaluated on each model's own subset, its
+  first-layer columns taken from the training table (:meth:`CNNEngine.row_logits`).
 
 Models train in chunks (forward, backward and the optimizer's update of a chunk back to back, its
 tensors cache-sized). Dropout after each hidden activation uses the MLP engine's per-model masks
@@ -68,7 +75,7 @@ def conv_maps(shape: tuple[int, ...], k: int, s: int, pad: int) -> tuple[tuple[i
 class _Conv:
     """One conv layer of the engine: shapes, index maps and parameter offsets in ``theta``."""
 
-    def __init__(self, layer: Layer, act: Layer, shape: tuple[int, ...], offset: int):
+    def __init__(self, layer: Layer, act: Layer, shape: tuple[int, ...], offset: int, device: torch.device):
         if len(set(layer.kernel_size)) != 1 or len(set(layer.stride)) != 1 or len(set(layer.padding)) != 1 \
                 or set(layer.dilation) != {1}:
             raise ConfigError(f"cnn engine: conv layer {layer.name!r} needs equal kernel size, stride and padding on "
@@ -84,6 +91,14 @@ class _Conv:
         self.rows = self.T * self.cin  # rows of the weight block [T * Cin, Cout]
         self.w0, self.b0 = offset, offset + self.rows * self.cout
         self.end = self.b0 + self.cout
+        # the bias folded into the matrix product: columns [.., T * Cin + 1] end in a one, the weight block
+        # and the bias that follows it in theta are one [T * Cin + 1, Cout] matrix (and its gradient one
+        # product); not for a layer read without a gather (its columns are a view of the previous output),
+        # nor where T * Cin is a multiple of 16 (rows of 64-byte multiples: one more float misaligns them
+        # and slows the products and the gathers more than the bias's own pass costs; the Small CNN Zoo's
+        # layers 2 and 3), on CPU
+        self.fold = not self.identity and (self.rows % 16 != 0 or device.type != "cpu")
+        self.width = self.rows + self.fold
 
 
 class CNNEngine:
@@ -142,7 +157,7 @@ class CNNEngine:
         self.convs: list[_Conv] = []
         off = 0
         for layer, act in convs:
-            c = _Conv(layer, act, shape, off)
+            c = _Conv(layer, act, shape, off, dev)
             self.convs.append(c)
             shape, off = c.out_shape, c.end
         self.lin_off = []
@@ -167,19 +182,18 @@ class CNNEngine:
         self.keep = (1 - drop).reshape(-1, 1, 1)
         # models per chunk: a chunk's activations, columns and gradients stay at ~16 MB (18 models of the
         # Small CNN Zoo on 16x16 digits, 43 on MNIST-1D: 10-20% faster per sample than half or twice that)
-        per_model = B * sum(c.Q * (3 * c.cout + 2 * c.rows) for c in self.convs) + 2 * self.n_params
+        per_model = B * sum(c.Q * (3 * c.cout + 2 * c.width) for c in self.convs) + 2 * self.n_params
         self.C = C = min(K, chunk or (max(4, (1 << 22) // per_model) if dev.type == "cpu" else K))
         f = dict(device=dev)
-        self.cols = [torch.empty(C, B * c.Q, c.rows, **f) for c in self.convs]  # gathered inputs of each layer
+        self.cols = [torch.empty(C, B * c.Q, c.width, **f) for c in self.convs]  # gathered inputs of each layer
+        for c, t in zip(self.convs, self.cols):
+            if c.fold:
+                t[..., c.rows] = 1.0  # the gathers never write this column
         self.z = [torch.empty(C, B * c.Q, c.cout, **f) for c in self.convs]  # pre-activations
         self.y = [torch.empty(C, B * c.Q, c.cout, **f) for c in self.convs]  # activations (after dropout)
         self.dcols = [torch.empty(C, B * c.Q, c.rows, **f) for c in self.convs]
         self.dh = [torch.empty(C, B * c.P, c.cin, **f) for c in self.convs]
-        self.gw = [torch.empty(C, c.rows, c.cout, **f) for c in self.convs]
-        self.gb = [torch.empty(C, c.cout, **f) for c in self.convs]
-        self.glw = [torch.empty(C, l.out_features, l.in_features, **f) for l in self.lins]
-        self.glb = [torch.empty(C, l.out_features, **f) for l in self.lins]
-        self.gflat = torch.empty(C, self.n_params, **f)
+        self.gflat = torch.empty(C, self.n_params, **f)  # the gradients, written in place by their products
         self.neg = torch.full((C, 1, B), -1.0 / B, **f)
         self.inv_b = 1.0 / B
         self.softmax_in_place = dev.type == "cpu"
@@ -189,6 +203,17 @@ class CNNEngine:
     def _w(self, theta: torch.Tensor, c: _Conv) -> tuple[torch.Tensor, torch.Tensor]:
         n = theta.shape[0]
         return theta[:, c.w0:c.b0].view(n, c.rows, c.cout), theta[:, c.b0:c.end].view(n, 1, c.cout)
+
+    def _wb(self, theta: torch.Tensor, c: _Conv) -> torch.Tensor:
+        """The weights and the bias of a folded layer as one ``[n, T * Cin + 1, Cout]`` matrix."""
+        return theta[:, c.w0:c.end].view(theta.shape[0], c.width, c.cout)
+
+    def _conv(self, theta: torch.Tensor, c: _Conv, cols: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A conv layer's pre-activations ``[n, rows, Cout]`` from its columns (bias folded or added)."""
+        if c.fold:
+            return torch.bmm(cols, self._wb(theta, c), out=out)
+        w, bias = self._w(theta, c)
+        return torch.baddbmm(bias, cols, w, out=out)
 
     def _lin(self, theta: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         l, o = self.lins[i], self.lin_off[i]
@@ -224,14 +249,17 @@ class CNNEngine:
         c = self.convs[0]
         h = x.reshape(len(x), c.cin, c.P).transpose(1, 2)  # channels-last [N, P, Cin]
         h = torch.cat([h, h.new_zeros(len(x), 1, c.cin)], 1)  # the padding slot
-        return h[:, c.fwd_d].reshape(len(x), -1).contiguous()
+        cols = h[:, c.fwd_d].reshape(len(x), c.Q, c.rows)
+        if c.fold:  # each window's row ends in a one (the bias)
+            cols = torch.cat([cols, cols.new_ones(len(x), c.Q, 1)], 2)
+        return cols.reshape(len(x), -1).contiguous()
 
     def _gather(self, i: int, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Layer ``i``'s columns ``[n, B * Q, T * Cin]`` from the previous layer's output ``h [n, B * P, Cin]``."""
         c, n = self.convs[i], h.shape[0]
         if c.identity:
             return h.view(n, -1, c.rows)
-        src, o = h.view(n * self.B, c.P, c.cin), out.view(n * self.B, c.Q * c.T, c.cin)
+        src, o = h.view(n * self.B, c.P, c.cin), out.view(n * self.B, c.Q, c.width)
         if self.cpu_lib is not None:
             cpu_kernels.gather_rows(self.cpu_lib, src, c.fwd_d, o)
         else:
@@ -260,18 +288,18 @@ class CNNEngine:
 
     def _views(self, a: int, b: int) -> SimpleNamespace:
         """Views of chunk ``a:b`` into the parameters and the chunk buffers (built once per chunk)."""
-        n, th = b - a, self.theta[a:b]
+        n, th, g = b - a, self.theta[a:b], self.gflat[:b - a]
         d0 = min(max(self.s0 - a, 0), n)  # first dropout row of the chunk
         conv = range(len(self.convs))
         v = SimpleNamespace(
             n=n, d0=d0, keep=self.keep[a + d0:b], x1=self.cols[0][:n].view(n * self.B, -1),
             cols=[self.cols[i][:n] for i in conv], z=[self.z[i][:n] for i in conv], y=[self.y[i][:n] for i in conv],
             dcols=[self.dcols[i][:n] for i in conv], dh=[self.dh[i][:n] for i in conv],
-            w=[self._w(th, c) for c in self.convs], lin=[self._lin(th, i) for i in range(len(self.lins))],
-            gw=[self.gw[i][:n] for i in conv], gb=[self.gb[i][:n] for i in conv],
-            glw=[t[:n] for t in self.glw], glb=[t[:n] for t in self.glb], gflat=self.gflat[:n], neg=self.neg[:n])
-        v.parts = [t for i in conv for t in (v.gw[i].reshape(n, -1), v.gb[i])] + \
-                  [t for i in range(len(self.lins)) for t in (v.glw[i].reshape(n, -1), v.glb[i])]
+            w=[self._w(th, c) for c in self.convs], wb=[self._wb(th, c) if c.fold else None for c in self.convs],
+            lin=[self._lin(th, i) for i in range(len(self.lins))], gflat=g, neg=self.neg[:n])
+        # the gradients' places in the flat gradient block: a folded layer's weights and bias are one matrix
+        v.gconv = [self._wb(g, c) if c.fold else (self._w(g, c)[0], g[:, c.b0:c.end]) for c in self.convs]
+        v.glin = [(w, bias.view(n, -1)) for w, bias in (self._lin(g, i) for i in range(len(self.lins)))]
         return v
 
     def _grads(self, a: int, b: int, fidx: torch.Tensor, yb: torch.Tensor) -> list[torch.Tensor]:
@@ -280,7 +308,7 @@ class CNNEngine:
         v = self.views.get(a)
         if v is None:
             v = self.views[a] = self._views(a, b)
-        n, B, d0 = v.n, self.B, v.d0
+        n, B, d0, lib = v.n, self.B, v.d0, self.cpu_lib
         cols = v.cols[0]
         torch.index_select(self.x1, 0, fidx.reshape(-1), out=v.x1)
         saved = []
@@ -288,8 +316,11 @@ class CNNEngine:
         for i, c in enumerate(self.convs):
             if i:
                 cols = self._gather(i, h, v.cols[i])
-            w, bias = v.w[i]
-            z = torch.baddbmm(bias, cols, w, out=v.z[i])
+            if c.fold:
+                z = torch.bmm(cols, v.wb[i], out=v.z[i])
+            else:
+                w, bias = v.w[i]
+                z = torch.baddbmm(bias, cols, w, out=v.z[i])
             fn = c.act.fn
             y = _act_into(fn, z, v.y[i] if fn not in _FROM_OUTPUT else z, c.act.slope)
             h, scale = y, None
@@ -297,7 +328,9 @@ class CNNEngine:
                 h = v.y[i] if y is z else torch.empty_like(y)
                 if d0:
                     h[:d0].copy_(y[:d0])
-                scale = _dropout_rows(self, (a, i), v.keep, y[d0:], h[d0:], (n - d0, B * c.Q, c.cout))
+                    scale = _dropout_rows(self, (a, i), v.keep, y[d0:], h[d0:], (n - d0, B * c.Q, c.cout))
+                else:  # every model of the chunk (no slices: they cost as much as a small kernel)
+                    scale = _dropout_rows(self, (a, i), v.keep, y, h, (n, B * c.Q, c.cout))
             saved.append((cols, z, y, scale))
         last = self.convs[-1]
         g = h.view(n, B, last.Q, last.cout)
@@ -320,8 +353,9 @@ class CNNEngine:
         for i in range(len(self.lins) - 1, -1, -1):
             hin = lin_saved[i] if i == len(self.lins) - 1 else lin_saved[i][0]
             w, _ = v.lin[i]
-            torch.bmm(dz, hin.transpose(1, 2), out=v.glw[i])
-            torch.sum(dz, 2, out=v.glb[i])
+            gw, gb = v.glin[i]
+            torch.bmm(dz, hin.transpose(1, 2), out=gw)
+            torch.sum(dz, 2, out=gb)
             if i:
                 da = torch.bmm(w.transpose(1, 2), dz)
                 _, z, y = lin_saved[i - 1]
@@ -334,39 +368,69 @@ class CNNEngine:
         for i in range(len(self.convs) - 1, -1, -1):
             c = self.convs[i]
             cols, z, y, scale = saved[i]
-            if scale is not None:
-                dh = dh.contiguous()
-                dh[d0:].mul_(scale)
-            dz = _ACT_BACKWARD[c.act.fn](dh.contiguous(), z, y, c.act.slope)
-            torch.bmm(cols.transpose(1, 2), dz, out=v.gw[i])
-            torch.sum(dz, 1, out=v.gb[i])
+            dh = dh.contiguous()
+            fn = c.act.fn
+            if lib is not None and fn in ("tanh", "relu"):  # the dropout factors and the backward in one pass
+                if d0 == 0 or d0 == n:
+                    cpu_kernels.act_backward(lib, dh, scale, y, fn)
+                else:
+                    cpu_kernels.act_backward(lib, dh[:d0], None, y[:d0], fn)
+                    cpu_kernels.act_backward(lib, dh[d0:], scale, y[d0:], fn)
+                dz = dh
+            else:
+                if scale is not None:
+                    dh[d0:].mul_(scale)
+                dz = _ACT_BACKWARD[fn](dh, z, y, c.act.slope)
+            if c.fold:  # weights and bias: one product with the columns (their last column is ones)
+                torch.bmm(cols.transpose(1, 2), dz, out=v.gconv[i])
+            else:
+                torch.bmm(cols.transpose(1, 2), dz, out=v.gconv[i][0])
+                torch.sum(dz, 1, out=v.gconv[i][1])
             if i:
                 dc = torch.bmm(dz, v.w[i][0].transpose(1, 2), out=v.dcols[i])
                 dh = self._scatter(i, dc, v.dh[i])
-        return [torch.cat(v.parts, 1, out=v.gflat)]
+        return [v.gflat]
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation logits ``[K, C, N]`` of inputs ``x`` ``[N, ...]`` (shared) or ``[K, N, ...]``, chunk by
-        chunk of models (no dropout)."""
+        chunk of models (no dropout), in buffers kept between calls (:meth:`_eval_buffers`)."""
         shared = x.dim() == len(self.arch.input_shape) + 1
         N = x.shape[-len(self.arch.input_shape) - 1]
-        x1 = self._im2col(x.reshape(-1, math.prod(self.arch.input_shape)).float())
-        x1 = x1.view(N, -1) if shared else x1.view(self.K, N, -1)
-        per_model = N * sum(c.Q * (c.rows + c.cout) for c in self.convs)
+        x = x.reshape(-1 if shared else self.K, *([] if shared else [N]), math.prod(self.arch.input_shape)).float()
+        c0 = self.convs[0]
+        if shared:  # every model reads the same columns
+            x1 = self._im2col(x)
+            return self._logits(N, lambda a, b, cols: cols.view(b - a, N, -1).copy_(x1.expand(b - a, N, x1.shape[-1])))
+        if c0.cin == 1:  # one channel: the inputs are already channels-last
+            return self._logits(N, lambda a, b, cols: self._gather_into(c0, x[a:b].reshape(-1, c0.P, 1), cols))
+        return self._logits(N, lambda a, b, cols: cols.view((b - a) * N, -1).copy_(self._im2col(x[a:b].reshape(-1, x.shape[-1]))))
+
+    def row_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` of training samples given by their rows ``[K, N]`` of the flattened bank (dataset
+        offset included, as :meth:`step`'s ``fidx``): the first layer's columns come from the table the
+        training gathers from."""
+        N = rows.shape[1]
+        return self._logits(N, lambda a, b, cols: torch.index_select(self.x1, 0, rows[a:b].reshape(-1),
+                                                                     out=cols.view((b - a) * N, -1)))
+
+    def _logits(self, N: int, first) -> torch.Tensor:
+        """Logits ``[K, C, N]``; ``first(a, b, cols)`` writes the first layer's columns of models ``a:b``."""
+        per_model = N * sum(c.Q * (c.width + c.cout) for c in self.convs)
         step = max(1, min(self.K, (1 << 22) // max(per_model, 1)))
         out = []
         for a in range(0, self.K, step):
             b = min(a + step, self.K)
             th, n = self.theta[a:b], b - a
-            h = None
+            cols, zs = self._eval_buffers(n, N)
             for i, c in enumerate(self.convs):
                 if i == 0:
-                    cols = (x1.expand(n, N, x1.shape[-1]) if shared else x1[a:b]).reshape(n, N * c.Q, c.rows)
+                    first(a, b, cols[0])
+                elif c.identity:
+                    cols[i] = h.view(n, N, c.rows)
                 else:
-                    cols = self._eval_gather(i, h, n, N)
-                w, bias = self._w(th, c)
-                h = self._act(c.act, torch.baddbmm(bias, cols, w))
+                    self._gather_into(c, h.view(n * N, c.P, c.cin), cols[i])
+                h = self._act(c.act, self._conv(th, c, cols[i], out=zs[i]))
             g = h.view(n, N, self.convs[-1].Q, -1).mean(2).transpose(1, 2)
             for i, l in enumerate(self.lins):
                 w, bias = self._lin(th, i)
@@ -376,19 +440,34 @@ class CNNEngine:
             out.append(g)
         return torch.cat(out) if len(out) > 1 else out[0]
 
+    def _eval_buffers(self, n: int, N: int) -> tuple[list, list]:
+        """Views ``[n, N * Q, width]`` (columns; a folded layer's last column is ones) and ``[n, N * Q, Cout]``
+        (pre-activations) of per-layer buffers that grow to the largest ``n * N`` asked for: evaluation
+        allocates nothing per chunk (large fresh allocations cost a page fault per 4 KiB)."""
+        bufs = getattr(self, "_eval_bufs", None)
+        if bufs is None or bufs[0] < n * N:
+            dev = self.theta.device
+            cols = []
+            for i, c in enumerate(self.convs):
+                t = None
+                if i == 0 or not c.identity:
+                    t = torch.empty(n * N * c.Q, c.width, device=dev)
+                    t[:, c.rows:] = 1.0  # the folded bias's column (the gathers never write it; none if not folded)
+                cols.append(t)
+            bufs = self._eval_bufs = (n * N, cols, [torch.empty(n * N * c.Q * c.cout, device=dev) for c in self.convs])
+        m, cols, zs = bufs
+        return ([None if t is None else t[:n * N * c.Q].view(n, N * c.Q, c.width) for t, c in zip(cols, self.convs)],
+                [t[:n * N * c.Q * c.cout].view(n, N * c.Q, c.cout) for t, c in zip(zs, self.convs)])
+
     @staticmethod
     def _act(act: Layer, z: torch.Tensor) -> torch.Tensor:
-        from ..functional import activation
-        return activation(act.fn, z, act.slope)
+        from .trainer import _act_into
+        return _act_into(act.fn, z, z, act.slope)  # in place: z is a temporary
 
-    def _eval_gather(self, i: int, h: torch.Tensor, n: int, N: int) -> torch.Tensor:
-        c = self.convs[i]
-        if c.identity:
-            return h.reshape(n, N, c.rows)
-        src = h.reshape(n * N, c.P, c.cin).contiguous()
-        out = torch.empty(n * N, c.Q * c.T, c.cin, device=h.device)
+    def _gather_into(self, c: _Conv, src: torch.Tensor, out: torch.Tensor) -> None:
+        """im2col of ``src [m, P, Cin]`` (contiguous) into the columns ``out [.., width]`` (``m * Q`` rows)."""
+        o = out.view(src.shape[0], c.Q, c.width)
         if self.cpu_lib is not None:
-            cpu_kernels.gather_rows(self.cpu_lib, src, c.fwd_d, out)
+            cpu_kernels.gather_rows(self.cpu_lib, src, c.fwd_d, o)
         else:
-            cpu_kernels.gather_rows_torch(src, c.fwd_d, out)
-        return out.view(n, N * c.Q, c.rows)
+            cpu_kernels.gather_rows_torch(src, c.fwd_d, o)

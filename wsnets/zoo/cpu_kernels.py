@@ -19,7 +19,8 @@ same arithmetic in fewer passes (together ~1.2x faster training of the default r
   diverged), one pass each;
 * ``gather_rows`` and ``gather_sum``, the CNN engine's im2col and col2im (:mod:`wsnets.zoo.cnn_engine`):
   copies of channel vectors by an index map (zeros for padding), and sums of them in the index map's
-  order, instead of a padded copy, a gather and three to eight adds.
+  order, instead of a padded copy, a gather and three to eight adds; ``act_backward``: the dropout
+  factors and the tanh/ReLU backward in one pass.
 
 They are **bit-identical** to the operations they replace, so a zoo is the same number for number
 with or without them: the optimizer loops use fused multiply-adds exactly where PyTorch's CPU kernels
@@ -287,17 +288,37 @@ void rows_nonfinite(const uint32_t *restrict x, int64_t rows, int64_t cols, uint
     }
 }
 
-/* im2col: out[i, j, :] = src[i, idx[j], :] (C floats) for samples i < n, or zeros where idx[j] == P
-   (padding); src holds P vectors per sample. */
+/* im2col: out[i, j / T, (j % T) * C : +C] = src[i, idx[j], :] (C floats) for samples i < n, entries
+   j < L (= windows x T taps), or zeros where idx[j] == P (padding); src holds P vectors per sample,
+   out one row of ``ws`` floats per window (``ws >= T * C``: the trailing floats, e.g. a column of ones
+   that folds a bias into the layer's matrix product, are not written). */
 void gather_rows(const float *restrict src, int64_t n, int64_t P, int64_t C, const int64_t *restrict idx,
-                 int64_t L, float *restrict out) {
+                 int64_t L, int64_t T, int64_t ws, float *restrict out) {
+    const int64_t Q = L / T;
     for (int64_t i = 0; i < n; i++) {
         const float *s = src + i * P * C;
-        float *o = out + i * L * C;
-        for (int64_t j = 0; j < L; j++) {
-            if (idx[j] == P) memset(o + j * C, 0, C * sizeof(float));
-            else memcpy(o + j * C, s + idx[j] * C, C * sizeof(float));
+        for (int64_t q = 0; q < Q; q++) {
+            float *o = out + (i * Q + q) * ws;
+            const int64_t *iq = idx + q * T;
+            for (int64_t t = 0; t < T; t++) {
+                if (iq[t] == P) memset(o + t * C, 0, C * sizeof(float));
+                else memcpy(o + t * C, s + iq[t] * C, C * sizeof(float));
+            }
         }
+    }
+}
+
+/* The backward of dropout after an activation, in place on ``g`` (rows x per_row contiguous floats):
+   g = g * scale (if ``scale``), then the activation's backward from its output y: kind 0, tanh:
+   g * (1 - y * y) with 1 - y * y one fused multiply-add (PyTorch's tanh_backward); kind 1, relu:
+   0 where y <= 0 (PyTorch's threshold_backward). One pass instead of two. */
+void act_backward(float *restrict g, const float *restrict scale, const float *restrict y, int64_t count, int kind) {
+    if (kind == 0) {
+        if (scale) for (int64_t i = 0; i < count; i++) g[i] = (g[i] * scale[i]) * fmaf(-y[i], y[i], 1.0f);
+        else for (int64_t i = 0; i < count; i++) g[i] = g[i] * fmaf(-y[i], y[i], 1.0f);
+    } else {
+        if (scale) for (int64_t i = 0; i < count; i++) g[i] = y[i] <= 0.0f ? 0.0f : g[i] * scale[i];
+        else for (int64_t i = 0; i < count; i++) g[i] = y[i] <= 0.0f ? 0.0f : g[i];
     }
 }
 
@@ -344,7 +365,8 @@ _SIGNATURES = {
     "epoch_order": [_P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _P],
     "argmax_is": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P],
     "rows_nonfinite": [_P, _I64, _I64, _P],
-    "gather_rows": [_P, _I64, _I64, _I64, _P, _I64, _P],
+    "gather_rows": [_P, _I64, _I64, _I64, _P, _I64, _I64, _I64, _P],
+    "act_backward": [_P, _P, _P, _I64, ctypes.c_int],
     "gather_sum": [_P, _I64, _I64, _I64, _P, _I64, _I64, _P],
 }
 _STATE: dict[str, object] = {}
@@ -537,10 +559,12 @@ def rows_nonfinite(lib, block: torch.Tensor, bad: torch.Tensor) -> None:
 
 
 def gather_rows(lib, src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``gather_rows`` (im2col): ``src [n, P, C]``, ``idx [L]`` int64 (``P`` = zeros), ``out [n, L, C]``; all
-    contiguous (float32, CPU)."""
+    """``gather_rows`` (im2col): ``src [n, P, C]``, ``idx [L]`` int64 (``P`` = zeros), ``out [n, L, C]`` or
+    ``[n, Q, ws]`` (``Q`` windows of ``T = L / Q`` taps in rows of ``ws >= T * C`` floats, the rest of each
+    row untouched); all contiguous (float32, CPU)."""
     n, P, C = src.shape
-    lib.gather_rows(src.data_ptr(), n, P, C, idx.data_ptr(), idx.numel(), out.data_ptr())
+    L, Q, ws = idx.numel(), out.shape[1], out.shape[2]
+    lib.gather_rows(src.data_ptr(), n, P, C, idx.data_ptr(), L, L // Q, ws, out.data_ptr())
     return out
 
 
@@ -549,7 +573,27 @@ def gather_rows_torch(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -
     n, P, C = src.shape
     if bool((idx == P).any()):
         src = torch.cat([src, src.new_zeros(n, 1, C)], 1)
-    return torch.index_select(src, 1, idx, out=out)
+    if out.dim() == 3 and out.shape[1] == idx.numel() and out.shape[2] == C:
+        return torch.index_select(src, 1, idx, out=out)
+    Q = out.shape[1]
+    out[:, :, :idx.numel() // Q * C].copy_(torch.index_select(src, 1, idx).view(n, Q, -1))
+    return out
+
+
+def act_backward(lib, g: torch.Tensor, scale: torch.Tensor | None, y: torch.Tensor, fn: str) -> torch.Tensor:
+    """``act_backward``: ``g = act'(g * scale)`` in place (``fn`` tanh or relu; contiguous float32, same sizes)."""
+    lib.act_backward(g.data_ptr(), None if scale is None else scale.data_ptr(), y.data_ptr(), g.numel(),
+                     0 if fn == "tanh" else 1)
+    return g
+
+
+def act_backward_torch(g: torch.Tensor, scale: torch.Tensor | None, y: torch.Tensor, fn: str) -> torch.Tensor:
+    """:func:`act_backward` in torch (``mul_``, then PyTorch's ``tanh_backward`` / ``threshold_backward``)."""
+    if scale is not None:
+        g.mul_(scale)
+    if fn == "tanh":
+        return torch.ops.aten.tanh_backward.grad_input(g, y, grad_input=g)
+    return torch.ops.aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
 
 
 def gather_sum(lib, src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -675,6 +719,10 @@ def _self_check(lib) -> str:
         out, ref = torch.full((n, L, C), float("nan")), torch.empty(n, L, C)
         if not torch.equal(gather_rows(lib, src, idx, out), gather_rows_torch(src, idx, ref)):
             bad.add("gather_rows")
+        for T in (t for t in (1, 3, 9) if L % t == 0):  # rows of T taps and one more float (left as it was)
+            out, ref = torch.full((n, L // T, T * C + 1), 7.0), torch.full((n, L // T, T * C + 1), 7.0)
+            if not torch.equal(gather_rows(lib, src, idx, out), gather_rows_torch(src, idx, ref)):
+                bad.add("gather_rows")
         sidx = torch.randint(0, L + 1, (R, P), generator=gen)
         sidx[:, 0] = L  # a position no window reads
         cols = rand(n, L, C)
@@ -683,6 +731,15 @@ def _self_check(lib) -> str:
         got, want = gather_sum(lib, cols, sidx, out), gather_sum_torch(cols, sidx, ref)
         if not (torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())):
             bad.add("gather_sum")
+    for count in (1, 17, 1000):
+        for fn in ("tanh", "relu"):
+            y = torch.tanh(rand(count, scale=2.0)) if fn == "tanh" else torch.relu(rand(count))
+            y[::7] = -0.0 if fn == "relu" else y[::7]
+            g = rand(count)
+            for scale in (None, (torch.rand(count, generator=gen) < 0.6) / 0.6):
+                got, want = act_backward(lib, g.clone(), scale, y, fn), act_backward_torch(g.clone(), scale, y, fn)
+                if not (torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())):
+                    bad.add("act_backward")
     from .trainer import _epoch_order, _members
     for K, N, fracs in ((3, 50, (0.1, 0.5, 1.0)), (2, 1500, (0.03, 0.9))):
         seeds = torch.randint(0, 1 << 32, (K,), generator=gen)

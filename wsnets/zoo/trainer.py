@@ -387,7 +387,8 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
         if epoch in checkpoints:
             with torch.no_grad(), _full_fp32():
                 p = eng.params()
-                metrics = evaluate(eng.logits, bank, didx, y_train, member, shared)
+                metrics = evaluate(eng.logits, bank, didx, y_train, member, shared,
+                                   members=(memb, n_sub, data_idx, eng.row_logits) if engine == "cnn" else None)
             metrics["diverged"] = frozen[:, 0].double()
             yield Checkpoint(epoch, _to_host(p, inv), _to_host(metrics, inv))
 
@@ -1066,23 +1067,35 @@ def _mix_np(x):
 
 
 def evaluate(logits: Callable[[torch.Tensor], torch.Tensor], bank: DataBank, didx: torch.Tensor,
-             y_train: torch.Tensor, member: torch.Tensor, shared: bool, chunk: int = 256) -> dict[str, torch.Tensor]:
+             y_train: torch.Tensor, member: torch.Tensor, shared: bool, chunk: int = 256,
+             members: tuple | None = None) -> dict[str, torch.Tensor]:
     """Per-model accuracy and mean cross-entropy ``[K]`` on the test split and on the model's own
     training subset (with the labels it trained on), in evaluation mode. ``logits(x)`` maps inputs
-    ``[N, ...]`` (shared) or ``[K, N, ...]`` to class-dim-second logits ``[K, C, N]``."""
+    ``[N, ...]`` (shared) or ``[K, N, ...]`` to class-dim-second logits ``[K, C, N]``.
+
+    ``members``: ``(memb, n_sub, offset, row_logits)`` (:func:`_members`, the subset sizes, each model's
+    offset ``[K, 1]`` in the flattened bank and a function from rows ``[K, n]`` of it to logits): the
+    training split is then evaluated on each model's own members only (the same counts, the loss summed
+    in another order) instead of on every training sample with the others masked out."""
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for split, x, y, n, mask in (("test", bank.xt, bank.yt[didx], bank.nt[didx], None),
-                                     ("train", bank.x, y_train, None, member)):
+        train = ("train", bank.x, y_train, None, member, None)
+        if members is not None:
+            memb, n_sub, offset, row_logits = members
+            train = ("train", bank.x, y_train.gather(1, memb), n_sub, None, memb + offset)
+        for split, x, y, n, mask, rows in (("test", bank.xt, bank.yt[didx], bank.nt[didx], None, None), train):
             losses, correct = [], []
-            for i in range(0, x.shape[1], chunk):
-                lg = logits(x[0, i:i + chunk] if shared else x[didx, i:i + chunk])
+            for i in range(0, (x if rows is None else rows).shape[1], chunk):
+                if rows is not None:  # each model's own rows of the flattened bank
+                    lg = row_logits(rows[:, i:i + chunk].contiguous())
+                else:
+                    lg = logits(x[0, i:i + chunk] if shared else x[didx, i:i + chunk])
                 yc = y[:, i:i + chunk]
                 losses.append(F.cross_entropy(lg, yc, reduction="none"))
                 correct.append(_argmax_is(lg, yc))
             loss, corr = torch.cat(losses, 1), torch.cat(correct, 1)
             if mask is None:
-                mask = torch.arange(x.shape[1], device=x.device)[None] < n[:, None]
+                mask = torch.arange(loss.shape[1], device=x.device)[None] < n[:, None]
             cnt = mask.sum(1)
             out[f"{split}_correct"] = (corr & mask).sum(1).double()
             out[f"{split}_count"] = cnt.double()
