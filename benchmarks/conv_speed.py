@@ -19,10 +19,13 @@ samples/s (models x batch per second) and the engine's and unfold's speedup over
 ``--train N`` adds whole-trainer rows: the first N models of the recipe's largest group per dataset
 (train fraction 1) trained ``--train-epochs`` epochs by ``train_group`` with ``engine="cnn"`` and with
 ``engine="autograd"`` (grouped convolutions), optimizer, dropout and the checkpoint evaluation included,
-interleaved; process CPU time as well as wall time. Timings on a shared CPU are noisy: compare within a
-row. Usage::
+interleaved; process CPU time as well as wall time. ``--before REV`` adds the CNN engine of git revision
+``REV`` (its whole ``wsnets`` package, loaded next to today's as ``wsnets_REV``) to those rows, interleaved
+too, so an engine change is measured before/after in one run. Timings on a shared CPU are noisy: compare
+within a row. Usage::
 
     python benchmarks/conv_speed.py --train 64 --out benchmarks/results/conv_speed.json
+    python benchmarks/conv_speed.py --models 32 --train 64 --before 282621e --train-epochs 3
 """
 
 from __future__ import annotations
@@ -124,31 +127,66 @@ def run(dataset: str, K: int, B: int, steps: int, repeat: int) -> dict:
             "seconds": {k: v for k, v in times.items()}}
 
 
-def train_rows(n: int, epochs: int, repeat: int) -> list[dict]:
-    """Whole-trainer rows: ``n`` models of ``zoo/cnn-zoo.toml`` per dataset, CNN engine vs autograd engine."""
+def package_at(rev: str):
+    """The ``wsnets`` package of git revision ``rev``, imported next to today's as ``wsnets_<rev>`` (its
+    absolute ``wsnets.`` imports rewritten; relative ones work as they are). Returns its ``zoo.trainer``."""
+    import importlib
+    import re
+    import subprocess
+    import tarfile
+    import tempfile
+    root = Path(__file__).resolve().parents[1]
+    name = f"wsnets_{rev}".replace("-", "_")
+    tmp = Path(tempfile.mkdtemp(prefix="conv_speed_before_"))
+    tar = subprocess.run(["git", "archive", rev, "wsnets"], cwd=root, check=True, capture_output=True).stdout
+    import io
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(tmp, filter="data")
+    (tmp / "wsnets").rename(tmp / name)
+    for f in (tmp / name).rglob("*.py"):
+        f.write_text(re.sub(r"\b(from|import) wsnets(?=[.\s])", rf"\1 {name}", re.sub(r"(?<![\w.])wsnets\.", f"{name}.", f.read_text())))
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module(f"{name}.zoo.trainer")
+
+
+def train_rows(n: int, epochs: int, repeat: int, before: str | None = None) -> list[dict]:
+    """Whole-trainer rows: ``n`` models of ``zoo/cnn-zoo.toml`` per dataset, CNN engine vs autograd engine
+    (and vs the CNN engine of revision ``before``)."""
     from wsnets.zoo import load_recipe, plan
     from wsnets.zoo.build import _options
     from wsnets.zoo.trainer import train_group
     r = load_recipe(Path(__file__).resolve().parents[1] / "zoo" / "cnn-zoo.toml")
+    old = package_at(before) if before else None
     rows = []
     for dataset in SHAPES:
         g = max((g for g in plan(r) if g.runs[0].dataset == dataset), key=lambda g: (g.steps, len(g.runs)))
         runs = g.runs[:n]
         bank = DataBank.build([dataset])
         opts = _options(r, runs)
-        times: dict[str, list[tuple[float, float]]] = {"cnn": [], "autograd": []}
+        kw = dict(epochs=epochs, checkpoints=[epochs], batch_size=r.batch_size)
+        fns = {"cnn": lambda: train_group(g.arch, runs, bank=bank, **kw, **opts),
+               "autograd": lambda: train_group(g.arch, runs, bank=bank, **kw, **{**opts, "engine": "autograd"})}
+        if old is not None:
+            old_bank = old.DataBank.build([dataset])
+            fns["before"] = lambda: old.train_group(g.arch, runs, bank=old_bank, **kw, **opts)
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
         for _ in range(repeat):
-            for engine in times:
+            for k, f in fns.items():
                 t, c = time.perf_counter(), time.process_time()
-                list(train_group(g.arch, runs, epochs=epochs, checkpoints=[epochs], batch_size=r.batch_size, bank=bank,
-                                 **{**opts, "engine": engine}))
-                times[engine].append((time.perf_counter() - t, time.process_time() - c))
+                list(f())
+                times[k].append((time.perf_counter() - t, time.process_time() - c))
         samples = len(runs) * epochs * opts["steps_per_epoch"] * r.batch_size
         med = {e: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for e, v in times.items()}
-        rows.append({"dataset": dataset, "models": len(runs), "epochs": epochs, "steps_per_epoch": opts["steps_per_epoch"],
-                     "cnn_samples_per_cpu_s": samples / med["cnn"][1], "autograd_samples_per_cpu_s": samples / med["autograd"][1],
-                     "cnn_vs_autograd_cpu": med["autograd"][1] / med["cnn"][1],
-                     "cnn_vs_autograd_wall": med["autograd"][0] / med["cnn"][0], "seconds": times})
+        row = {"dataset": dataset, "models": len(runs), "epochs": epochs, "steps_per_epoch": opts["steps_per_epoch"],
+               "cnn_samples_per_cpu_s": samples / med["cnn"][1], "autograd_samples_per_cpu_s": samples / med["autograd"][1],
+               "cnn_vs_autograd_cpu": med["autograd"][1] / med["cnn"][1],
+               "cnn_vs_autograd_wall": med["autograd"][0] / med["cnn"][0], "seconds": times}
+        if old is not None:
+            row["before_samples_per_cpu_s"] = samples / med["before"][1]
+            row["cnn_vs_before_cpu"] = med["before"][1] / med["cnn"][1]
+            row["cnn_vs_before_cpu_range"] = [min(b[1] / a[1] for a, b in zip(times["cnn"], times["before"])),
+                                              max(b[1] / a[1] for a, b in zip(times["cnn"], times["before"]))]
+        rows.append(row)
     return rows
 
 
@@ -162,6 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default="digits-img16,mnist1d-seq")
     ap.add_argument("--train", type=int, default=0, help="also time train_group on this many models per dataset")
     ap.add_argument("--train-epochs", type=int, default=2)
+    ap.add_argument("--before", default=None, metavar="REV", help="whole-trainer rows also time the CNN engine of git revision REV")
     ap.add_argument("--out", default=None, help="JSON output (the Markdown table next to it, .md)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -169,19 +208,23 @@ def main(argv=None) -> int:
     rows = [run(d, int(k), args.batch, args.steps, args.repeat) for d in args.datasets.split(",")
             for k in args.models.split(",")]
     from wsnets.zoo import cpu_kernels
-    train = train_rows(args.train, args.train_epochs, args.repeat) if args.train else []
+    train = train_rows(args.train, args.train_epochs, args.repeat, args.before) if args.train else []
     extra = {"loadavg_before": load0, "loadavg_after": os.getloadavg(), "cpu_loops": cpu_kernels.status(),
-             "threads": args.threads, "train": train}
+             "threads": args.threads, "train": train, "before": args.before}
     cols = ["dataset", "K", "B", "chunk", "grouped_samples_per_s", "unfold_samples_per_s", "engine_samples_per_s",
             "unfold_vs_grouped", "engine_vs_grouped"]
     md = write(args.out, "conv_speed", rows, cols, extra)
     if train:
         from benchmarks.common import markdown_table
-        tmd = markdown_table(train, ["dataset", "models", "epochs", "steps_per_epoch", "cnn_samples_per_cpu_s",
-                                     "autograd_samples_per_cpu_s", "cnn_vs_autograd_cpu", "cnn_vs_autograd_wall"])
+        tcols = ["dataset", "models", "epochs", "steps_per_epoch", "cnn_samples_per_cpu_s", "autograd_samples_per_cpu_s",
+                 "cnn_vs_autograd_cpu", "cnn_vs_autograd_wall"]
+        if args.before:
+            tcols += ["before_samples_per_cpu_s", "cnn_vs_before_cpu"]
+        tmd = markdown_table(train, tcols)
         print(tmd)
         md += "\n\nWhole trainer (`train_group`: optimizer, dropout, checkpoint evaluation included), " \
-              f"median of {args.repeat} interleaved repeats:\n\n" + tmd
+              f"median of {args.repeat} interleaved repeats" + \
+              (f"; `before` = the CNN engine at `{args.before}`, same run" if args.before else "") + ":\n\n" + tmd
     print(f"load average before {load0[0]:.2f}, after {extra['loadavg_after'][0]:.2f}; fused CPU loops: {extra['cpu_loops']}")
     if args.out:
         from wsnets.io import atomic_write_text
