@@ -56,14 +56,15 @@ from .recipe import INIT_KINDS, OPTIMIZERS, OPTIONAL_HYPER, RunSpec
 #: Bumped whenever the same recipe and seed would train different numbers (the store records it and
 #: refuses to extend a zoo trained by another version): 1 autograd trainer, 2 hand-written MLP engine,
 #: 3 NumPy dropout masks and the 7-pass AdamW, 4 MLP weights stored as [in+1, out] (other matrix-product
-#: kernels: the same accuracies up to rounding, other low-order bits).
-TRAINER_VERSION = "4"
+#: kernels: the same accuracies up to rounding, other low-order bits), 5 CNN engine with the first layer's bias
+#: folded into its matrix product (other low-order bits for CNN recipes; MLP recipes train the same numbers as 4).
+TRAINER_VERSION = "5"
 
 
 def trainer_tag(device: torch.device | str) -> str:
     """What a zoo records as its trainer: :data:`TRAINER_VERSION`, plus the device type and, on CUDA
     with Triton, the fused kernel's matrix-product precision (each gives other low-order bits, so a
-    build resumed elsewhere would mix numbers): ``"4"`` on CPU, e.g. ``"4+cuda+fused-ieee"`` on a GPU."""
+    build resumed elsewhere would mix numbers): ``"5"`` on CPU, e.g. ``"5+cuda+fused-ieee"`` on a GPU."""
     dev = torch.device(device)
     if dev.type == "cpu":
         return TRAINER_VERSION
