@@ -24,7 +24,10 @@ trains and tests on the same rows: the last checkpoint of each model, split by m
 ``regions``         digits-wild-regions: which of 8 datasets / 3 tasks a fine-tune came from
 ==================  =========================================================================
 
-The graph encoders read 5x5 kernels (``encoder.edge_dim=25``). ``--vit-filter`` (e.g. ``width=[16,32]``)
+The graph encoders read 5x5 kernels (``encoder.edge_dim=25``). On ``wild-residual`` the graph encoder's probe
+features are the logits only (``encoder.probe_hidden=false``): residual networks have no hidden-neuron probe
+activations (:func:`wsnets.nn.probes.graph_probe_activations`), so training on plain CNNs with them would
+teach features the test networks lack. ``--vit-filter`` (e.g. ``width=[16,32]``)
 restricts the vit splits to part of the zoo for every method alike, where the graph encoders' cost on
 the widest transformers (~60,000 edges per graph) does not fit the machine.
 """
@@ -44,7 +47,8 @@ METHODS = ["graph", "transformer", "statnn-gbm", "statnn-mlp", "esd"]
 # split -> (zoo directory name, last epoch, extra metamodel_quality arguments, column title)
 SPLITS: dict[str, tuple[str, int, list[str], str]] = {
     "wild-id": ("digits-wild", 4, [], "in distribution"),
-    "wild-residual": ("digits-wild", 4, ["--ood", "family:!=:resnet"], "OOD: plain → residual"),
+    "wild-residual": ("digits-wild", 4, ["--ood", "family:!=:resnet", "--set", "encoder.probe_hidden=false"],
+                      "OOD: plain → residual"),
     "wild-depth": ("digits-wild", 4, ["--ood", "depth:<=:4"], "OOD: depth ≤ 4 → 5-6"),
     "vit-id": ("digits-vit", 5, [], "in distribution"),
     "vit-depth": ("digits-vit", 5, ["--ood", "depth:<=:2"], "OOD: 1-2 blocks → 3-4"),

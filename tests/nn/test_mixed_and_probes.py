@@ -67,6 +67,32 @@ def test_probe_activations_match_a_forward_pass_of_each_network():
     assert summary.shape == (3, 12)
 
 
+def test_probe_logits_of_residual_networks_and_transformers_match_their_forward_pass():
+    """DAG networks are rebuilt from a mixed graph batch: their output nodes carry the logits of the stored
+    network (reference: the functional forward of each network alone), and the summary is theirs."""
+    from wsnets.models import ViT
+    from wsnets.models.families import WildCNN
+    from wsnets.nn.probes import output_summary
+    from wsnets.trace import trace
+    res = trace(WildCNN(depth=3, width=4, residual=True, batchnorm=True, downsample="stride"), (1, 8, 8))
+    vit = trace(ViT(patch=4, dim=8, heads=2, depth=2, hidden=16, activation="gelu"), (1, 8, 8))
+    singles = [nets(res, 1, 0)[0], nets(ARCHS["mlp"], 1, 1)[0], nets(vit, 1, 2)[0], nets(res, 1, 3)[0],
+               nets(vit, 1, 4)[0]]
+    singles = [w.map(lambda t: t + 0.1 * torch.randn_like(t)).map(torch.Tensor.double) for w in singles]
+    field = ProbeField(4).double()
+    batch = wsnets.to_batch(singles)
+    acts, summary = graph_probe_activations(batch, field)
+    for i, w in enumerate(singles):
+        if w.arch.is_chain:
+            continue
+        ref = forward(w.arch, w.batched().params, field(input_shape(w.arch)))     # [1, P, C]
+        a = acts[batch.ptr[i]:batch.ptr[i + 1]]
+        out = batch.node_type[batch.ptr[i]:batch.ptr[i + 1]] == 2
+        torch.testing.assert_close(a[out], ref[0].t())
+        assert a[~out].abs().sum() == 0
+        torch.testing.assert_close(summary[i], output_summary(ref)[0].to(summary.dtype))
+
+
 def test_probe_activations_follow_relabeled_neurons():
     singles = list(nets(ARCHS["mlp"], 3))
     field = ProbeField(3).double()
@@ -85,6 +111,20 @@ def test_graph_encoder_with_probes_is_invariant_and_sees_inputs():
     assert enc(wsnets.to_batch(nets_)).shape == (8, 6)
     assert_invariant(enc, nets_)
     assert_sensitive_to_inputs(enc, wsnets.stack([w for w in nets_ if w.arch == ARCHS["mlp"]]))
+
+
+def test_graph_encoder_probe_hidden_false_feeds_only_the_logits():
+    enc = NeuralGraphEncoder(hidden=8, layers=1, out_dim=6, probes=3, probe_hidden=False).double().eval()
+    nets_ = [w.map(torch.Tensor.double) for w in mixed()]
+    batch = wsnets.to_batch(nets_)
+    seen = {}
+    enc.featurizer.register_forward_hook(lambda m, args, out: seen.update(acts=args[1]))
+    enc(batch)
+    full, _ = graph_probe_activations(batch, enc.probe_field)
+    out = batch.node_type == 2
+    assert seen["acts"][~out].abs().sum() == 0 and full[~out].abs().sum() > 0
+    torch.testing.assert_close(seen["acts"][out], full[out])
+    assert_invariant(enc, nets_)
 
 
 def test_probes_learn_and_hnp_with_probes_stays_invariant():

@@ -478,6 +478,10 @@ class NeuralGraphEncoder(nn.Module):
         activations become node features and a summary of each network's outputs (confidence,
         entropy, margin per probe) joins the readout (see :mod:`wsnets.nn.probes`).
     probe_learn : learn the probes (False: fixed random probes).
+    probe_hidden : give the probe activations of input and hidden neurons to the featurizer (False: only
+        the output neurons' logits, for every architecture). Residual networks and transformers have
+        only their logits (:func:`~wsnets.nn.probes.graph_probe_activations`), so a split that trains on
+        sequential networks and tests on residual ones needs ``False`` to see the same features on both.
     edge_hidden : width of the edge embeddings and messages (default ``hidden // 2``, at least 4). Edges
         outnumber nodes 10-50x, so this sets most of the cost: half the node width ranked a CNN zoo's test
         accuracy as well as the full width (Kendall τ 0.810 vs 0.804, 1 seed) in 0.75x the time.
@@ -502,7 +506,7 @@ class NeuralGraphEncoder(nn.Module):
     def __init__(self, hidden: int = 32, layers: int = 3, out_dim: int = 64, edge_dim: int = 9,
                  dropout: float = 0.0, pos_dim: int = 16, layer_scale: bool = False, edge_readout: bool = False,
                  readout_norm: bool = False, probes: int = 0, probe_learn: bool = True,
-                 edge_hidden: int | None = None) -> None:
+                 edge_hidden: int | None = None, probe_hidden: bool = True) -> None:
         super().__init__()
         eh = edge_hidden or max(4, hidden // 2)
         self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale, probes, eh)
@@ -514,11 +518,14 @@ class NeuralGraphEncoder(nn.Module):
         self.head = make_mlp([width, 2 * hidden, out_dim], dropout=dropout, norm=True)
         self.readout_norm = nn.BatchNorm1d(width) if readout_norm else nn.Identity()
         self.out_dim, self.hidden, self.edge_readout = out_dim, hidden, edge_readout
+        self.probe_hidden = probe_hidden
 
     def forward(self, batch) -> torch.Tensor:
         acts = summary = None
         if self.probe_field is not None:
             acts, summary = graph_probe_activations(batch, self.probe_field)
+            if not self.probe_hidden:
+                acts = acts * (batch.node_type == 2).unsqueeze(1)
         h, e, aux = self.featurizer(batch, acts)
         en = edge_norm(e)
         for layer in self.layers:
