@@ -206,6 +206,32 @@ def _macs(arch) -> int:
     return m
 
 
+def _flop_rates(row: dict, arch, recipe, bank) -> dict:
+    """Arithmetic rate of both methods on a DAG group: floating-point operations of one model's training
+    (2 x multiply-adds x 3 per training sample: forward, and backward at about twice the forward) and
+    checkpoint evaluations (forward on the train and test sets), per second of process CPU time."""
+    n, n_test = int(bank.n[0]), len(bank.yt[0])
+    samples = recipe.epochs * math.ceil(n / recipe.batch_size) * recipe.batch_size
+    flops = 2 * _macs(arch) * (3 * samples + len(recipe.checkpoints) * (n + n_test))
+    return {"flops_per_model": flops,
+            "batched_gflops_per_cpu_s": flops * row["batched_models"] / row["batched_cpu_seconds"] / 1e9,
+            "sequential_gflops_per_cpu_s": flops * row["sequential_models"] / row["sequential_cpu_seconds"] / 1e9}
+
+
+def _sgemm_gflops(dev) -> float:
+    """What one float32 1024x1024 matrix product reaches at the run's thread count (GFLOP/s of process CPU
+    time on CPU, of wall time on a GPU): the ceiling the arithmetic rates above compare with."""
+    a = torch.randn(1024, 1024, device=dev)
+    a @ a
+    _sync(dev)
+    t, c, reps = time.perf_counter(), time.process_time(), 20
+    for _ in range(reps):
+        a @ a
+    _sync(dev)
+    spent = time.perf_counter() - t if dev.type == "cuda" else time.process_time() - c
+    return 2 * 1024 ** 3 * reps / spent / 1e9
+
+
 @contextlib.contextmanager
 def _matmul_precision(p: str):
     """``torch.set_float32_matmul_precision(p)`` inside, the previous setting restored after."""
@@ -357,9 +383,10 @@ def main(argv=None) -> int:
             reps = [(batched([(g.arch, runs)], fr, fbank, dev), sequential(runs[:seq_n], fr, fbank, dev))
                     for _ in range(repeat)]
             desc = ", ".join(f"{k}={v}" for k, v in dict(runs[0].fields).items() if k != "kind")
-            results.append(_repeated(f"{fr.name}: {pick} {want} group ({desc}; {g.arch.num_params} params, "
+            row = _repeated(f"{fr.name}: {pick} {want} group ({desc}; {g.arch.num_params} params, "
                                      f"{_macs(g.arch) / 1e3:.0f}k MACs/sample), K={len(runs)}, {fr.epochs} epochs, "
-                                     f"batch {fr.batch_size}; sequential {seq_n} models", reps))
+                                     f"batch {fr.batch_size}; sequential {seq_n} models", reps)
+            results.append({**row, **_flop_rates(row, g.arch, fr, fbank)})
 
     env = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
            "threads": a.threads, "repeat": repeat, "torch": torch.__version__, "python": platform.python_version(),
@@ -367,6 +394,7 @@ def main(argv=None) -> int:
            "load_average_before": [round(v, 2) for v in load0],
            "load_average_after": [round(v, 2) for v in os.getloadavg()], "warmup": warmup,
            "cpu_loops": cpu_kernels.status() if dev.type == "cpu" else None,
+           "sgemm_gflops": _sgemm_gflops(dev),
            "note": "timed on a shared machine; ratios are from the same run"}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out, {"env": env, "results": results})
@@ -382,6 +410,13 @@ def main(argv=None) -> int:
         print(f"| {r['workload']} | {r['batched_models_per_s']:.2f} | {r['sequential_models_per_s']:.3f} | "
               f"{r['speedup']:.1f}x | {lo:.1f}-{hi:.1f}x | {r['speedup_cpu_time']:.1f}x | "
               f"{r['batched_median_test_acc']:.3f} / {r['sequential_median_test_acc']:.3f} |")
+    rates = [r for r in results if "flops_per_model" in r]
+    if rates:
+        print(f"\narithmetic rate, GFLOP/s of process CPU time (a 1024x1024 float32 matrix product: "
+              f"{env['sgemm_gflops']:.1f}):\n\n| workload | GFLOP per model | sequential | batched |\n|---|---:|---:|---:|")
+        for r in rates:
+            print(f"| {r['workload'].split(' (')[0]} | {r['flops_per_model'] / 1e9:.1f} | "
+                  f"{r['sequential_gflops_per_cpu_s']:.1f} | {r['batched_gflops_per_cpu_s']:.1f} |")
     return 0
 
 
