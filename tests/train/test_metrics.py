@@ -53,3 +53,4 @@ def test_mean_std_over_seeds():
     agg = M.aggregate([{"t": {"kendall_tau": 0.2, "confusion": [[1]]}}, {"t": {"kendall_tau": 0.4, "confusion": [[1]]}}])
     assert agg["t"]["kendall_tau"]["mean"] == pytest.approx(0.3) and "confusion" not in agg["t"]
     assert M.fmt(agg["t"]["kendall_tau"]) == "0.300 ± 0.141"
+    assert M.fmt(M.mean_std([0.25])) == "0.250 (1 seed)"   # one value: no made-up ± 0.000

@@ -142,7 +142,10 @@ def aggregate(per_seed: Sequence[Mapping[str, Mapping[str, float]]]) -> dict:
 
 
 def fmt(ms: Mapping[str, float], digits: int = 3) -> str:
-    """``"0.812 ± 0.011"`` from a :func:`mean_std` dict."""
+    """``"0.812 ± 0.011"`` from a :func:`mean_std` dict; ``"0.812 (1 seed)"`` from a single value, whose
+    standard deviation is not 0 but unknown."""
     if ms.get("n", 0) == 0:
         return "n/a"
+    if ms["n"] == 1:
+        return f"{ms['mean']:.{digits}f} (1 seed)"
     return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
