@@ -80,15 +80,13 @@ def _hash_range(h: Any, fd: int, start: int, stop: int, buf: bytearray) -> int:
 def digest_files(files: Sequence[str | os.PathLike], algorithm: str = DEFAULT_DIGEST) -> str:
     """The digest recorded for an input made of ``files``, as ``"ALGORITHM:HEX"`` (see :func:`combine`);
     the reference for what a merge computes from the bytes it reads."""
-    hexes, buf = [], bytearray(BLOCK)
+    hexes = []
     for f in files:
-        h = hasher(algorithm)
         fd = os.open(f, os.O_RDONLY)
         try:
-            _hash_range(h, fd, 0, None, buf)
+            hexes.append(StreamDigest(algorithm).hexdigest(fd))
         finally:
             os.close(fd)
-        hexes.append(h.hexdigest())
     return combine(files, hexes, algorithm)
 
 
