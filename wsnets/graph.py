@@ -578,36 +578,54 @@ def _dag_features(ws: WeightSpace, topo: DagTopology, edge_dim: int) -> tuple[to
 
 
 def _dag_from_graph(data, arch: Architecture, topo: DagTopology, local: torch.Tensor) -> WeightSpace:
-    x, (src, dst) = data.x, data.edge_index
     layer = data.node_layer
-    params: dict[str, torch.Tensor] = {}
-    shapes = arch.param_shapes
+    src, dst = data.edge_index
+    e_parts = [(data.edge_layer == b).nonzero().squeeze(1) for b in range(len(topo.blocks))]
+    nodes = [(layer == s).nonzero().squeeze(1) for s in range(len(topo.set_sizes))]
+    params = dag_params(arch, 1, data.edge_attr, data.x, layer, local, torch.zeros_like(src), torch.zeros_like(layer),
+                        src, dst, e_parts, nodes)
+    return WeightSpace(arch, {k: v[0] for k, v in params.items()})
 
-    def rows(sets: tuple[int, ...], nodes: torch.Tensor) -> torch.Tensor:
-        table = torch.full((len(topo.set_sizes),), -1, dtype=torch.long)
-        off = 0
-        for s in sets:
-            table[s] = off
-            off += topo.set_sizes[s]
-        return table[layer[nodes]] + local[nodes]
-    for b, (key, value, transpose, dsets, ssets, n, kernel) in enumerate(topo.blocks):
+
+def set_rows(topo, sets: tuple[int, ...], node_set: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Row of each node in the tensor dimension that spans the node sets ``sets`` (concatenated)."""
+    table = torch.full((len(topo.set_sizes),), -1, dtype=torch.long, device=local.device)
+    off = 0
+    for s in sets:
+        table[s] = off
+        off += topo.set_sizes[s]
+    return table[node_set] + local
+
+
+def dag_params(arch: Architecture, B: int, ea: torch.Tensor, x: torch.Tensor, layer: torch.Tensor,
+                local: torch.Tensor, edge_graph: torch.Tensor, node_graph: torch.Tensor, src: torch.Tensor,
+                dst: torch.Tensor, e_parts, nodes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stacked parameters ``[B, ...]`` of the ``B`` networks of one DAG architecture in a graph batch:
+    the inverse of :func:`_dag_to_graph` (``e_parts[b]``: the edges of block ``b``, ``nodes[s]``: the nodes
+    of node set ``s``, both restricted to these networks; ``edge_graph`` / ``node_graph``: the network's
+    position among the ``B``). :func:`from_graph` is its one-network case; the probe features
+    (:func:`wsnets.nn.probes.graph_probe_activations`) run it on a whole batch."""
+    topo = topology(arch)
+    shapes = arch.param_shapes
+    params: dict[str, torch.Tensor] = {}
+    for b, (key, _, transpose, dsets, ssets, _, kernel) in enumerate(topo.blocks):
         if key is None:
             continue
-        m = data.edge_layer == b
-        r, c = rows(dsets, dst[m]), rows(ssets, src[m])
+        e = e_parts[b]
+        r = set_rows(topo, dsets, layer[dst[e]], local[dst[e]])
+        c = set_rows(topo, ssets, layer[src[e]], local[src[e]])
         shape = shapes[key]
-        k = max(1, math.prod(kernel)) if kernel else 1
         if transpose:
-            w = x.new_zeros(math.prod(shape[:-1]) if len(shape) > 1 else 1, shape[-1])
-            w[c, r] = data.edge_attr[m, 0]
-            params[key] = w.reshape(shape)
+            w = ea.new_zeros(B, math.prod(shape[:-1]) if len(shape) > 1 else 1, shape[-1])
+            w[edge_graph[e], c, r] = ea[e, 0]
         else:
-            w = x.new_zeros(shape[0], shape[1], k)
-            w[r, c] = data.edge_attr[m, :k]
-            params[key] = w.reshape(shape)
+            k = max(1, math.prod(kernel)) if kernel else 1
+            w = ea.new_zeros(B, shape[0], shape[1], k)
+            w[edge_graph[e], r, c] = ea[e, :k]
+        params[key] = w.reshape(B, *shape)
     for key, col, sets in topo.feats:
-        nodes = torch.isin(layer, torch.tensor(sets)).nonzero().squeeze(1)
-        t = x.new_zeros(shapes[key][0])
-        t[rows(sets, nodes)] = x[nodes, col]
+        n = torch.cat([nodes[s] for s in sets])
+        t = x.new_zeros(B, shapes[key][0])
+        t[node_graph[n], set_rows(topo, sets, layer[n], local[n])] = x[n, col]
         params[key] = t
-    return WeightSpace(arch, params)
+    return params

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..arch import Architecture
 from ..functional import forward
-from ..graph import _NORM_KEYS, topology
+from ..graph import _NORM_KEYS, dag_params, set_rows, topology
 from .common import make_mlp, sinusoidal
 
 MAX_AXES = 4          # channel + up to 3 spatial axes
@@ -178,13 +178,13 @@ def graph_probe_activations(batch, field: ProbeField) -> tuple[torch.Tensor, tor
         Bk = int(counts[k])
         if not arch.is_chain:     # residual networks, transformers: the logits on the probes
             nodes = [n_parts[k * n_layers + s] for s in range(n_layers)]
-            params = _dag_params(arch, Bk, ea, x, layer, local, gpos[eg], gpos[nb], src, dst, e_parts[k * L:],
+            params = dag_params(arch, Bk, ea, x, layer, local, gpos[eg], gpos[nb], src, dst, e_parts[k * L:],
                                  nodes)
             logits = forward(arch, params, field(input_shape(arch)))      # [Bk, P, C]
             topo = topology(arch)
             outs = tuple(int(s) for s in topo.node_layer[topo.node_type == 2].unique())
             n = torch.cat([nodes[s] for s in outs])
-            out[n] = logits[gpos[nb[n]], :, _set_rows(topo, outs, layer[n], local[n])].to(out.dtype)
+            out[n] = logits[gpos[nb[n]], :, set_rows(topo, outs, layer[n], local[n])].to(out.dtype)
             summary[g_order[first[k]:first[k] + Bk].to(dev)] = output_summary(logits).to(out.dtype)
             continue
         params: dict[str, torch.Tensor] = {}
@@ -213,49 +213,6 @@ def graph_probe_activations(batch, field: ProbeField) -> tuple[torch.Tensor, tor
             out[n] = v[gpos[nb[n]], :, local[n]].to(out.dtype)
         summary[g_order[first[k]:first[k] + Bk].to(dev)] = output_summary(groups[-1]).to(out.dtype)
     return out, summary
-
-
-def _set_rows(topo, sets: tuple[int, ...], node_set: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """Row of each node in the tensor dimension that spans the node sets ``sets`` (concatenated)."""
-    table = torch.full((len(topo.set_sizes),), -1, dtype=torch.long, device=local.device)
-    off = 0
-    for s in sets:
-        table[s] = off
-        off += topo.set_sizes[s]
-    return table[node_set] + local
-
-
-def _dag_params(arch: Architecture, B: int, ea: torch.Tensor, x: torch.Tensor, layer: torch.Tensor,
-                local: torch.Tensor, edge_graph: torch.Tensor, node_graph: torch.Tensor, src: torch.Tensor,
-                dst: torch.Tensor, e_parts, nodes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Stacked parameters ``[B, ...]`` of the ``B`` networks of one DAG architecture in a graph batch:
-    :func:`wsnets.graph._dag_from_graph` batched (``e_parts[b]``: the edges of block ``b``, ``nodes[s]``:
-    the nodes of node set ``s``, both restricted to these networks; ``edge_graph`` / ``node_graph``: the
-    network's position among the ``B``)."""
-    topo = topology(arch)
-    shapes = arch.param_shapes
-    params: dict[str, torch.Tensor] = {}
-    for b, (key, _, transpose, dsets, ssets, _, kernel) in enumerate(topo.blocks):
-        if key is None:
-            continue
-        e = e_parts[b]
-        r = _set_rows(topo, dsets, layer[dst[e]], local[dst[e]])
-        c = _set_rows(topo, ssets, layer[src[e]], local[src[e]])
-        shape = shapes[key]
-        if transpose:
-            w = ea.new_zeros(B, math.prod(shape[:-1]) if len(shape) > 1 else 1, shape[-1])
-            w[edge_graph[e], c, r] = ea[e, 0]
-        else:
-            k = max(1, math.prod(kernel)) if kernel else 1
-            w = ea.new_zeros(B, shape[0], shape[1], k)
-            w[edge_graph[e], r, c] = ea[e, :k]
-        params[key] = w.reshape(B, *shape)
-    for key, col, sets in topo.feats:
-        n = torch.cat([nodes[s] for s in sets])
-        t = x.new_zeros(B, shapes[key][0])
-        t[node_graph[n], _set_rows(topo, sets, layer[n], local[n])] = x[n, col]
-        params[key] = t
-    return params
 
 
 def output_summary(logits: torch.Tensor) -> torch.Tensor:
