@@ -559,8 +559,13 @@ def recv_msg(fd: int, eof: str) -> Any:
 def _bar(total: int, progress: bool, desc: str):
     if not progress or total == 0:
         return None
+    import sys
+
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="model", bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]")
+    # Redirected to a log (not a terminal), a bar redrawn every 0.1 s writes megabytes over a long build:
+    # redraw it every 30 s there instead.
+    return tqdm(total=total, desc=desc, unit="model", mininterval=0.1 if sys.stderr.isatty() else 30,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]")
 
 
 def _row(recipe: Recipe, r: RunSpec, c: Checkpoint, k: int) -> dict[str, Any]:
