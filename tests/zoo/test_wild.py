@@ -294,3 +294,26 @@ def _rows(path):
         return read_rows(con)
     finally:
         con.close()
+
+
+def test_graph_meta_model_reads_the_zoos_largest_kernel_without_being_told(tmp_path):
+    """A zoo with 5x5 kernels trains a graph encoder whose config leaves ``edge_dim`` out: it is set to the
+    zoo's largest kernel (25 taps, recorded in the saved config), and the saved meta-model predicts a 5x5
+    network; an explicit ``edge_dim`` still wins (and one too small is still a one-line error)."""
+    from wsnets.errors import ShapeMismatchError
+    from wsnets.train import MetaModel, load_config, run_training
+    raw = {**WILD, "population": 8, "architectures": 8, "checkpoints": [1],
+           "architecture": {**WILD["architecture"], "kernel_size": [5], "depth": [2]}}
+    build(parse_recipe(raw), tmp_path / "z", progress=False)
+    zoo = open_zoo(tmp_path / "z")
+    assert {r.arch.max_kernel_numel for r in parse_recipe(raw).runs()} == {25}
+    cfg = load_config("graph", ["optim.epochs=1", "encoder.hidden=8", "encoder.probes=0", "data.fractions=[0.5, 0.25, 0.25]"])
+    assert "edge_dim" not in cfg.encoder
+    run_training(cfg, zoo=tmp_path / "z", out=tmp_path / "run", plots=False)
+    mm = MetaModel.load(tmp_path / "run")
+    assert mm.config["encoder"]["edge_dim"] == 25
+    assert mm.predict([zoo[0].load()])["test_acc"].notna().all()
+    small = load_config("graph", ["optim.epochs=1", "encoder.hidden=8", "encoder.probes=0", "encoder.edge_dim=9",
+                                  "data.fractions=[0.5, 0.25, 0.25]"])
+    with pytest.raises(ShapeMismatchError, match="edge_dim=9"):
+        run_training(small, zoo=tmp_path / "z", out=tmp_path / "run9", plots=False)

@@ -8,6 +8,8 @@ on the first seed, ``scatter_<target>.png`` / ``confusion_<target>.png`` of the 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -122,6 +124,7 @@ def run_training(cfg: TrainConfig, *, zoo: str | Path | None = None, out: str | 
             representation = cfg.data.representation or _encoder_representation(cfg, zoo)
             datasets = open_datasets(cfg, zoo, representation)
         example = example if example is not None else _example(datasets["train"])
+        cfg = dataclasses.replace(cfg, encoder=_with_edge_dim(dict(cfg.encoder), datasets["train"]))
         if not is_gbm(cfg):  # a bad [encoder] fails here, before any output; the random state is left as it was
             with torch.random.fork_rng(devices=[]):
                 _encoder(cfg, datasets["train"], example)
@@ -204,6 +207,19 @@ def _train_seed(cfg: TrainConfig, s: int, datasets: dict, example: Any, classes:
     if len(results) > 1:
         info = {"best_epoch": [r.best_epoch for r in results], "epochs_run": [r.epochs_run for r in results]}
     return mm, info, val, test, mm.outputs(o), y
+
+
+def _with_edge_dim(enc_cfg: dict, train_ds: Any) -> dict:
+    """A graph encoder's config with ``edge_dim`` (the largest kernel it reads) set, where the config leaves it
+    out, to the zoo's largest kernel (every split), so a zoo of 5x5 kernels needs no ``--set encoder.edge_dim=25``;
+    the value is recorded in the run's config, which is what a saved meta-model is rebuilt from."""
+    from ..nn.registry import ENCODERS
+    cls = ENCODERS.get(enc_cfg.get("name"))
+    if cls is None or "edge_dim" in enc_cfg or not hasattr(train_ds, "max_kernel_numel") or \
+            "edge_dim" not in inspect.signature(cls).parameters:
+        return enc_cfg
+    default = inspect.signature(cls).parameters["edge_dim"].default
+    return enc_cfg | {"edge_dim": max(train_ds.max_kernel_numel(), default)}
 
 
 def _encoder(cfg: TrainConfig, train_ds: Any, example: Any) -> tuple[Any, Any]:

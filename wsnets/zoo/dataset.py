@@ -182,6 +182,12 @@ class ZooDataset(torch.utils.data.Dataset):
         and test share one width (a split without the deepest networks would otherwise be narrower)."""
         return max((_feature_width(a, self.representation) for a in {r["arch"] for r in self.zoo.rows}), default=0)
 
+    def max_kernel_numel(self) -> int:
+        """The largest kernel (taps) among the filtered zoo's architectures (any split): the ``edge_dim`` a
+        graph encoder needs to read every network of the zoo, out-of-distribution test splits included."""
+        from ..arch import Architecture
+        return max((Architecture.from_json(a).max_kernel_numel for a in {r["arch"] for r in self.zoo.rows}), default=1)
+
     def widest_arch(self):
         """The filtered zoo's architecture (any split) with the longest ``stats``/``esd``/``flat`` row: the
         width every split's rows are padded to (an out-of-distribution test split may hold deeper networks

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -126,12 +126,15 @@ class Zoo:
         return self._arch_cache[s]
 
     def weightspaces(self, rows: Sequence[dict[str, Any]] | None = None) -> list[WeightSpace]:
-        """Single-network WeightSpaces of ``rows`` (default: all rows of this zoo)."""
-        rows = self.rows if rows is None else rows
+        """Single-network WeightSpaces of ``rows`` (default: all rows of this zoo; one row dict: a list of one)."""
+        rows = self.rows if rows is None else [rows] if isinstance(rows, Mapping) else rows
         return [WeightSpace(self.arch_of(r), t) for r, t in zip(rows, self._loader(rows))]
 
     def load(self, rows: Sequence[dict[str, Any]] | None = None) -> WeightSpace:
-        """A batched WeightSpace of ``rows`` (default all; they must share an architecture)."""
+        """A batched WeightSpace of ``rows`` (default all; they must share an architecture); of one row dict,
+        that checkpoint's single-network WeightSpace."""
+        if isinstance(rows, Mapping):
+            return self.weightspaces(rows)[0]
         return stack(self.weightspaces(rows))
 
     # -- extra metrics -----------------------------------------------------------------------------
