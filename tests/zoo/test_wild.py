@@ -33,16 +33,19 @@ MODULES = {
 @pytest.mark.parametrize("name", list(MODULES))
 def test_dag_engine_forward_equals_functional_forward_in_training(name):
     """Outputs, gradients and BatchNorm running statistics of the grouped-layout interpreter equal
-    wsnets.functional.forward(train=True) on K models with their own batches."""
+    wsnets.functional.forward(train=True) on K models with their own batches; in evaluation mode its
+    outputs equal wsnets.functional.forward's."""
     make, shape = MODULES[name]
     arch = trace(make(), shape)
-    K, B = 3, 6
+    K, B = 3, 64
     g = torch.Generator().manual_seed(0)
     p = init_params(arch, torch.arange(K), torch.ones(K))
     for k, v in p.items():  # away from the norm layers' initial 1/0 values
         v.add_(0.1 * torch.randn(v.shape, generator=g))
     q = {k: v.clone() for k, v in p.items()}
-    x = torch.randn(K, B, *shape, generator=g)
+    # off-centre inputs, as digits' pixels (0-16): a BatchNorm that sums squares in float32 (PyTorch's
+    # channels-last CPU kernel) is 30-60x less accurate on them, enough to fail
+    x = 8 + 3 * torch.randn(K, B, *shape, generator=g)
     keys = [k for k in p if not k.endswith(("running_mean", "running_var"))]
     for d in (p, q):
         for k in keys:
@@ -52,13 +55,18 @@ def test_dag_engine_forward_equals_functional_forward_in_training(name):
     w = torch.randn(a.shape, generator=g)
     ga = torch.autograd.grad((a * w).sum(), [p[k] for k in keys])
     gb = torch.autograd.grad((b * w).sum(), [q[k] for k in keys])
-    scale = max(float(v.abs().max()) for v in gb)  # a weight BatchNorm makes scale-free has a ~0 gradient
+    # a weight BatchNorm makes scale-free has a ~0 gradient: rounding noise, ~2e-6 of the largest gradient here
+    # (from float64's both ways on resnet-bn-stride's 1x1 shortcut from the input channel)
+    scale = max(float(v.abs().max()) for v in gb)
     for k, u, v in zip(keys, ga, gb):
-        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-6 * scale, msg=k)
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5 * scale, msg=lambda e: f"{k}: {e}")
     for k in p:
         if k.endswith(("running_mean", "running_var")):
             assert not torch.equal(p[k], init_params(arch, torch.arange(K), torch.ones(K))[k])  # updated
             torch.testing.assert_close(p[k], q[k])
+    # evaluation mode (the recorded metrics): BatchNorm with those running statistics
+    with torch.no_grad():
+        torch.testing.assert_close(train_forward(arch, p, x, train=False), forward(arch, q, x), rtol=1e-5, atol=1e-6)
 
 
 def _runs(arch, hps, dataset="digits-img"):
@@ -99,7 +107,10 @@ def test_dag_engine_training_matches_torch_optim_reference(name, reference_batch
             if key.endswith("in_proj_bias"):  # the key bias shifts every score of a query alike: softmax makes its
                 d = v.shape[0] // 3           # gradient ~1e-9 noise, which Adam turns into +-lr steps; skip it
                 got, v = torch.cat([got[:d], got[2 * d:]]), torch.cat([v[:d], v[2 * d:]])
-            torch.testing.assert_close(got, v, rtol=1e-4, atol=2e-5, msg=f"{k} {key}")
+            # a 1x1 conv from the one input channel into BatchNorm: the output is (up to eps) the same for any scale
+            # of each weight, so its gradient is ~rounding noise, which Adam also turns into +-lr steps
+            atol = 1e-3 if key == "body.0.shortcut.0.weight" else 2e-5
+            torch.testing.assert_close(got, v, rtol=1e-4, atol=atol, msg=lambda e: f"{k} {key}: {e}")
         m.eval()
         with torch.no_grad():
             acc = (m(bank.xt[0]).argmax(1) == bank.yt[0]).sum().item() / len(bank.yt[0])

@@ -57,8 +57,10 @@ from .recipe import INIT_KINDS, OPTIMIZERS, OPTIONAL_HYPER, RunSpec
 #: refuses to extend a zoo trained by another version): 1 autograd trainer, 2 hand-written MLP engine,
 #: 3 NumPy dropout masks and the 7-pass AdamW, 4 MLP weights stored as [in+1, out] (other matrix-product
 #: kernels: the same accuracies up to rounding, other low-order bits), 5 CNN engine with the first layer's bias
-#: folded into its matrix product (other low-order bits for CNN recipes; MLP recipes train the same numbers as 4).
-TRAINER_VERSION = "5"
+#: folded into its matrix product (other low-order bits for CNN recipes; MLP recipes train the same numbers as 4),
+#: 6 DAG engine: channels-last convolutions, patch embeddings as a matrix product, attention with the scores
+#: transposed, its own evaluation pass (other low-order bits for DAG recipes; MLP and CNN recipes as 5).
+TRAINER_VERSION = "6"
 
 
 def trainer_tag(device: torch.device | str) -> str:
