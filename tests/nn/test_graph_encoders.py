@@ -19,6 +19,9 @@ ENCODERS = {
     "pna-scaled": lambda: NeuralGraphEncoder(hidden=16, layers=2, out_dim=8, layer_scale=True, edge_readout=True),
     "transformer-scaled": lambda: NeuralGraphTransformer(hidden=16, layers=2, heads=4, out_dim=8, layer_scale=True,
                                                          edge_readout=True),
+    # probe features and the standardized readout (train/graph.toml's settings) on the transformer
+    "transformer-probes": lambda: NeuralGraphTransformer(hidden=16, layers=2, heads=4, out_dim=8, probes=3,
+                                                         readout_norm=True),
 }
 
 

@@ -1,4 +1,4 @@
-"""Mixed-activation batches for fixed-shape encoders, and probe features (graph encoder, HNP)."""
+"""Mixed-activation batches for fixed-shape encoders, and probe features (graph encoders, HNP)."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 import wsnets
 from wsnets.errors import ArchitectureMismatchError, ConfigError
 from wsnets.functional import forward
-from wsnets.nn import HNPEncoder, NeuralGraphEncoder, NPEncoder, build_encoder, represent
+from wsnets.nn import HNPEncoder, NeuralGraphEncoder, NeuralGraphTransformer, NPEncoder, build_encoder, represent
 from wsnets.nn.probes import ProbeField, graph_probe_activations, input_shape, logit_features, probe_logits
 from wsnets.testing import assert_invariant, assert_sensitive_to_inputs
 from wsnets.weights import MixedBatch, activation_codes, stack_shapes
@@ -105,16 +105,22 @@ def test_probe_activations_follow_relabeled_neurons():
     torch.testing.assert_close(a[-3:], b[-3:])                             # outputs too
 
 
-def test_graph_encoder_with_probes_is_invariant_and_sees_inputs():
-    enc = NeuralGraphEncoder(hidden=8, layers=1, out_dim=6, probes=3).double().eval()
+GRAPH_ENCODERS = {"pna": lambda **kw: NeuralGraphEncoder(hidden=8, layers=1, out_dim=6, **kw),
+                  "transformer": lambda **kw: NeuralGraphTransformer(hidden=8, layers=1, heads=2, out_dim=6, **kw)}
+
+
+@pytest.mark.parametrize("name", list(GRAPH_ENCODERS))
+def test_graph_encoder_with_probes_is_invariant_and_sees_inputs(name):
+    enc = GRAPH_ENCODERS[name](probes=3).double().eval()
     nets_ = [w.map(torch.Tensor.double) for w in mixed()]
     assert enc(wsnets.to_batch(nets_)).shape == (8, 6)
     assert_invariant(enc, nets_)
     assert_sensitive_to_inputs(enc, wsnets.stack([w for w in nets_ if w.arch == ARCHS["mlp"]]))
 
 
-def test_graph_encoder_probe_hidden_false_feeds_only_the_logits():
-    enc = NeuralGraphEncoder(hidden=8, layers=1, out_dim=6, probes=3, probe_hidden=False).double().eval()
+@pytest.mark.parametrize("name", list(GRAPH_ENCODERS))
+def test_graph_encoder_probe_hidden_false_feeds_only_the_logits(name):
+    enc = GRAPH_ENCODERS[name](probes=3, probe_hidden=False).double().eval()
     nets_ = [w.map(torch.Tensor.double) for w in mixed()]
     batch = wsnets.to_batch(nets_)
     seen = {}

@@ -460,7 +460,45 @@ def readout_dim(hidden: int, edge_groups: bool, edge_hidden: int | None = None) 
     return 5 * hidden + (5 if edge_groups else 2) * (edge_hidden or hidden)
 
 
-class NeuralGraphEncoder(nn.Module):
+class ProbeReadoutMixin:
+    """The probe path and readout standardization of the graph encoders (:class:`NeuralGraphEncoder`,
+    :class:`~wsnets.nn.transformer.NeuralGraphTransformer`): ``probes`` learned inputs whose per-neuron
+    activations go to the featurizer (only the logits unless ``probe_hidden``) and whose output summary
+    joins the readout, then an optional ``BatchNorm1d`` over the readout (``readout_norm``)."""
+
+    def _init_probes(self, width: int, hidden: int, pos_dim: int, probes: int, probe_learn: bool,
+                     probe_hidden: bool, readout_norm: bool) -> int:
+        """Create the probe modules; returns the readout width the head takes."""
+        self.probe_field = ProbeField(probes, learn=probe_learn) if probes else None
+        self.probe_readout = OutputProbeReadout(probes, 4 * hidden, pos_dim) if probes else None
+        width += self.probe_readout.out_dim if probes else 0
+        self.readout_norm = nn.BatchNorm1d(width) if readout_norm else nn.Identity()
+        self.probe_hidden = probe_hidden
+        return width
+
+    def probe_inputs(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-neuron probe activations ``[N, P]`` (zero off the output neurons unless ``probe_hidden``)
+        and the per-graph output summary, or ``(None, None)`` without probes."""
+        if self.probe_field is None:
+            return None, None
+        acts, summary = graph_probe_activations(batch, self.probe_field)
+        if not self.probe_hidden:
+            acts = acts * (batch.node_type == 2).unsqueeze(1)
+        return acts, summary
+
+    def finish_readout(self, r: torch.Tensor, acts, summary, batch, aux: dict) -> torch.Tensor:
+        """The graph readout ``r`` with the probes' output readout appended, standardized if ``readout_norm``."""
+        if summary is not None:
+            r = torch.cat([r, self.probe_readout(acts.to(r.dtype), summary.to(r.dtype), batch, aux["batch"])], dim=1)
+        bn = self.readout_norm
+        if isinstance(bn, nn.BatchNorm1d) and bn.training and r.shape[0] < 2:
+            # one network has no batch statistics (e.g. the last batch of an epoch): use the running ones
+            return nn.functional.batch_norm(r, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
+                                            bn.eps)
+        return bn(r)
+
+
+class NeuralGraphEncoder(ProbeReadoutMixin, nn.Module):
     """PNA-style message passing with edge updates over neural graphs -> ``[B, out_dim]``.
 
     Parameters
@@ -510,34 +548,19 @@ class NeuralGraphEncoder(nn.Module):
         super().__init__()
         eh = edge_hidden or max(4, hidden // 2)
         self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale, probes, eh)
-        self.probe_field = ProbeField(probes, learn=probe_learn) if probes else None
-        self.probe_readout = OutputProbeReadout(probes, 4 * hidden, pos_dim) if probes else None
+        width = self._init_probes(readout_dim(hidden, edge_readout, eh), hidden, pos_dim, probes, probe_learn,
+                                  probe_hidden, readout_norm)
         self.layers = nn.ModuleList(EdgePNALayer(hidden, dropout, edge_hidden=eh) for _ in range(layers))
         self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(eh)
-        width = readout_dim(hidden, edge_readout, eh) + (self.probe_readout.out_dim if probes else 0)
         self.head = make_mlp([width, 2 * hidden, out_dim], dropout=dropout, norm=True)
-        self.readout_norm = nn.BatchNorm1d(width) if readout_norm else nn.Identity()
         self.out_dim, self.hidden, self.edge_readout = out_dim, hidden, edge_readout
-        self.probe_hidden = probe_hidden
 
     def forward(self, batch) -> torch.Tensor:
-        acts = summary = None
-        if self.probe_field is not None:
-            acts, summary = graph_probe_activations(batch, self.probe_field)
-            if not self.probe_hidden:
-                acts = acts * (batch.node_type == 2).unsqueeze(1)
+        acts, summary = self.probe_inputs(batch)
         h, e, aux = self.featurizer(batch, acts)
         en = edge_norm(e)
         for layer in self.layers:
             h, e, en = layer(h, e, en, batch.edge_index, aux)
         r = graph_readout(self.norm_h(h), torch.addcmul(self.norm_e.bias, en, self.norm_e.weight), batch, aux,
                           self.edge_readout)
-        if summary is not None:
-            r = torch.cat([r, self.probe_readout(acts.to(r.dtype), summary.to(r.dtype), batch, aux["batch"])], dim=1)
-        bn = self.readout_norm
-        if isinstance(bn, nn.BatchNorm1d) and bn.training and r.shape[0] < 2:
-            # one network has no batch statistics (e.g. the last batch of an epoch): use the running ones
-            r = nn.functional.batch_norm(r, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        else:
-            r = bn(r)
-        return self.head(r)
+        return self.head(self.finish_readout(r, acts, summary, batch, aux))

@@ -35,7 +35,7 @@ from torch import nn
 from torch_geometric.utils import to_dense_batch
 
 from .common import make_mlp, sinusoidal
-from .graph_encoder import EdgeUpdate, GraphFeaturizer, graph_readout, readout_dim
+from .graph_encoder import EdgeUpdate, GraphFeaturizer, ProbeReadoutMixin, graph_readout, readout_dim
 
 
 class RelationalAttentionLayer(nn.Module):
@@ -124,7 +124,7 @@ def _pair_index(B: int, nh: int, M: int, b: torch.Tensor, i: torch.Tensor, j: to
     return (((b * nh).unsqueeze(1) + heads) * M + i.unsqueeze(1)) * M + j.unsqueeze(1)
 
 
-class NeuralGraphTransformer(nn.Module):
+class NeuralGraphTransformer(ProbeReadoutMixin, nn.Module):
     """Graph transformer over neural graphs -> ``[B, out_dim]`` (same inputs and outputs as
     :class:`~wsnets.nn.graph_encoder.NeuralGraphEncoder`).
 
@@ -136,7 +136,9 @@ class NeuralGraphTransformer(nn.Module):
     out_dim : embedding size.
     edge_dim : largest kernel (taps) accepted; smaller are zero-padded.
     dropout : attention and MLP dropout.
-    layer_scale, edge_readout : as in :class:`~wsnets.nn.graph_encoder.NeuralGraphEncoder`.
+    layer_scale, edge_readout, probes, probe_learn, probe_hidden, readout_norm : as in
+        :class:`~wsnets.nn.graph_encoder.NeuralGraphEncoder` (probes: each neuron's activations on learned
+        probe inputs join its features, a summary of the outputs joins the readout; off by default).
 
     Defaults are sized for CPU training on zoos (cost grows with ``hidden**2 x edges x layers``);
     on a GPU, ``hidden=64..128`` and ``layers=4`` are affordable.
@@ -145,19 +147,24 @@ class NeuralGraphTransformer(nn.Module):
     representation = "graph"
 
     def __init__(self, hidden: int = 32, layers: int = 3, heads: int = 4, out_dim: int = 64, edge_dim: int = 9,
-                 dropout: float = 0.0, pos_dim: int = 16, layer_scale: bool = False, edge_readout: bool = False) -> None:
+                 dropout: float = 0.0, pos_dim: int = 16, layer_scale: bool = False, edge_readout: bool = False,
+                 probes: int = 0, probe_learn: bool = True, probe_hidden: bool = True,
+                 readout_norm: bool = False) -> None:
         super().__init__()
-        self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale)
+        self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale, probes)
+        width = self._init_probes(readout_dim(hidden, edge_readout), hidden, pos_dim, probes, probe_learn,
+                                  probe_hidden, readout_norm)
         self.io_code = nn.Linear(2 * pos_dim, hidden, bias=False)
         nn.init.normal_(self.io_code.weight, std=(2.0 / pos_dim) ** 0.5)
         self.pos_dim = pos_dim
         self.layers = nn.ModuleList(RelationalAttentionLayer(hidden, heads, dropout) for _ in range(layers))
         self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.head = make_mlp([readout_dim(hidden, edge_readout), 2 * hidden, out_dim], dropout=dropout, norm=True)
+        self.head = make_mlp([width, 2 * hidden, out_dim], dropout=dropout, norm=True)
         self.out_dim, self.hidden, self.edge_readout = out_dim, hidden, edge_readout
 
     def forward(self, batch) -> torch.Tensor:
-        h, e, aux = self.featurizer(batch)
+        acts, summary = self.probe_inputs(batch)
+        h, e, aux = self.featurizer(batch, acts)
         h = h + self.io_code(io_codes(batch, self.pos_dim, h.dtype))
         nb = aux["batch"]
         ptr = torch.zeros(int(nb.max()) + 2 if nb.numel() else 1, dtype=torch.long, device=nb.device)
@@ -166,7 +173,8 @@ class NeuralGraphTransformer(nn.Module):
         aux["log_nodes"] = (ptr[1:] - ptr[:-1]).clamp(min=1).to(h.dtype).log()
         for layer in self.layers:
             h, e = layer(h, e, batch, aux)
-        return self.head(graph_readout(self.norm_h(h), self.norm_e(e), batch, aux, self.edge_readout))
+        r = graph_readout(self.norm_h(h), self.norm_e(e), batch, aux, self.edge_readout)
+        return self.head(self.finish_readout(r, acts, summary, batch, aux))
 
 
 def io_codes(batch, pos_dim: int, dtype: torch.dtype) -> torch.Tensor:
