@@ -390,7 +390,7 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
         if epoch in checkpoints:
             with torch.no_grad(), _full_fp32():
                 p = eng.params()
-                metrics = evaluate(eng.logits, bank, didx, y_train, member, shared,
+                metrics = evaluate(eng.logits, bank, didx, y_train, member, shared, chunk=getattr(eng, "eval_chunk", 256),
                                    members=(memb, n_sub, data_idx, eng.row_logits) if engine == "cnn" else None)
             metrics["diverged"] = frozen[:, 0].double()
             yield Checkpoint(epoch, _to_host(p, inv), _to_host(metrics, inv))
