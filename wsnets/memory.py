@@ -8,6 +8,8 @@ hundreds of megabytes per epoch while the live tensors stay the same (the main j
 encoder's 8th epoch and rising; with a fixed threshold, 1.2 GB at most over all 15 epochs and every number
 the same; benchmarks/results/main_job.md). :func:`tame_allocator` fixes the threshold and lets ``free`` return the top
 of the heap; the CLI calls it at start, as does :func:`wsnets.run.run`; a script can call it once.
+``wsnets zoo build`` sets a 32 MB threshold instead (:mod:`wsnets.zoo.cli`): its training steps free and
+allocate the same sizes every step, and above a 1 MB threshold each was a fresh mapping to fault in and zero.
 """
 
 from __future__ import annotations
