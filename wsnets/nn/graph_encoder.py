@@ -467,14 +467,18 @@ class ProbeReadoutMixin:
     joins the readout, then an optional ``BatchNorm1d`` over the readout (``readout_norm``)."""
 
     def _init_probes(self, width: int, hidden: int, pos_dim: int, probes: int, probe_learn: bool,
-                     probe_hidden: bool, readout_norm: bool) -> int:
-        """Create the probe modules; returns the readout width the head takes."""
+                     probe_hidden: bool) -> int:
+        """Create the probe modules; returns the readout width the head takes (see :meth:`_init_readout_norm`)."""
         self.probe_field = ProbeField(probes, learn=probe_learn) if probes else None
         self.probe_readout = OutputProbeReadout(probes, 4 * hidden, pos_dim) if probes else None
-        width += self.probe_readout.out_dim if probes else 0
-        self.readout_norm = nn.BatchNorm1d(width) if readout_norm else nn.Identity()
         self.probe_hidden = probe_hidden
-        return width
+        return width + (self.probe_readout.out_dim if probes else 0)
+
+    def _init_readout_norm(self, width: int, readout_norm: bool) -> None:
+        """The readout standardization. Each encoder creates it where it always has (the PNA encoder after its
+        head), since the order modules are registered in is the order of ``parameters()``: the optimizer's and
+        gradient clipping's sums over them, and so the trained numbers, depend on it."""
+        self.readout_norm = nn.BatchNorm1d(width) if readout_norm else nn.Identity()
 
     def probe_inputs(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-neuron probe activations ``[N, P]`` (zero off the output neurons unless ``probe_hidden``)
@@ -549,10 +553,11 @@ class NeuralGraphEncoder(ProbeReadoutMixin, nn.Module):
         eh = edge_hidden or max(4, hidden // 2)
         self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale, probes, eh)
         width = self._init_probes(readout_dim(hidden, edge_readout, eh), hidden, pos_dim, probes, probe_learn,
-                                  probe_hidden, readout_norm)
+                                  probe_hidden)
         self.layers = nn.ModuleList(EdgePNALayer(hidden, dropout, edge_hidden=eh) for _ in range(layers))
         self.norm_h, self.norm_e = nn.LayerNorm(hidden), nn.LayerNorm(eh)
         self.head = make_mlp([width, 2 * hidden, out_dim], dropout=dropout, norm=True)
+        self._init_readout_norm(width, readout_norm)
         self.out_dim, self.hidden, self.edge_readout = out_dim, hidden, edge_readout
 
     def forward(self, batch) -> torch.Tensor:

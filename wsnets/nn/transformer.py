@@ -153,7 +153,8 @@ class NeuralGraphTransformer(ProbeReadoutMixin, nn.Module):
         super().__init__()
         self.featurizer = GraphFeaturizer(hidden, edge_dim, pos_dim, layer_scale, probes)
         width = self._init_probes(readout_dim(hidden, edge_readout), hidden, pos_dim, probes, probe_learn,
-                                  probe_hidden, readout_norm)
+                                  probe_hidden)
+        self._init_readout_norm(width, readout_norm)
         self.io_code = nn.Linear(2 * pos_dim, hidden, bias=False)
         nn.init.normal_(self.io_code.weight, std=(2.0 / pos_dim) ** 0.5)
         self.pos_dim = pos_dim
