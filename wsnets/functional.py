@@ -238,12 +238,12 @@ def _dag_op(l: Layer, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False,
-               scale: float = 1.0, fused: bool = False) -> torch.Tensor:
+               scale: float = 1.0) -> torch.Tensor:
     """Multi-head softmax attention on ``[K, N, T, heads*d]`` q, k, v (heads split, attended, merged).
 
-    Written out by default: ``F.scaled_dot_product_attention``'s CPU kernel has no double backward
-    (Hessian-vector products) and no vmap rule (landscapes evaluate many points at once). ``fused=True``
-    uses it (the zoo trainer: up to ~1.6x faster on 17 tokens, and training needs neither)."""
+    Written out: ``F.scaled_dot_product_attention``'s CPU kernel has no double backward (Hessian-vector
+    products) and no vmap rule (landscapes evaluate many points at once). The zoo trainer's engine has its
+    own variant with the scores transposed (:func:`wsnets.zoo.dag_engine._attention`)."""
     lead = q.shape[:-2]
     T, S = q.shape[-2], k.shape[-2]
 
@@ -251,14 +251,10 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, ca
         t = t.expand(*lead, *t.shape[-2:]) if t.shape[:-2] != lead else t
         return t.reshape(-1, n, heads, t.shape[-1] // heads).transpose(1, 2)     # [M, heads, n, d]
     qh, kh, vh = split(q, T), split(k, S), split(v, S)
-    factor = scale / qh.shape[-1] ** 0.5
-    if fused:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=factor)
-    else:
-        scores = torch.matmul(qh, kh.transpose(-1, -2)) * factor
-        if causal:
-            scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        out = torch.matmul(scores.softmax(-1), vh)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * (scale / qh.shape[-1] ** 0.5)
+    if causal:
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    out = torch.matmul(scores.softmax(-1), vh)
     return out.transpose(1, 2).reshape(*lead, T, v.shape[-1])
 
 
