@@ -6,6 +6,7 @@ import torch
 
 import wsnets
 from wsnets.nn import NeuralGraphTransformer
+from wsnets.nn.transformer import attention_groups, plan_groups
 
 from .helpers import mixed
 
@@ -66,3 +67,55 @@ def test_attention_layer_matches_a_pairwise_loop():
     torch.testing.assert_close(h2, h_ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(e2, e_ref, rtol=1e-9, atol=1e-9)
 
+
+
+def _set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        yield [[first]] + part
+        for i in range(len(part)):
+            yield part[:i] + [[first] + part[i]] + part[i + 1:]
+
+
+def test_attention_groups_are_the_cheapest_partition_of_the_batch():
+    """plan_groups' dynamic program over sorted sizes against every partition of the graphs."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        sizes = torch.randint(1, 60, (int(torch.randint(1, 7, (1,), generator=gen)),), generator=gen).tolist()
+        heads, overhead = 2, int(torch.randint(0, 4000, (1,), generator=gen))
+
+        def cost(parts):
+            return sum(heads * len(g) * max(sizes[i] for i in g) ** 2 + overhead for g in parts)
+
+        got = plan_groups(sizes, heads, overhead)
+        assert sorted(i for g in got for i in g) == list(range(len(sizes)))
+        assert cost(got) == min(cost(p) for p in _set_partitions(list(range(len(sizes)))))
+
+
+def test_grouped_attention_gives_the_dense_batch_values_and_gradients():
+    torch.manual_seed(1)
+    enc = NeuralGraphTransformer(hidden=8, layers=2, heads=2, out_dim=4).double()
+    nets = [w.map(torch.Tensor.double) for w in mixed()]
+    batch = wsnets.to_batch(nets + nets[:2])
+    sizes = torch.bincount(batch.batch).tolist()
+    assert len(set(sizes)) > 2
+    groups = attention_groups(batch.batch, batch.edge_index, heads=2, overhead=0)
+    assert groups is not None and len(groups.parts) > 1
+    import wsnets.nn.transformer as T
+    outs = {}
+    for name, plan in (("dense", lambda *a, **k: None), ("grouped", lambda nb, ei, heads: groups)):
+        orig = T.attention_groups
+        T.attention_groups = plan
+        try:
+            enc.zero_grad()
+            out = enc(batch)
+            out.square().sum().backward()
+            outs[name] = (out.detach(), [p.grad.clone() for p in enc.parameters() if p.grad is not None])
+        finally:
+            T.attention_groups = orig
+    torch.testing.assert_close(outs["grouped"][0], outs["dense"][0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(outs["grouped"][1], outs["dense"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

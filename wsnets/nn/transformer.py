@@ -23,11 +23,15 @@ neurons are anonymous (``tests/spine/test_dag.py`` asserts it on transformers an
   of a 400-neuron transformer gave 2% of its attention to its 8 inputs, so what their weights and
   identities told it was diluted ~50-fold; the global heads keep the whole-network view.
 
-Memory: the attention logits are ``[B, heads, N_max, N_max]`` (N_max = most neurons of one graph in the
-batch), built in place.
+Memory: attention runs on groups of graphs of similar size (:func:`attention_groups`), each as dense
+``[graphs, heads, M, M]`` logits built in place (M = most neurons of one graph in the group), so a batch
+that mixes 100- and 1,300-neuron networks does not pad every graph to 1,300. The values are those of one
+dense batch: every graph's keys are its own, padding is masked out.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,20 +70,32 @@ class RelationalAttentionLayer(nn.Module):
         self.edge = EdgeUpdate(hidden, dropout)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, batch, aux: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        nb = aux["batch"]
         src, dst = batch.edge_index
-        hn = self.norm1(h)
+        hn, en = self.norm1(h), self.norm_e(e)
+        groups = aux.get("groups")
+        if groups is None:      # one dense batch
+            att = self._attend(hn, en, src, dst, aux["batch"], batch.node_layer, aux["local"], aux["log_nodes"])
+        else:
+            parts = [self._attend(hn[g.nodes], en[g.edges], g.src, g.dst, g.batch, batch.node_layer[g.nodes],
+                                  aux["local"][g.nodes], aux["log_nodes"][g.graphs]) for g in groups.parts]
+            att = torch.cat(parts)[groups.inverse]
+        h = h + self.out(att)
+        h = h + self.ffn(self.norm2(h))
+        return h, self.edge(self.norm2(h), en, e, src, dst)
+
+    def _attend(self, hn: torch.Tensor, en: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, nb: torch.Tensor,
+                node_layer: torch.Tensor, local: torch.Tensor, log_nodes: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[n, H]`` of the graphs in ``nb`` (their nodes contiguous and in order, edges
+        indexing those nodes)."""
         dense, mask = to_dense_batch(hn, nb)                      # [B, M, H], [B, M]
         B, M, H = dense.shape
         nh, hd = self.heads, H // self.heads
         q, k, v = self.qkv(dense).reshape(B, M, 3, nh, hd).permute(2, 0, 3, 1, 4)  # [B, nh, M, hd] each
-        local = aux["local"]
-        bias = self.hop_bias(batch.node_layer, nb, M)               # [B, nh, M(query), M(key)]
-        en = self.norm_e(e)
+        bias = self.hop_bias(node_layer, nb, M)                     # [B, nh, M(query), M(key)]
         eb = nb[src]
         qi, kj = torch.cat([local[dst], local[src]]), torch.cat([local[src], local[dst]])   # both directions
         pair = _pair_index(B, nh, M, torch.cat([eb, eb]), qi, kj)                          # [2E, nh]
-        log_n = aux["log_nodes"][eb].unsqueeze(1)                                        # [E, 1]
+        log_n = log_nodes[eb].unsqueeze(1)                                               # [E, 1]
         val = torch.cat([self.bias_fwd(en) + log_n * self.neighbour[0], self.bias_bwd(en) + log_n * self.neighbour[1]])
         # hop bias, padded keys at -inf, edge biases, then q.k on top: in place on one [B, nh, M, M] tensor
         bias = bias.masked_fill_(~mask[:, None, None, :], float("-inf")).reshape(-1)
@@ -93,10 +109,7 @@ class RelationalAttentionLayer(nn.Module):
         ev = p.reshape(-1)[pair] * torch.cat([self.value_fwd(en), self.value_bwd(en)])          # [2E, nh]
         ev = p.new_zeros(B * nh * M).index_add_(0, (pair // M).reshape(-1), ev.reshape(-1))
         att = torch.matmul(p, v) + ev.reshape(B, nh, M, 1) * self.value_dir.unsqueeze(1)
-        att = att.reshape(B, nh, M, hd).transpose(1, 2).reshape(B, M, H)[mask]          # back to [N, H]
-        h = h + self.out(att)
-        h = h + self.ffn(self.norm2(h))
-        return h, self.edge(self.norm2(h), en, e, src, dst)
+        return att.reshape(B, nh, M, hd).transpose(1, 2).reshape(B, M, H)[mask]          # back to [n, H]
 
     def hop_bias(self, node_layer: torch.Tensor, nb: torch.Tensor, M: int) -> torch.Tensor:
         """``[B, heads, M, M]`` learned bias of the clipped layer distance ``layer(key) - layer(query)``.
@@ -115,6 +128,66 @@ class RelationalAttentionLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, heads={self.heads}, max_hop={self.max_hop}"
+
+
+class _Group(NamedTuple):
+    graphs: torch.Tensor   # batch indices of the group's graphs, ascending
+    nodes: torch.Tensor    # their nodes, in batch order
+    edges: torch.Tensor    # their edges
+    src: torch.Tensor      # edge endpoints as positions in ``nodes``
+    dst: torch.Tensor
+    batch: torch.Tensor    # each node's graph as a position in ``graphs``
+
+
+class AttentionGroups(NamedTuple):
+    parts: list[_Group]
+    inverse: torch.Tensor  # ``cat(outputs of parts)[inverse]`` is in batch node order
+
+
+def plan_groups(sizes: list[int], heads: int, overhead: int = 65536) -> list[list[int]]:
+    """Partition graphs (by index) into groups that minimize the padded attention work
+    ``sum(heads * len(group) * max_size(group)**2 + overhead)`` (``overhead``: the fixed cost of one more
+    group, in elements). Groups are contiguous in size order, so the exact optimum is a dynamic program
+    over the sorted sizes (a batch holds tens of graphs)."""
+    order = sorted(range(len(sizes)), key=sizes.__getitem__)
+    s = [sizes[i] for i in order]
+    best, cut = [0] + [None] * len(s), [0] * (len(s) + 1)
+    for j in range(1, len(s) + 1):               # best[j]: the first j graphs (by size); the last group ends at j
+        best[j], cut[j] = min((best[i] + heads * (j - i) * s[j - 1] ** 2 + overhead, i) for i in range(j))
+    groups, j = [], len(s)
+    while j:
+        groups.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return groups[::-1]
+
+
+def attention_groups(nb: torch.Tensor, edge_index: torch.Tensor, heads: int,
+                     overhead: int = 65536) -> AttentionGroups | None:
+    """Groups of similar-size graphs for :class:`RelationalAttentionLayer` (see :func:`plan_groups`);
+    ``None`` when one dense batch is best."""
+    counts = torch.bincount(nb)
+    groups = plan_groups(counts.tolist(), heads, overhead)
+    if len(groups) == 1:
+        return None
+    dev = nb.device
+    group_of = torch.empty(counts.numel(), dtype=torch.long)
+    rank = torch.empty(counts.numel(), dtype=torch.long)
+    for k, g in enumerate(groups):
+        group_of[g] = k
+        rank[g] = torch.arange(len(g))
+    group_of, rank = group_of.to(dev), rank.to(dev)
+    node_group = group_of[nb]
+    node_order = torch.sort(node_group, stable=True).indices            # nodes by group, batch order within
+    edge_order = torch.sort(node_group[edge_index[1]], stable=True).indices
+    n_nodes = torch.bincount(node_group, minlength=len(groups)).tolist()
+    n_edges = torch.bincount(node_group[edge_index[1]], minlength=len(groups)).tolist()
+    pos = torch.empty_like(nb)                                           # a node's position in its group
+    pos[node_order] = torch.cat([torch.arange(n, device=dev) for n in n_nodes])
+    parts = []
+    for g, nodes, edges in zip(groups, node_order.split(n_nodes), edge_order.split(n_edges)):
+        src, dst = edge_index[0, edges], edge_index[1, edges]
+        parts.append(_Group(torch.tensor(g, device=dev), nodes, edges, pos[src], pos[dst], rank[nb[nodes]]))
+    return AttentionGroups(parts, torch.argsort(node_order))
 
 
 def _pair_index(B: int, nh: int, M: int, b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -172,6 +245,7 @@ class NeuralGraphTransformer(ProbeReadoutMixin, nn.Module):
         ptr[1:] = torch.bincount(nb, minlength=ptr.numel() - 1).cumsum(0)
         aux["local"] = torch.arange(nb.numel(), device=nb.device) - ptr[nb]
         aux["log_nodes"] = (ptr[1:] - ptr[:-1]).clamp(min=1).to(h.dtype).log()
+        aux["groups"] = attention_groups(nb, batch.edge_index, self.layers[0].heads) if self.layers else None
         for layer in self.layers:
             h, e = layer(h, e, batch, aux)
         r = graph_readout(self.norm_h(h), self.norm_e(e), batch, aux, self.edge_readout)
