@@ -16,7 +16,8 @@ Two workloads, each timed both ways in one run:
 
 * ``resnet`` and ``vit`` (``--workloads``, off by default): one group of residual CNNs of
   ``zoo/digits-wild.toml`` and one group of transformers of ``zoo/digits-vit.toml`` (planned at their
-  real populations; ``--dag-pick``: the group of median per-model cost, or the cheapest, or both), trained
+  real populations, or at ``--dag-population N`` models: the same architectures, each group N/population
+  times larger; ``--dag-pick``: the group of median per-model cost, or the cheapest, or both), trained
   by the batched trainer's DAG engine (:mod:`wsnets.zoo.dag_engine`), against the sequential loop on
   the same models built as their own ``nn.Module`` class (:func:`wsnets.zoo.recipe.family_module`:
   ``WildCNN``, ``ViT`` with ``nn.TransformerEncoderLayer``) with the same initial weights.
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import math
 import os
@@ -286,6 +288,9 @@ def main(argv=None) -> int:
                     help="comma-separated: recipe, mlp, resnet (a residual group of zoo/digits-wild.toml), "
                          "vit (a transformer group of zoo/digits-vit.toml)")
     ap.add_argument("--dag-pick", default="median", help="which resnet/vit group(s): median, small (comma-separated)")
+    ap.add_argument("--dag-population", type=int, default=None,
+                    help="plan the resnet/vit recipes at this many models (default: their own population); the "
+                         "architecture pool stays, so each group holds proportionally more models (a larger K)")
     ap.add_argument("--out", required=True, help="JSON file to write")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -373,6 +378,8 @@ def main(argv=None) -> int:
         if fam not in work:
             continue
         fr = load_recipe(path)
+        if a.dag_population:
+            fr = dataclasses.replace(fr, population=a.dag_population)
         fbank = DataBank.build(fr.datasets, dev)
         cands = sorted((g for g in plan(fr) if g.arch.describe().startswith(want)),
                        key=lambda g: (_macs(g.arch), g.runs[0].index))
