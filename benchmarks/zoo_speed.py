@@ -39,6 +39,7 @@ Usage::
     python benchmarks/zoo_speed.py --threads 2 --workers 2 --out benchmarks/out/zoo_speed_2t.json
     python benchmarks/zoo_speed.py --device cuda --mlp-models 50000 --seq-models 20 --out zoo_speed_gpu.json
     python benchmarks/zoo_speed.py --workloads resnet,vit --dag-pick small,median --out benchmarks/results/zoo_speed_dag.json
+    python benchmarks/zoo_speed.py --device cuda --workloads resnet,vit --dag-pick small,median --dag-vmap --out zoo_speed_dag_gpu.json
 """
 
 from __future__ import annotations
@@ -164,19 +165,33 @@ def sequential(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, int, list
 
 def vmap_loop(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, float, int, list[float]]:
     """A naive ``torch.func`` reference: ``vmap(grad(loss))`` over the stacked parameters of all models,
-    one SGD-with-momentum update per parameter tensor, random batches, test accuracy at the end."""
-    from torch.func import functional_call, grad, vmap
+    one SGD-with-momentum update per parameter tensor, random batches, test accuracy at the end.
+
+    A residual CNN or transformer group runs through its family's own class (:func:`family_module`:
+    ``WildCNN``, ``ViT``); BatchNorm there uses batch statistics only
+    (``torch.func.replace_all_batch_norm_modules_``: running statistics are state ``vmap`` cannot update)."""
+    from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
     arch = runs[0].arch
     K, B = len(runs), recipe.batch_size
     x, y, xt, yt = bank.x[0], bank.y[0], bank.xt[0], bank.yt[0]
     n = int(bank.n[0])
     steps = math.ceil(n / B)
-    base = WeightSpace(arch, {k: v[0] for k, v in init_params(arch, torch.zeros(1, dtype=torch.long, device=dev),
-                                                             torch.ones(1, device=dev)).items()}).to_module().to(dev)
+    family = bool(runs[0].fields) and dict(runs[0].fields).get("kind") in ("wild-cnn", "vit")
+    if family:
+        base = replace_all_batch_norm_modules_(family_module(runs[0]).to(dev).train())
+    else:
+        base = WeightSpace(arch, {k: v[0] for k, v in init_params(arch, torch.zeros(1, dtype=torch.long, device=dev),
+                                                                 torch.ones(1, device=dev)).items()}).to_module().to(dev)
     _sync(dev)
     t, c = time.perf_counter(), time.process_time()
     p = init_params(arch, torch.tensor([r.seed for r in runs], device=dev), torch.ones(K, device=dev))
-    p = dict(zip(base.state_dict().keys(), p.values()))  # module keys, in the architecture's order
+    if family:  # the checkpoint's keys are the class's (see family_module); buffers stay the module's
+        names = dict(base.named_parameters())
+        p = {k: v.clone() for k, v in p.items() if k in names}
+        missing = set(names) - set(p)
+        assert not missing, f"parameters without an initial value: {sorted(missing)}"
+    else:
+        p = dict(zip(base.state_dict().keys(), p.values()))  # module keys, in the architecture's order
     buf = {k: torch.zeros_like(v) for k, v in p.items()}
     lr = torch.tensor([r.hp["lr"] for r in runs], device=dev)
     g_fn = vmap(grad(lambda q, xb, yb: F.cross_entropy(functional_call(base, q, (xb,)), yb)))
@@ -281,7 +296,11 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe-every", type=int, default=None, help="train every N-th group of the plan (default 6 with --quick, else 1)")
     ap.add_argument("--mlp-models", type=int, default=None, help="K for the fixed 64-32-32-10 MLP workload")
     ap.add_argument("--seq-models", type=int, default=None, help="models timed in the sequential loop (per workload)")
-    ap.add_argument("--vmap-models", type=int, default=None, help="K of the torch.func.vmap reference (0: skip)")
+    ap.add_argument("--vmap-models", type=int, default=None,
+                    help="K of the torch.func.vmap reference on the MLP workload (0: skip); the resnet/vit groups "
+                         "get it with --dag-vmap")
+    ap.add_argument("--dag-vmap", action="store_true",
+                    help="also time the naive torch.func.vmap loop on each resnet/vit group (all its models)")
     ap.add_argument("--repeat", type=int, default=None,
                     help="time each workload this many times, interleaved, and report median speedups (default 3, 1 with --quick)")
     ap.add_argument("--workloads", default="recipe,mlp",
@@ -387,13 +406,20 @@ def main(argv=None) -> int:
             g = cands[0] if pick == "small" else cands[len(cands) // 2]
             runs = list(g.runs)
             seq_n = min(len(runs), a.seq_models or (4 if a.quick else 8))
-            reps = [(batched([(g.arch, runs)], fr, fbank, dev), sequential(runs[:seq_n], fr, fbank, dev))
-                    for _ in range(repeat)]
+            reps, vreps = [], []
+            for _ in range(repeat):
+                reps.append((batched([(g.arch, runs)], fr, fbank, dev), sequential(runs[:seq_n], fr, fbank, dev)))
+                if a.dag_vmap:
+                    vreps.append((reps[-1][0], vmap_loop(runs, fr, fbank, dev)))
             desc = ", ".join(f"{k}={v}" for k, v in dict(runs[0].fields).items() if k != "kind")
             row = _repeated(f"{fr.name}: {pick} {want} group ({desc}; {g.arch.num_params} params, "
                                      f"{_macs(g.arch) / 1e3:.0f}k MACs/sample), K={len(runs)}, {fr.epochs} epochs, "
                                      f"batch {fr.batch_size}; sequential {seq_n} models", reps)
             results.append({**row, **_flop_rates(row, g.arch, fr, fbank)})
+            if vreps:  # the engine's repeats against the vmap loop's ("sequential" columns: the vmap loop)
+                results.append(_repeated(f"same {pick} {want} group, batched engine vs a naive torch.func.vmap loop "
+                                         f"over its K={len(runs)} models (in this row the sequential columns are the "
+                                         f"vmap loop: SGD with momentum, no checkpoint evaluations)", vreps))
 
     env = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
            "threads": a.threads, "repeat": repeat, "torch": torch.__version__, "python": platform.python_version(),
