@@ -167,7 +167,7 @@ def attention_groups(nb: torch.Tensor, edge_index: torch.Tensor, heads: int,
     ``None`` when one dense batch is best."""
     counts = torch.bincount(nb)
     groups = plan_groups(counts.tolist(), heads, overhead)
-    if len(groups) == 1:
+    if len(groups) <= 1:
         return None
     dev = nb.device
     group_of = torch.empty(counts.numel(), dtype=torch.long)
