@@ -29,7 +29,7 @@ features are the logits only (``encoder.probe_hidden=false``): residual networks
 activations (:func:`wsnets.nn.probes.graph_probe_activations`), so training on plain CNNs with them would
 teach features the test networks lack. ``--vit-filter`` (e.g. ``width=[16,32]``)
 restricts the vit splits to part of the zoo for every method alike, where the graph encoders' cost on
-the widest transformers (~60,000 edges per graph) does not fit the machine.
+the transformers of width 48-64 (81,000-90,000 edges per graph) does not fit the machine.
 """
 
 from __future__ import annotations
