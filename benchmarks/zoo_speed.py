@@ -107,6 +107,11 @@ def built(recipe, n_rec: int, every: int, workers: int, dev) -> tuple[float, flo
     return wall, cpu_s, s["models_built"], accs
 
 
+def _is_family(r: RunSpec) -> bool:
+    """A run of a ``wild-cnn`` or ``vit`` recipe, whose own class is :func:`family_module`'s."""
+    return dict(r.fields).get("kind") in ("wild-cnn", "vit")
+
+
 def sequential(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, int, list[float]]:
     """The usual loop: one model at a time, nn.Module + torch.optim, evaluated at each checkpoint epoch."""
     x, y, xt, yt = bank.x[0], bank.y[0], bank.xt[0], bank.yt[0]
@@ -117,7 +122,7 @@ def sequential(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, int, list
     accs = []
     for r in runs:
         p = init_params(r.arch, torch.tensor([r.seed], device=dev), torch.tensor([r.hp["init_scale"]], device=dev))
-        if r.fields and dict(r.fields).get("kind") in ("wild-cnn", "vit"):  # the class it was drawn as
+        if _is_family(r):  # the class it was drawn as
             model = family_module(r)
             model.load_state_dict({k: v[0] for k, v in p.items()}, strict=False)
             model = model.to(dev).train()
@@ -176,7 +181,7 @@ def vmap_loop(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, float, int
     x, y, xt, yt = bank.x[0], bank.y[0], bank.xt[0], bank.yt[0]
     n = int(bank.n[0])
     steps = math.ceil(n / B)
-    family = bool(runs[0].fields) and dict(runs[0].fields).get("kind") in ("wild-cnn", "vit")
+    family = _is_family(runs[0])
     if family:
         base = replace_all_batch_norm_modules_(family_module(runs[0]).to(dev).train())
     else:
@@ -187,7 +192,7 @@ def vmap_loop(runs: list[RunSpec], recipe, bank, dev) -> tuple[float, float, int
     p = init_params(arch, torch.tensor([r.seed for r in runs], device=dev), torch.ones(K, device=dev))
     if family:  # the checkpoint's keys are the class's (see family_module); buffers stay the module's
         names = dict(base.named_parameters())
-        p = {k: v.clone() for k, v in p.items() if k in names}
+        p = {k: v for k, v in p.items() if k in names}
         missing = set(names) - set(p)
         assert not missing, f"parameters without an initial value: {sorted(missing)}"
     else:

@@ -68,7 +68,6 @@ def test_attention_layer_matches_a_pairwise_loop():
     torch.testing.assert_close(e2, e_ref, rtol=1e-9, atol=1e-9)
 
 
-
 def _set_partitions(items):
     if not items:
         yield []
@@ -95,7 +94,8 @@ def test_attention_groups_are_the_cheapest_partition_of_the_batch():
         assert cost(got) == min(cost(p) for p in _set_partitions(list(range(len(sizes)))))
 
 
-def test_grouped_attention_gives_the_dense_batch_values_and_gradients():
+def test_grouped_attention_gives_the_dense_batch_values_and_gradients(monkeypatch):
+    import wsnets.nn.transformer as T
     torch.manual_seed(1)
     enc = NeuralGraphTransformer(hidden=8, layers=2, heads=2, out_dim=4).double()
     nets = [w.map(torch.Tensor.double) for w in mixed()]
@@ -104,18 +104,13 @@ def test_grouped_attention_gives_the_dense_batch_values_and_gradients():
     assert len(set(sizes)) > 2
     groups = attention_groups(batch.batch, batch.edge_index, heads=2, overhead=0)
     assert groups is not None and len(groups.parts) > 1
-    import wsnets.nn.transformer as T
     outs = {}
-    for name, plan in (("dense", lambda *a, **k: None), ("grouped", lambda nb, ei, heads: groups)):
-        orig = T.attention_groups
-        T.attention_groups = plan
-        try:
-            enc.zero_grad()
-            out = enc(batch)
-            out.square().sum().backward()
-            outs[name] = (out.detach(), [p.grad.clone() for p in enc.parameters() if p.grad is not None])
-        finally:
-            T.attention_groups = orig
+    for name, plan in (("dense", None), ("grouped", groups)):
+        monkeypatch.setattr(T, "attention_groups", lambda *a, plan=plan, **k: plan)
+        enc.zero_grad()
+        out = enc(batch)
+        out.square().sum().backward()
+        outs[name] = (out.detach(), [p.grad.clone() for p in enc.parameters() if p.grad is not None])
     torch.testing.assert_close(outs["grouped"][0], outs["dense"][0], rtol=1e-10, atol=1e-10)
     for a, b in zip(outs["grouped"][1], outs["dense"][1]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

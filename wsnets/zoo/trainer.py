@@ -390,7 +390,7 @@ def train_group(arch: Architecture, runs: Sequence[RunSpec], *, epochs: int, che
         if epoch in checkpoints:
             with torch.no_grad(), _full_fp32():
                 p = eng.params()
-                metrics = evaluate(eng.logits, bank, didx, y_train, member, shared, chunk=getattr(eng, "eval_chunk", 256),
+                metrics = evaluate(eng.logits, bank, didx, y_train, member, shared, chunk=getattr(eng, "eval_chunk", EVAL_CHUNK),
                                    members=(memb, n_sub, data_idx, eng.row_logits) if engine == "cnn" else None)
             metrics["diverged"] = frozen[:, 0].double()
             yield Checkpoint(epoch, _to_host(p, inv), _to_host(metrics, inv))
@@ -1069,8 +1069,12 @@ def _mix_np(x):
     return x ^ (x >> np.uint32(15))
 
 
+#: images per chunk of a checkpoint evaluation, unless the engine sizes its own (``eval_chunk``)
+EVAL_CHUNK = 256
+
+
 def evaluate(logits: Callable[[torch.Tensor], torch.Tensor], bank: DataBank, didx: torch.Tensor,
-             y_train: torch.Tensor, member: torch.Tensor, shared: bool, chunk: int = 256,
+             y_train: torch.Tensor, member: torch.Tensor, shared: bool, chunk: int = EVAL_CHUNK,
              members: tuple | None = None) -> dict[str, torch.Tensor]:
     """Per-model accuracy and mean cross-entropy ``[K]`` on the test split and on the model's own
     training subset (with the labels it trained on), in evaluation mode. ``logits(x)`` maps inputs
