@@ -51,6 +51,15 @@ def test_shipped_configs_parse():
     assert {"graph", "transformer", "np", "hnp", "nfn-hnp", "stats", "stat_gbm", "flat", "esd"} <= names
 
 
+def test_transformer_probes_is_transformer_with_probes():
+    """The table's 'graph transformer + probes' config is transformer.toml with exactly the two options added."""
+    import dataclasses
+    plain = load_config("transformer", ["encoder.probes=32", "encoder.readout_norm=true"])
+    probes = load_config("transformer-probes")
+    assert probes.encoder == plain.encoder
+    assert dataclasses.replace(probes, name=plain.name) == plain
+
+
 def test_toml_errors(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text("[optim\nlr = 1")
