@@ -58,3 +58,27 @@ def test_greedy_soup_rejects_a_harmful_ingredient(family):
     r = greedy_soup(fts[:2] + [bad], lambda ws: float(evaluate(ws, xv, yv)[1]))
     assert 2 not in r.ingredients
     assert any(i == 2 and not ok for i, _, ok in r.history)
+
+
+@pytest.mark.parametrize("nan_at", [0, 1, 3])
+def test_greedy_soup_ranks_an_ingredient_scored_nan_last(nan_at):
+    """A diverged ingredient scores NaN: it must neither break the ranking (NaN compares false, so a plain
+    sort leaves the order arbitrary) nor, ranked first, become the soup whose NaN no candidate can beat."""
+    ms = [wsnets.WeightSpace.random(wsnets.mlp(4, [8], 2), generator=torch.Generator().manual_seed(i))
+          for i in range(4)]
+    scores = [0.5, 0.9, 0.7, 0.6]
+    scores[nan_at] = float("nan")
+    flats = [m.flat() for m in ms]
+
+    def score(ws):   # each ingredient its score; a soup the mean of its members' (NaN members count 0)
+        members = [i for i in range(4) if torch.equal(ws.flat(), flats[i])]
+        if members:
+            return scores[members[0]]
+        return 0.0
+    r = greedy_soup(ms, score)
+    finite = [i for i in range(4) if i != nan_at]
+    best = max(finite, key=lambda i: scores[i])
+    assert r.ingredients == [best] and r.score == scores[best]
+    assert [i for i, _, _ in r.history] == sorted(finite, key=lambda i: -scores[i])[1:] + [nan_at]
+    with pytest.raises(wsnets.errors.ConfigError, match="every ingredient scored NaN"):
+        greedy_soup(ms[:2], lambda ws: float("nan"))

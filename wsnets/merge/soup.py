@@ -3,9 +3,10 @@ averaging weights of multiple fine-tuned models improves accuracy without increa
 https://arxiv.org/abs/2203.05482).
 
 * Uniform soup: the plain average of all ingredients.
-* Greedy soup: ingredients sorted by held-out accuracy (best first); each is added only if the soup's
-  held-out accuracy does not drop. It starts from the best ingredient and never accepts a loss, so
-  on its held-out set it is never worse than the best ingredient.
+* Greedy soup: ingredients sorted by held-out accuracy (best first, an ingredient scored NaN last); each
+  is added only if the soup's held-out accuracy does not drop (a NaN score is a drop). It starts from
+  the best ingredient and never accepts a loss, so on its held-out set it is never worse than the best
+  ingredient.
 
 The held-out score comes from a callable ``evaluate(ws) -> float`` (higher is better) supplied by
 the caller, or from a dataset name of :mod:`wsnets.zoo.datasets`: then the score is accuracy on a
@@ -14,6 +15,7 @@ validation split (the last ``val_fraction`` of the dataset's training split, or 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -126,7 +128,12 @@ def greedy_soup(models: Sequence[ModelLike] | WeightSpace, evaluate: Evaluator |
     evaluate, data_bn = _resolve(evaluate, batch.device)
     bn_data = bn_data if bn_data is not None else data_bn
     scores = _scores(evaluate, batch)
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    if all(math.isnan(s) for s in scores):
+        raise ConfigError(f"every ingredient scored NaN on the held-out set ({len(scores)} models); "
+                          "check the models and the evaluation function")
+    # best first, ties in the given order; NaN (a diverged ingredient) last: it compares false with
+    # everything, so a plain sort would leave the order arbitrary and a NaN soup could never be beaten
+    order = sorted(range(len(scores)), key=lambda i: (math.isnan(scores[i]), -scores[i]))
     members = [order[0]]
     soup, best = batch[order[0]], scores[order[0]]
     if bn_data is not None and has_batchnorm(soup):
