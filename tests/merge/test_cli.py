@@ -121,3 +121,42 @@ def test_docstring_examples_run():
         mod = importlib.import_module(f"wsnets.merge.{name}")
         failed, tried = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert tried > 0 and failed == 0, mod.__name__
+
+
+@pytest.mark.parametrize("cmd", [
+    ["linear", "{ft0}", "{ft1}"],
+    ["ties", "--base", "{base}", "{ft0}", "{ft1}"],
+    ["linear", "--dataset", "digits", "{ft0}", "{ft1}"],
+    ["soup", "--uniform", "{ft0}", "{ft1}"],
+    ["align", "{ft0}", "{ft1}"],
+    ["config", "{cfg}"],
+])
+def test_every_merge_output_refuses_an_existing_file_and_never_replaces_an_input(cmd, ckpts, tmp_path):
+    """Each command that writes a model: ``-o`` naming one of its inputs is refused even with --overwrite (the
+    architecture-aware ones replaced the input); an existing output is kept unless --overwrite."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'method = "linear"\nmodels = ["{ckpts["ft0"]}", "{ckpts["ft1"]}"]\n')
+    args = ["merge"] + [a.format(cfg=cfg, **ckpts) for a in cmd]
+    digest = {k: hashlib.sha256(Path(v).read_bytes()).digest() for k, v in ckpts.items()}
+    for victim in ("ft1", "base") if "--base" in cmd else ("ft1",):
+        for flags in ([], ["--overwrite"]):
+            assert main([*args, "-o", ckpts[victim], "--json", *flags]) == 2
+            assert hashlib.sha256(Path(ckpts[victim]).read_bytes()).digest() == digest[victim]
+    out = tmp_path / "existing.safetensors"
+    out.write_bytes(b"an earlier result")
+    assert main([*args, "-o", str(out), "--json"]) == 2
+    assert out.read_bytes() == b"an earlier result"
+    assert main([*args, "-o", str(out), "--json", "--overwrite"]) == 0
+    assert wsnets.load(out).arch == wsnets.load(ckpts["ft0"]).arch
+
+
+def test_output_onto_a_shard_of_a_sharded_input_is_refused(ckpts, tmp_path):
+    from wsnets.merge import merge_checkpoints
+    sharded = tmp_path / "sharded"
+    merge_checkpoints("linear", [ckpts["ft0"], ckpts["ft1"]], out=sharded, shard_size=2048)
+    shard = sharded / "model-00001-of-00003.safetensors"
+    before = shard.read_bytes()
+    for flags in ([], ["--overwrite"]):
+        assert main(["merge", "linear", str(sharded / "model.safetensors.index.json"), ckpts["ft2"], "-o", str(shard),
+                     "--json", *flags]) == 2
+    assert shard.read_bytes() == before

@@ -147,14 +147,14 @@ def test_provenance_records_dtype_and_hashes(family, tmp_path):
     params = json.loads(meta["wsnets.merge.parameters"])
     assert params["density"] == [0.5, 0.5] and meta["wsnets.merge.scope"] == "model"
     merge_checkpoints("ties", half[1:], base=half[0], out=out, density=0.5, dtype="bfloat16", out_dtype="float32",
-                      digest=None)
+                      digest=None, overwrite=True)
     got, meta = _read_all(out)
     assert meta["wsnets.merge.dtype"] == "bfloat16" and meta["wsnets.merge.out_dtype"] == "float32"
     assert got["embed.weight"].dtype == torch.float32
     assert json.loads(meta["wsnets.merge.ingredients"])[0]["digest"] is None
     assert meta["wsnets.merge.digest"] == "none"
     # a sharded directory's digest covers its index and shards
-    merge_checkpoints("linear", dirs, out=out, digest="sha256")
+    merge_checkpoints("linear", dirs, out=out, digest="sha256", overwrite=True)
     _, meta = _read_all(out)
     assert meta["wsnets.merge.digest"] == "sha256"
     for d, i in zip(dirs, json.loads(meta["wsnets.merge.ingredients"])):
@@ -417,10 +417,12 @@ def test_output_in_the_way_is_refused(family, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(OutputExistsError, match="exists and is not a checkpoint directory"):
-        merge_checkpoints("linear", [base, *fts], out=tmp_path / "notes")
+        merge_checkpoints("linear", [base, *fts], out=tmp_path / "notes", overwrite=True)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
     merge_checkpoints("linear", [base, *fts], out=tmp_path / "m")
-    merge_checkpoints("linear", [base, fts[0]], out=tmp_path / "m")          # a previous output is replaced
+    with pytest.raises(OutputExistsError, match="exists; pass --overwrite"):  # a previous output is kept...
+        merge_checkpoints("linear", [base, fts[0]], out=tmp_path / "m")
+    merge_checkpoints("linear", [base, fts[0]], out=tmp_path / "m", overwrite=True)   # ...unless asked
     got, _ = _read_all(tmp_path / "m")
     torch.testing.assert_close(got["embed.weight"], (base["embed.weight"] + fts[0]["embed.weight"]) / 2)
     with pytest.raises(CheckpointError, match="no checkpoint found"):

@@ -78,6 +78,8 @@ def _data(name: str | None, ws: WeightSpace, device: str, *, needed: bool = Fals
 def _write(args: argparse.Namespace, ws: WeightSpace, method: str, params: dict[str, Any], extra: dict | None = None,
            base: str | None = None) -> int:
     from ..io import save
+    from .stream import check_output
+    check_output(args.out, [*args.models, base], args.overwrite)
     meta = provenance(method, list(args.models), params, base)
     save(ws.to("cpu"), args.out, meta)
     out = {"out": str(args.out), "method": method, "parameters": params, "ingredients": list(args.models),
@@ -166,12 +168,17 @@ def _merge(args):
                             dtype=args.dtype, out_dtype=getattr(args, "out_dtype", None),
                             scope=getattr(args, "scope", None),
                             shared_only=args.shared_only, shard_size=args.shard_size, chunk_mb=args.chunk_mb,
-                            device=args.device, digest=_digest(args), progress=not args.json)
+                            device=args.device, digest=_digest(args), overwrite=args.overwrite,
+                            progress=not args.json)
     return _report(args, res)
 
 
 def _digest(args) -> str:
     return "none" if args.no_hash else getattr(args, "hash", DEFAULT_DIGEST)
+
+
+def _add_overwrite(q) -> None:
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output (an input never is)")
 
 
 def _add_hash(q) -> None:
@@ -216,7 +223,8 @@ def _merge_with_bn(args, method: Method, options: dict[str, Any]) -> int:
 def _config(args):
     from .config import merge_config
     kw = {"digest": _digest(args)} if hasattr(args, "hash") or args.no_hash else {}   # else the config's
-    res = merge_config(args.config, args.out, progress=not args.json, device=args.device, **kw)
+    res = merge_config(args.config, args.out, progress=not args.json, device=args.device, overwrite=args.overwrite,
+                       **kw)
     return _report(args, res)
 
 
@@ -254,6 +262,7 @@ def _add_method(ms, method: Method, name: str) -> None:
         q.add_argument("--base", required=True, help="the base model the others were fine-tuned from")
     q.add_argument("-o", "--out", required=True, help="output: a .safetensors file, or a directory (Hugging Face "
                    "layout, sharded by --shard-size, the reference model's config/tokenizer files copied)")
+    _add_overwrite(q)
     for o in method.options:
         flags = [f"--{o.name.replace('_', '-')}"] + (["--weights"] if o.name == "weight" else [])
         what = o.help + (" (one per model, comma-separated, or one for all)" if o.per_model else "")
@@ -294,6 +303,7 @@ def register(sub) -> None:
         q.add_argument("models", nargs="+", help="checkpoints (.safetensors, .pt, .pth) of one architecture")
         if out:
             q.add_argument("-o", "--out", required=True, help="output .safetensors (provenance in its metadata)")
+            _add_overwrite(q)
         q.add_argument("--dataset", default=None, help=dataset_help)
         add_arch_options(q)
         add_common(q)
@@ -306,6 +316,7 @@ def register(sub) -> None:
                    "wsnets merge config merge.toml -o merged/", _config)
     q.add_argument("config", help="TOML file (see wsnets.merge.config)")
     q.add_argument("-o", "--out", default=None, help="output (overrides the config's out)")
+    _add_overwrite(q)
     _add_hash(q)
     add_common(q)
 

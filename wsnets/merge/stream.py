@@ -120,13 +120,20 @@ def _check_distinct(items: list[tuple[str, Any]]) -> None:
         seen[p] = role
 
 
-def _check_out(out: Path, sources: Sequence[Any]) -> None:
+def check_output(out: str | os.PathLike, sources: Sequence[Any], overwrite: bool = False) -> None:
+    """Refuse an output that is, holds or lies inside one of the input paths ``sources`` (or the files they
+    name), whatever ``overwrite`` says, and an output path that exists unless ``overwrite``
+    (:class:`OutputExistsError`, one line)."""
+    out = Path(out)
     o = out.resolve()
     for s in sources:
         if isinstance(s, (str, os.PathLike)):
             p = Path(s).resolve()
             if o == p or p in o.parents or o in p.parents:
                 raise OutputExistsError(f"{out}: the output would overwrite the input {s}; choose another path")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"{out}: exists; pass --overwrite (overwrite=True) to replace it, or choose another "
+                                "output")
 
 
 def ingredients(metadata: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -182,7 +189,7 @@ def merge_checkpoints(method: str | Method, models: Sequence[Any], *, base: Any 
                       dtype: str | torch.dtype | None = None, out_dtype: str | torch.dtype | None = None,
                       scope: str | None = None, shared_only: bool = False, shard_size: str | int = DEFAULT_SHARD,
                       chunk_mb: float = DEFAULT_CHUNK_MB, device: str | torch.device = "cpu",
-                      digest: str | None = DEFAULT_DIGEST,
+                      digest: str | None = DEFAULT_DIGEST, overwrite: bool = False,
                       copy_files: bool = True, progress: bool = False, names: Sequence[str] | None = None,
                       metadata: Mapping[str, str] | None = None, **kwargs: Any) -> MergeResult:
     """Merge checkpoints tensor by tensor with a registered method.
@@ -197,7 +204,8 @@ def merge_checkpoints(method: str | Method, models: Sequence[Any], *, base: Any 
     out : a ``.safetensors`` file, or a directory for the Hugging Face layout (``model.safetensors`` or
         ``model-0000i-of-0000n.safetensors`` shards of at most ``shard_size`` and their index; the reference
         model's other files, e.g. ``config.json`` and the tokenizer, are copied when it is a directory).
-        None merges in memory (``result.tensors``).
+        None merges in memory (``result.tensors``). An existing output is refused unless ``overwrite``
+        (then replaced atomically at the end); an output that is or holds an input always is.
     options : method options (also accepted as keyword arguments); per-model options take a list.
     tensor_rules : :class:`TensorRule` overrides of options for tensors matching a glob (``scope="tensor"``).
     dtype : compute dtype; by default float32 for half-precision (and float8) inputs, else the inputs' own.
@@ -233,7 +241,7 @@ def merge_checkpoints(method: str | Method, models: Sequence[Any], *, base: Any 
     _check_distinct(([("the base", base)] if base is not None else []) +
                     [(f"model {i + 1}", m) for i, m in enumerate(models)])
     if out is not None:
-        _check_out(Path(out), [*models, base])
+        check_output(out, [*models, base], overwrite)
     opts = method.resolve(options, K, model_names=labels)
     rules = [(r.pattern, method.resolve({**options, **r.options}, K, where=f"{method.name} [tensors {r.pattern!r}]",
                                         model_names=labels)) for r in tensor_rules]
@@ -247,6 +255,8 @@ def merge_checkpoints(method: str | Method, models: Sequence[Any], *, base: Any 
                budget, torch.device(device), dict(metadata or {}))
     try:
         job.open(models, labels, base)
+        if out is not None:       # the files the inputs name (an index's shards) are inputs too
+            check_output(out, [f for ck in job.opened for f in ck.files], overwrite=True)
         job.plan(shared_only)
         return job.run(out, parse_size(shard_size), digest, copy_files, progress)
     finally:
