@@ -69,6 +69,7 @@ import torch
 
 from .arch import ACTIVATIONS, Architecture
 from .errors import ShapeMismatchError, UnsupportedLayerError
+from .symmetry import param_axis
 from .weights import WeightSpace
 
 NODE_FEATURES = ("bias", "norm_weight", "norm_bias", "norm_mean", "norm_var")
@@ -462,8 +463,9 @@ class _DagGraph:
                     self.feats.append((l.key("bias"), 0, (out,)))
                 sets[i], owned[i] = [out], True
             elif k == "embedding" or k == "param":
-                rows = l.in_features if k == "embedding" else max(1, math.prod(l.shape[:-1]))
-                width = l.out_features if k == "embedding" else l.shape[-1]
+                a = param_axis(l.shape) if k == "param" else 1   # a param's axes after ``a`` are all 1
+                rows = l.in_features if k == "embedding" else max(1, math.prod(l.shape[:a]))
+                width = l.out_features if k == "embedding" else (l.shape[a] if l.shape else 1)
                 src = self.new_set(rows, 0)
                 out = self.new_set(width)
                 self.block(3, [out], [src], l.key("weight" if k == "embedding" else ""), transpose=True)
@@ -496,8 +498,9 @@ class _DagGraph:
                 sets[i], owned[i] = s, True
             elif k in ("add", "mul"):
                 out = self.new_set(spec.group_sizes[spec.layer_groups[i]])
-                for j in ins:
-                    self.block(4 if k == "add" else 7, [out], of(j), dense=False)
+                for j in ins:   # one-to-one; an operand of one neuron is broadcast to all
+                    self.block(4 if k == "add" else 7, [out], of(j),
+                               dense=sum(self.set_sizes[s] for s in of(j)) == 1 < self.set_sizes[out])
                 sets[i], owned[i] = [out], True
             elif k == "scale":
                 sets[i], owned[i] = [self.identity(x, 8, l.value)], True
@@ -607,6 +610,7 @@ def dag_params(arch: Architecture, B: int, ea: torch.Tensor, x: torch.Tensor, la
     (:func:`wsnets.nn.probes.graph_probe_activations`) run it on a whole batch."""
     topo = topology(arch)
     shapes = arch.param_shapes
+    free = {l.key("") for l in arch.layers if l.kind == "param"}
     params: dict[str, torch.Tensor] = {}
     for b, (key, _, transpose, dsets, ssets, _, kernel) in enumerate(topo.blocks):
         if key is None:
@@ -616,7 +620,8 @@ def dag_params(arch: Architecture, B: int, ea: torch.Tensor, x: torch.Tensor, la
         c = set_rows(topo, ssets, layer[src[e]], local[src[e]])
         shape = shapes[key]
         if transpose:
-            w = ea.new_zeros(B, math.prod(shape[:-1]) if len(shape) > 1 else 1, shape[-1])
+            a = param_axis(shape) if key in free else len(shape) - 1   # tables [V, D]; params [*P, D, 1...]
+            w = ea.new_zeros(B, max(1, math.prod(shape[:a])), shape[a] if shape else 1)
             w[edge_graph[e], c, r] = ea[e, 0]
         else:
             k = max(1, math.prod(kernel)) if kernel else 1

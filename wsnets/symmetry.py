@@ -21,6 +21,14 @@ Models modulo Permutation Symmetries"). It is *derived*, not written per layer k
    al., ICLR 2025, "Equivariant Neural Functional Networks for Transformers"). GroupNorm's groups are
    head-structured the same way.
 5. The network's input and output axes are fixed, and so is every group merged with them.
+6. Operands of ``add``/``mul`` broadcast from the right: their feature axes must sit at the same place
+   from the end. An operand of extent 1 there (a per-sample gate ``[N, 1]``, a one-unit branch) is
+   broadcast and couples nothing; an operand whose neurons sit on another axis (a learned ``[H, W]``
+   map added to ``[N, C, H, W]``), or a Linear/Conv reading an axis that is not its input's neuron
+   axis (a Conv1d mixing tokens), is refused, naming the op. A free tensor's (``param``) neuron axis
+   is its last axis wider than 1 (``[C, 1, 1]``: the channels).
+7. A tensor used at several places (a module called twice) is one tensor: each of its axes is one
+   group across all uses. Tied weights (one Parameter under two state-dict keys) are refused at trace.
 
 A group's permutation acts on every tensor axis of that group (output axis and bias of the layer that
 starts it, the input axis of every layer that reads it, norm parameters and running statistics).
@@ -251,7 +259,29 @@ def _derive(arch: Architecture) -> PermutationSpec:
     ids_input = any(l.kind == "embedding" and not l.mode and -1 in ins for l, ins in zip(arch.layers, arch.inputs))
     input_cls: list[int | None] = []
     axes: list[tuple[str, tuple[int | None, ...]]] = []
+    where: dict[str, int] = {}
     seen_weight = False
+
+    def put(entry: tuple[str, tuple[int | None, ...]]) -> None:
+        """Record the groups of a tensor's axes; a tensor used at several places (a module called twice)
+        is one tensor: each of its axes is one group across all uses, and an axis that one use cannot
+        permute (a kernel, vocabulary or position axis) fixes the groups of the others."""
+        key, ax = entry
+        if key not in where:
+            where[key] = len(axes)
+            axes.append(entry)
+            return
+        old = axes[where[key]][1]
+        merged = []
+        for a, b in zip(old, ax):
+            if a is None or b is None:
+                for c in (a, b):
+                    if c is not None:
+                        G.fix(c)
+                merged.append(None)
+            else:
+                merged.append(G.union(a, b))
+        axes[where[key]] = (key, tuple(merged))
 
     def rank(j: int) -> int:
         if shapes is None:
@@ -270,6 +300,23 @@ def _derive(arch: Architecture) -> PermutationSpec:
             input_cls.append(G.new(size, fixed=True))
         return input_cls[0]
 
+    def out_shape(j: int) -> tuple[int, ...]:
+        return tuple(shapes[j]) if j >= 0 else (1, *(arch.input_shape or ()))
+
+    def shown(j: int) -> list[int]:
+        return list(out_shape(j) if j >= 0 and arch.layers[j].kind == "param" else out_shape(j)[1:])
+
+    def extent(j: int, f: int) -> int:
+        """Size of axis ``f`` (counted from the end) of input ``j``; 1 where it broadcasts."""
+        sh = out_shape(j)
+        return sh[f] if -f <= len(sh) else 1
+
+    def describe(j: int) -> str:
+        if j < 0:
+            return "the input"
+        l = arch.layers[j]
+        return f"{l.kind} at {l.name!r}" if l.name else f"{l.kind} #{j}"
+
     def feat_of(j: int) -> int:
         if j >= 0:
             return feat[j]
@@ -286,16 +333,21 @@ def _derive(arch: Architecture) -> PermutationSpec:
         c_in = of(x) if x is not None else None
         f_in = feat_of(x) if x is not None else -1
         if k in ("linear", "conv1d", "conv2d"):
+            reads = -1 if k == "linear" else 1 - rank(x)   # Linear: the last axis; Conv: the channels
+            if shapes is not None and c_in is not None and (f_in != reads or G.size[G.find(c_in)] != l.in_features):
+                raise UnsupportedLayerError(
+                    f"{k} at {l.name!r} reads axis {reads} of {describe(x)} {shown(x)}, whose neurons are on axis "
+                    f"{f_in}: a weight layer over positions (token mixing) has no neuron-level symmetry wsnets knows")
             out = G.new(l.out_features)
             kern = (None,) * len(l.kernel_size)
-            axes.append((l.key("weight"), (out, c_in, *kern)))
+            put((l.key("weight"), (out, c_in, *kern)))
             if l.bias:
-                axes.append((l.key("bias"), (out,)))
+                put((l.key("bias"), (out,)))
             cls[i], feat[i] = out, (-1 if k == "linear" else 1 - rank(i))
             seen_weight = True
         elif k == "embedding":
             out = G.new(l.out_features)
-            axes.append((l.key("weight"), (None, out)))
+            put((l.key("weight"), (None, out)))
             cls[i], feat[i] = out, -1
             seen_weight = True
         elif k == "mha":
@@ -304,33 +356,49 @@ def _derive(arch: Architecture) -> PermutationSpec:
             G.set_heads(qk, H, t)
             G.set_heads(v, H, t)
             blk = G.new(3 * D, block=[qk, qk, v])
-            axes.append((l.key("in_proj_weight"), (blk, c_in)))
+            put((l.key("in_proj_weight"), (blk, c_in)))
             if l.bias:
-                axes.append((l.key("in_proj_bias"), (blk,)))
-            axes.append((l.key("out_proj.weight"), (out, v)))
+                put((l.key("in_proj_bias"), (blk,)))
+            put((l.key("out_proj.weight"), (out, v)))
             if l.bias:
-                axes.append((l.key("out_proj.bias"), (out,)))
+                put((l.key("out_proj.bias"), (out,)))
             cls[i], feat[i] = out, -1
             seen_weight = True
         elif k == "param":
-            out = G.new(l.shape[-1]) if l.shape else None
-            axes.append((l.key(""), (*(None,) * (len(l.shape) - 1), out) if l.shape else ()))
-            cls[i], feat[i] = out, -1
+            a = param_axis(l.shape)
+            out = G.new(l.shape[a]) if l.shape else None
+            put((l.key(""), tuple(out if d == a else None for d in range(len(l.shape)))))
+            cls[i], feat[i] = out, (a - len(l.shape) if l.shape else -1)
         elif k in ("batchnorm", "layernorm", "rmsnorm", "groupnorm"):
             if k == "groupnorm" and c_in is not None:
                 G.set_heads(c_in, l.heads, G.tie())
             for suffix in l.param_shapes():
-                axes.append((l.key(suffix), (c_in,)))
+                put((l.key(suffix), (c_in,)))
             cls[i], feat[i] = c_in, f_in
         elif k in ("add", "mul"):
-            cs = [(of(j), feat_of(j), rank(j)) for j in ins]
-            r = max(cr for _, _, cr in cs)
-            # operands broadcast from the right: a feature axis at the same place from the end is one axis
-            joined = [c for c, f, _ in cs if c is not None]
-            for c in joined[1:]:
-                G.union(joined[0], c)
-            cls[i] = joined[0] if joined else None
-            feat[i] = next((f for c, f, _ in cs if c is not None), -1) if r else -1
+            cs = [(j, of(j), feat_of(j)) for j in ins]
+            r = max(rank(j) for j in ins)
+            # operands broadcast from the right: feature axes at the same place from the end are one axis;
+            # an operand of extent 1 there (a per-sample gate, a scalar branch) is broadcast over it
+            with_group = [(j, c, f) for j, c, f in cs if c is not None]
+            main = next(((j, c, f) for j, c, f in with_group if G.size[G.find(c)] > 1),
+                        with_group[0] if with_group else None)
+            if main is not None and shapes is not None:
+                for j, c, f in with_group:
+                    if (j, c, f) == main:
+                        continue
+                    e = extent(j, main[2])
+                    if f == main[2] and e == G.size[G.find(main[1])]:
+                        G.union(main[1], c)
+                    elif not (e == 1 and (f == main[2] or G.size[G.find(c)] == 1)):
+                        raise UnsupportedLayerError(
+                            f"{k} #{i} of {describe(j)} {shown(j)} and {describe(main[0])} {shown(main[0])}: their feature axes do not line up (a tensor over "
+                            "positions, not neurons?); wsnets adds and multiplies along the feature axis only")
+            elif main is not None:
+                for j, c, f in with_group:
+                    G.union(main[1], c)
+            cls[i] = main[1] if main is not None else None
+            feat[i] = main[2] if main is not None and r else -1
         elif k == "concat":
             cs = [of(j) for j in ins]
             if l.dim == f_in and all(c is not None for c in cs):
@@ -399,6 +467,12 @@ def _derive(arch: Architecture) -> PermutationSpec:
         tuple(sorted(number[r] for r in number if G.fixed[r])),
         tuple((number[r], tuple(num(c) for c in G.block[r])) for r in sorted(number, key=number.get) if r in G.block),
         tuple(heads), tuple(num(c) for c in cls), tuple(feat))
+
+
+def param_axis(shape: Sequence[int]) -> int:
+    """The feature axis of a free tensor (``param`` layer): its last axis wider than 1 (``[1, T, D]``
+    positions: ``D``; a per-channel ``[C, 1, 1]`` scale or bias: ``C``), the last axis if none is."""
+    return next((d for d in range(len(shape) - 1, -1, -1) if shape[d] > 1), max(len(shape) - 1, 0))
 
 
 @lru_cache(maxsize=256)

@@ -315,8 +315,11 @@ def trace(module: nn.Module, input_shape: tuple[int, ...] | None = None, *,
             arch = Architecture(arch.layers, input_shape if input_shape is not None else _mlp_input(arch.layers))
         else:
             arch = Architecture(arch.layers, tuple(example.shape[1:]))
+        _refuse_tied(module, arch)
         if check:
             _check_same(module, arch, example)
+        from .symmetry import permutation_spec
+        permutation_spec(arch)   # a network whose symmetry cannot be derived is refused here, naming the op
     finally:
         module.train(was)
     return arch
@@ -343,6 +346,18 @@ def _sequential_layers(module: nn.Module, prefix: str = "") -> list[Layer] | Non
 def _mlp_input(layers) -> tuple[int, ...] | None:
     first = next((l for l in layers if l.is_weight or l.kind == "flatten"), None)
     return (first.in_features,) if first is not None and first.kind == "linear" else None
+
+
+def _refuse_tied(module: nn.Module, arch: Architecture) -> None:
+    """One Parameter under two state-dict keys (weight tying) is refused: the spec would permute the two
+    keys independently, and a permuted or aligned network could not be loaded back into the module."""
+    first: dict[int, str] = {}
+    for key, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first and key in arch.param_shapes and first[id(p)] in arch.param_shapes:
+            raise UnsupportedLayerError(f"{type(module).__name__}: {key!r} is the same tensor as {first[id(p)]!r} "
+                                        "(tied weights); wsnets treats each state-dict key as its own tensor, so "
+                                        "permuting or merging would untie them: give each its own copy")
+        first.setdefault(id(p), key)
 
 
 def _check_same(module: nn.Module, arch: Architecture, example: torch.Tensor) -> None:
@@ -846,7 +861,9 @@ def _channels_first(c: _Converter, v: _V) -> bool:
             return True
         if l.kind in ("linear", "tokens", "embedding", "mha", "attention", "layernorm", "rmsnorm", "param", "flatten"):
             return False
-        i = c.ins[i][0] if c.ins[i] else -1
+        # an element-wise op with a free tensor (a per-channel scale or bias): follow the computed operand
+        ins = [j for j in c.ins[i] if j < 0 or c.layers[j].kind != "param"] or list(c.ins[i])
+        i = ins[0] if ins else -1
     return len(c.example.shape) >= 3 and c.example.is_floating_point()
 
 
