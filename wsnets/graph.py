@@ -506,7 +506,10 @@ class _DagGraph:
                 sets[i], owned[i] = [self.identity(x, 8, l.value)], True
             elif k == "concat":
                 if spec.layer_groups[i] is not None and dict(spec.blocks).get(spec.layer_groups[i]):
-                    sets[i] = [s for j in ins for s in of(j)]
+                    parts: list[int] = []
+                    for j in ins:   # a tensor concatenated twice: its second copy is an identity copy
+                        parts += [self.identity([s]) if s in parts else s for s in of(j)]
+                    sets[i] = parts
                 else:
                     out = self.new_set(spec.group_sizes[spec.layer_groups[i]])
                     for j in ins:

@@ -332,12 +332,16 @@ def _derive(arch: Architecture) -> PermutationSpec:
         x = ins[0] if ins else None
         c_in = of(x) if x is not None else None
         f_in = feat_of(x) if x is not None else -1
-        if k in ("linear", "conv1d", "conv2d"):
-            reads = -1 if k == "linear" else 1 - rank(x)   # Linear: the last axis; Conv: the channels
-            if shapes is not None and c_in is not None and (f_in != reads or G.size[G.find(c_in)] != l.in_features):
+        if k in ("linear", "conv1d", "conv2d", "batchnorm", "groupnorm", "layernorm", "rmsnorm") and \
+                shapes is not None and c_in is not None:
+            # Linear and LayerNorm/RMSNorm act on the last axis, Conv/BatchNorm/GroupNorm on axis 1: it must
+            # be the axis the input's neurons are on (else the layer mixes or normalizes positions)
+            reads = -1 if k in ("linear", "layernorm", "rmsnorm") else 1 - rank(x)
+            if f_in != reads or G.size[G.find(c_in)] != l.in_features:
                 raise UnsupportedLayerError(
-                    f"{k} at {l.name!r} reads axis {reads} of {describe(x)} {shown(x)}, whose neurons are on axis "
-                    f"{f_in}: a weight layer over positions (token mixing) has no neuron-level symmetry wsnets knows")
+                    f"{k} at {l.name!r} acts on axis {reads} of {describe(x)} {shown(x)}, whose neurons are on "
+                    f"axis {f_in}: a layer over positions (token mixing) has no neuron-level symmetry wsnets knows")
+        if k in ("linear", "conv1d", "conv2d"):
             out = G.new(l.out_features)
             kern = (None,) * len(l.kernel_size)
             put((l.key("weight"), (out, c_in, *kern)))
@@ -459,8 +463,9 @@ def _derive(arch: Architecture) -> PermutationSpec:
         sizes[g] = G.size[r]
     ties: dict[int, int] = {}
     heads = []
-    for r, (h, t) in sorted(G.heads.items(), key=lambda kv: number[kv[0]]):
-        if r == G.find(r) and not G.fixed[r]:
+    live = [(r, ht) for r, ht in G.heads.items() if r == G.find(r)]   # a merged group's entry moved to its root
+    for r, (h, t) in sorted(live, key=lambda kv: number[kv[0]]):
+        if not G.fixed[r]:
             heads.append((number[r], h, ties.setdefault(G.tie_find(t), len(ties))))
     return PermutationSpec(
         tuple(sizes), tuple((k, tuple(num(e) for e in ax)) for k, ax in axes),

@@ -13,8 +13,8 @@ example input to learn every value's shape, and converts the graph into the cano
 * attention in any of three spellings becomes one ``attention`` op on its q, k, v: hand-written
   (``view``/``transpose`` into heads, ``q @ k.transpose(-1, -2)``, scaling, ``softmax``, ``@ v``, heads
   merged), ``F.scaled_dot_product_attention`` on split heads, and ``nn.MultiheadAttention`` (kept as an
-  ``mha`` layer because its q/k/v weights are one tensor); ``nn.TransformerEncoderLayer`` is read
-  through its documented (non-fast-path) computation;
+  ``mha`` layer because its q/k/v weights are one tensor); ``nn.TransformerEncoderLayer`` and
+  ``nn.TransformerEncoder`` are read through their documented (non-fast-path) computation;
 * values that do not depend on the input or the weights (shapes, ``torch.arange`` position ids, all-zero
   masks) are constants: an ``nn.Embedding`` looked up at positions ``0..T-1`` becomes a positional
   embedding, at all zeros a ``"zeros"`` (token type) embedding.
@@ -163,6 +163,23 @@ def _encoder_layer_forward(m: nn.TransformerEncoderLayer, src, src_mask=None, sr
     return m.norm2(x + ff(x))
 
 
+def _encoder_forward(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """``nn.TransformerEncoder``'s documented computation: its layers in turn, then its norm."""
+    if mask is not None or src_key_padding_mask is not None:
+        raise UnsupportedLayerError("TransformerEncoder with masks")
+    x = src
+    for layer in m.layers:
+        x = layer(x)
+    return m.norm(x) if m.norm is not None else x
+
+
+_ENCODERS = {nn.TransformerEncoderLayer: _encoder_layer_forward, nn.TransformerEncoder: _encoder_forward}
+
+
+def _encoder_fn(m: nn.Module) -> Callable | None:
+    return next((fn for cls, fn in _ENCODERS.items() if isinstance(m, cls)), None)
+
+
 class _Tracer(fx.Tracer):
     """Known layers (and any module without children) are leaves; the module path stack is kept for errors."""
 
@@ -172,7 +189,7 @@ class _Tracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, nn.TransformerEncoderLayer):
+        if _encoder_fn(m) is not None:
             return False
         # unknown layers with tensors of their own (an LSTM) stay leaves and are refused by name;
         # parameter-free helper modules are traced through
@@ -183,8 +200,8 @@ class _Tracer(fx.Tracer):
         qual = self.path_of_module(m)
         self.path.append((qual, type(m).__name__))
         try:
-            if isinstance(m, nn.TransformerEncoderLayer):
-                return _encoder_layer_forward(m, *args, **kwargs)
+            if _encoder_fn(m) is not None:
+                return _encoder_fn(m)(m, *args, **kwargs)
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:
@@ -195,20 +212,25 @@ class _Tracer(fx.Tracer):
 
 
 class _EncoderLayerRoot(nn.Module):
-    """A traced root that is an ``nn.TransformerEncoderLayer``: the same children, its documented forward."""
+    """A traced root that is an ``nn.TransformerEncoderLayer`` or ``nn.TransformerEncoder``: the same
+    children, its documented forward."""
 
-    def __init__(self, m: nn.TransformerEncoderLayer) -> None:
+    def __init__(self, m: nn.Module) -> None:
         super().__init__()
         self._modules = m._modules
-        self.norm_first, self.activation = m.norm_first, m.activation
+        self._fn = _encoder_fn(m)
+        if isinstance(m, nn.TransformerEncoderLayer):
+            self.norm_first, self.activation = m.norm_first, m.activation
+        else:
+            self.norm = m.norm   # a plain attribute when None
 
     def forward(self, src: torch.Tensor) -> torch.Tensor:
-        return _encoder_layer_forward(self, src)
+        return self._fn(self, src)
 
 
 def _fx_graph(module: nn.Module) -> fx.GraphModule:
     import inspect
-    if isinstance(module, nn.TransformerEncoderLayer):
+    if _encoder_fn(module) is not None:
         module = _EncoderLayerRoot(module)
     tracer = _Tracer()
     sig = inspect.signature(module.forward)
@@ -426,7 +448,13 @@ class _Converter:
         out_v = None
         for node in self.gm.graph.nodes:
             if node.op == "output":
-                out_v = self.arg(env, node.args[0][0] if isinstance(node.args[0], (tuple, list)) else node.args[0])
+                res = node.args[0]
+                if isinstance(res, (tuple, list, dict)) and len(res) != 1 or isinstance(res, dict):
+                    raise UnsupportedLayerError(
+                        f"forward returns a {'dict' if isinstance(res, dict) else type(res).__name__} of {len(res)} outputs; wsnets reads modules that "
+                        "return one tensor "
+                        "(wrap it in a module that returns the logits)")
+                out_v = self.arg(env, res[0] if isinstance(res, (tuple, list)) else res)
                 break
             if node.op == "placeholder":
                 env[node] = self._placeholder(node)
@@ -912,8 +940,17 @@ _OPS: dict[str, Callable] = {
 # -- torch.export fallback ------------------------------------------------------------------------
 def _export_graph(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """An ATen graph from ``torch.export`` whose lifted parameters are named by their state-dict keys."""
-    ep = torch.export.export(module, (example,))
-    ep = ep.run_decompositions({})
+    import contextlib
+    import io
+    import logging
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)   # torch.export logs and prints a failed trace's whole graph: our one line
+    try:                               # (naming the module and the op) says what went wrong
+        with contextlib.redirect_stderr(io.StringIO()):
+            ep = torch.export.export(module, (example,))
+            ep = ep.run_decompositions({})
+    finally:
+        logging.disable(previous)
     gm = ep.graph_module
     sig = ep.graph_signature
     lifted = dict(sig.inputs_to_parameters)

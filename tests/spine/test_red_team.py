@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import wsnets
-from wsnets.symmetry import permutation_spec
+from wsnets.merge.align import weight_matching
+from wsnets.symmetry import permutation_spec, permute, random_permutations
 from wsnets.testing import assert_invariant, assert_spec_exact
 
 
@@ -100,8 +101,53 @@ class Tied(nn.Module):
         return self.out(torch.tanh(self.fc(self.emb(ids))).mean(1))
 
 
+class CatTwice(nn.Module):
+    """One tensor concatenated with itself: a block axis whose two parts move together."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(6, 5), nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.o(torch.cat([h, h], 1))
+
+
+def _heads(t, n):
+    return t.view(t.shape[0], t.shape[1], n, -1).transpose(1, 2)
+
+
+class NoOutProj(nn.Module):
+    """Attention written straight into the stream (no output projection): the stream is head-structured."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.q, self.k, self.v, self.o = (nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8),
+                                                    nn.Linear(8, 8), nn.Linear(8, 3))
+
+    def forward(self, x):
+        h = self.emb(x)
+        y = F.scaled_dot_product_attention(_heads(self.q(h), 2), _heads(self.k(h), 2), _heads(self.v(h), 2))
+        return self.o(h + y.transpose(1, 2).reshape(h.shape)).mean(1)
+
+
+class CrossWide(nn.Module):
+    """Cross attention: queries from one branch, keys/values from another, values wider than keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.e1, self.e2, self.q, self.k = nn.Linear(4, 8), nn.Linear(4, 6), nn.Linear(8, 8), nn.Linear(6, 8)
+        self.v, self.p, self.o = nn.Linear(6, 12), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, m = self.e1(x), torch.relu(self.e2(x))
+        y = F.scaled_dot_product_attention(_heads(self.q(h), 2), _heads(self.k(m), 2), _heads(self.v(m), 2))
+        return self.o(h + self.p(y.transpose(1, 2).reshape(h.shape[0], h.shape[1], 12)))[:, 0]
+
+
 REPRESENTED = [("called-twice", CalledTwice, (6,)), ("norm-twice", NormTwice, (6,)),
-               ("scalar-gate", ScalarGate, (6,)), ("channel-param", ChannelParam, (2, 5, 5))]
+               ("scalar-gate", ScalarGate, (6,)), ("channel-param", ChannelParam, (2, 5, 5)),
+               ("cat-twice", CatTwice, (6,)), ("no-out-proj", NoOutProj, (5, 4)), ("cross-wide", CrossWide, (5, 4))]
 
 
 @pytest.mark.parametrize("name,cls,shape", REPRESENTED, ids=[r[0] for r in REPRESENTED])
@@ -122,6 +168,11 @@ def test_represented_exactly(name, cls, shape):
     assert back.arch == ws.arch and all(torch.equal(back.params[k], ws.params[k]) for k in ws.params)
     enc = NeuralGraphEncoder(hidden=8, layers=2, edge_dim=max(9, ws.arch.max_kernel_numel)).eval()
     assert_invariant(enc, [ws], rtol=1e-3)
+    # weight matching undoes a random spec permutation of a perturbed copy
+    g = torch.Generator().manual_seed(1)
+    noisy = ws.map(lambda t: t + 0.01 * torch.randn(t.shape, generator=g))
+    aligned, _ = weight_matching(ws, permute(noisy, random_permutations(ws.arch, generator=g)))
+    assert all(torch.equal(aligned.params[k], noisy.params[k]) for k in ws.params)
 
 
 def test_shared_layer_is_one_group():
@@ -131,8 +182,21 @@ def test_shared_layer_is_one_group():
     assert ax["b.weight"][0] == ax["b.weight"][1] == ax["a.weight"][0] == ax["o.weight"][1]
 
 
+class TokenNorm(nn.Module):
+    """BatchNorm1d / GroupNorm on ``[N, T, D]``: they normalize axis 1, the tokens (``T == D``)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.a, self.n, self.o = nn.Linear(4, 6), norm, nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.n(self.a(x))))[:, 0]
+
+
 REFUSED = [("spatial-param", SpatialParam, (2, 6, 6), r"add .*param at 'sb' \[6, 6\].*do not line up"),
-           ("token-conv", TokenConv, (5, 4), r"conv1d at 'mix' reads axis -2"),
+           ("bn-tokens", lambda: TokenNorm(nn.BatchNorm1d(6)), (6, 4), r"batchnorm at 'n' acts on axis -2"),
+           ("gn-tokens", lambda: TokenNorm(nn.GroupNorm(2, 6)), (6, 4), r"groupnorm at 'n' acts on axis -2"),
+           ("token-conv", TokenConv, (5, 4), r"conv1d at 'mix' acts on axis -2"),
            ("tied", Tied, (5,), r"'out.weight' is the same tensor as 'emb.weight' \(tied weights\)")]
 
 
@@ -141,3 +205,80 @@ def test_refused_at_load_naming_the_layer(name, cls, shape, msg):
     with pytest.raises(wsnets.UnsupportedLayerError, match=msg) as e:
         wsnets.load(cls().eval(), input_shape=shape)
     assert "\n" not in str(e.value)
+
+
+class Encoder(nn.Module):
+    """``nn.TransformerEncoder`` (post-LN layers, a final norm): its fast-path checks defeat torch.fx."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.emb, self.o = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False)
+
+    def forward(self, x):
+        return self.o(self.enc(self.emb(x)).mean(1))
+
+
+def test_transformer_encoder_stack_is_read():
+    torch.manual_seed(0)
+    for m, shape in [(Encoder().eval(), (5, 4)),
+                     (nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
+                                            enable_nested_tensor=False).eval(), (5, 8))]:
+        ws = wsnets.load(m, input_shape=shape)
+        assert sum(l.kind == "mha" for l in ws.arch.layers) == 2
+        x = torch.randn(6, *shape)
+        with torch.no_grad():
+            torch.testing.assert_close(ws.to_module()(x), m(x), rtol=1e-5, atol=1e-5)
+        assert_spec_exact(ws, x)
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.o(h), h
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:
+            h = torch.relu(h)
+        return self.o(h)
+
+
+def test_tuple_output_and_untraceable_are_one_quiet_line(capsys):
+    with pytest.raises(wsnets.UnsupportedLayerError, match="forward returns a tuple of 2 outputs"):
+        wsnets.load(TwoOutputs(), input_shape=(6,))
+    capsys.readouterr()
+    with pytest.raises(wsnets.UnsupportedLayerError, match=r"DataDependent at '': cannot be traced .*torch.export"):
+        wsnets.load(DataDependent(), input_shape=(6,))
+    err = capsys.readouterr().err
+    assert "def forward" not in err and "aten" not in err   # torch.export's dump of its partial graph
+
+
+def test_landscape_of_a_network_with_a_scalar_parameter():
+    """A 0-d parameter (a learned scale) round-trips through the flat parameter vector of the landscape."""
+    from wsnets.landscape import random_direction, surface_1d
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.alpha, self.o = nn.Linear(6, 8), nn.Parameter(torch.tensor(0.7)), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.o(torch.relu(self.a(x)) * self.alpha)
+    m = Scaled().eval()
+    ws = wsnets.load(m, input_shape=(6,))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 6, generator=g), torch.randint(0, 3, (20,), generator=g)
+    surf = surface_1d(ws, random_direction(ws, generator=g), (x, y), [0.0, 0.5])
+    assert abs(surf.loss[0] - F.cross_entropy(m(x), y).item()) < 1e-5

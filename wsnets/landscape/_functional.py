@@ -69,7 +69,7 @@ class FunctionalNet:
         """``theta [..., P]`` -> module key -> tensor ``[..., *shape]`` (views, no copies)."""
         lead = theta.shape[:-1]
         parts = torch.split(theta, self.numels, dim=-1)
-        return {self.module_key[k]: p.reshape(*lead, *s) for k, p, s in zip(self.keys, parts, self.shapes)}
+        return {self.module_key[k]: p.reshape((*lead, *s)) for k, p, s in zip(self.keys, parts, self.shapes)}
 
     def to_weightspace(self, theta: torch.Tensor) -> WeightSpace:
         """A WeightSpace holding ``theta [P]`` (running statistics copied from the origin)."""
@@ -131,7 +131,7 @@ def flat_to_weightspace(like: WeightSpace, flat: torch.Tensor) -> WeightSpace:
     parts = torch.split(flat, [int(torch.Size(s).numel()) for s in shapes], dim=-1)
     params = {k: torch.zeros(*lead, *like.arch.param_shapes[k], dtype=flat.dtype, device=flat.device)
               for k in like.params if is_stat(k)}
-    params.update({k: p.reshape(*lead, *s) for k, p, s in zip(keys, parts, shapes)})
+    params.update({k: p.reshape((*lead, *s)) for k, p, s in zip(keys, parts, shapes)})
     return WeightSpace(like.arch, params, lead[0] if lead else None)
 
 

@@ -60,11 +60,10 @@ def _cost(spec, g: int, pa, pb, axes, perms: Perms, n: int, dev) -> torch.Tensor
 def _head_lap(costs: list[torch.Tensor], H: int) -> list[torch.Tensor]:
     """Best head-structured permutations for groups sharing one head permutation: per group and head pair
     a linear assignment inside the heads, then one on the summed head-pair scores."""
-    n = costs[0].shape[0]
-    d = n // H
     total = torch.zeros(H, H, dtype=torch.float64)
     inner = []
-    for cost in costs:
+    for cost in costs:   # tied groups may differ in head width (values wider than queries/keys)
+        d = cost.shape[0] // H
         blocks = cost.reshape(H, d, H, d).permute(0, 2, 1, 3).cpu().numpy()   # [h_a, h_b, d, d]
         sig = np.zeros((H, H, d), dtype=np.int64)
         for h in range(H):
@@ -76,6 +75,7 @@ def _head_lap(costs: list[torch.Tensor], H: int) -> list[torch.Tensor]:
     _, pi = linear_sum_assignment(total.numpy(), maximize=True)
     out = []
     for sig in inner:
+        d = sig.shape[2]
         out.append(torch.as_tensor(np.concatenate([pi[h] * d + sig[h, pi[h]] for h in range(H)]), dtype=torch.long))
     return out
 
