@@ -131,7 +131,8 @@ class SWA:
         """The averaged network, with BatchNorm statistics recomputed on ``bn_data`` if given.
 
         ``bn_data`` is ``[N, *input]`` (split into ``batch_size`` chunks) or an iterable of input
-        batches; pass the same batches you would give ``update_bn`` to get its numbers.
+        batches or of ``(input, target)`` pairs (a DataLoader); pass the loader you would give ``update_bn``
+        to get its numbers.
         """
         if self._avg is None:
             raise ConfigError("SWA has no snapshots yet; call update() first")

@@ -17,7 +17,7 @@ from typing import Iterable, Literal
 import torch
 import torch.nn.functional as F
 
-from ..errors import ShapeMismatchError
+from ..errors import ConfigError, ShapeMismatchError
 from ..functional import forward as _forward
 from ..weights import WeightSpace
 
@@ -73,8 +73,9 @@ def recompute_bn(ws: WeightSpace, batches: Iterable[torch.Tensor] | torch.Tensor
     Parameters
     ----------
     ws : WeightSpace (single or batched).
-    batches : an iterable of input batches ``[n, *input]`` (e.g. a DataLoader's inputs), or one tensor
-        ``[N, *input]`` split into chunks of ``batch_size``.
+    batches : an iterable of input batches ``[n, *input]``, or of ``(input, target, ...)`` pairs of which the
+        input is used (a DataLoader, as ``update_bn`` takes it), or one tensor ``[N, *input]`` split into
+        chunks of ``batch_size``.
 
     Returns
     -------
@@ -87,7 +88,8 @@ def recompute_bn(ws: WeightSpace, batches: Iterable[torch.Tensor] | torch.Tensor
     sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     count = 0
     with torch.no_grad():
-        for xb in batches:
+        for i, xb in enumerate(batches):
+            xb = bn_input(xb, i)
             stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             forward(ws, xb.to(ws.device), bn="batch", stats=stats)
             count += 1
@@ -105,6 +107,17 @@ def recompute_bn(ws: WeightSpace, batches: Iterable[torch.Tensor] | torch.Tensor
         params[f"{name}.running_mean"] = m[0] if single else m
         params[f"{name}.running_var"] = v[0] if single else v
     return WeightSpace(ws.arch, params, ws.batch_size, check=False)
+
+
+def bn_input(batch, i: int) -> torch.Tensor:
+    """The input of data batch ``i``: the tensor itself, or the first item of an ``(input, target, ...)`` pair
+    (as ``torch.optim.swa_utils.update_bn`` reads a DataLoader)."""
+    if isinstance(batch, (list, tuple)) and batch:
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise ConfigError(f"bn_data batch {i} is a {type(batch).__name__}; give input tensors or (input, target) "
+                          "pairs (a DataLoader)")
+    return batch
 
 
 def evaluate(ws: WeightSpace, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024,

@@ -127,6 +127,8 @@ def greedy_soup(models: Sequence[ModelLike] | WeightSpace, evaluate: Evaluator |
     batch = gather(models)
     evaluate, data_bn = _resolve(evaluate, batch.device)
     bn_data = bn_data if bn_data is not None else data_bn
+    if bn_data is not None and not isinstance(bn_data, torch.Tensor) and iter(bn_data) is bn_data:
+        bn_data = list(bn_data)        # a one-shot iterator (a generator) serves every candidate soup
     scores = _scores(evaluate, batch)
     if all(math.isnan(s) for s in scores):
         raise ConfigError(f"every ingredient scored NaN on the held-out set ({len(scores)} models); "
