@@ -54,6 +54,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from typing import Any, Iterable, Sequence
@@ -118,6 +119,51 @@ class Layer:
             v = getattr(self, f)
             if not isinstance(v, tuple):
                 object.__setattr__(self, f, tuple(v) if isinstance(v, (list, tuple)) else (int(v),))
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Field types and ranges: a size of 0 or less, a zero stride, a head count that does not divide the
+        width, a NaN epsilon, a non-boolean ``bias`` are refused here, where every architecture is made
+        (traced, inferred, read from JSON or metadata), instead of failing deep inside a computation."""
+        where = f"{self.kind} at {self.name!r}" if self.name else self.kind
+
+        def integer(f: str, v: Any) -> int:
+            try:
+                if isinstance(v, bool):
+                    raise TypeError
+                return operator.index(v)  # int, numpy and 0-d torch integers
+            except TypeError:
+                raise ConfigError(f"{where}: {f} must be an integer, got {type(v).__name__} {v!r}") from None
+
+        for f in ("in_features", "out_features", "heads", "dim", "index"):
+            object.__setattr__(self, f, integer(f, getattr(self, f)))
+        for f in ("kernel_size", "stride", "padding", "dilation", "shape"):
+            object.__setattr__(self, f, tuple(integer(f, v) for v in getattr(self, f)))
+
+        def at_least(f: str, lo: int, values: Iterable[int]) -> None:
+            for v in values:
+                if v < lo:
+                    raise ShapeMismatchError(f"{where}: {f} must be >= {lo}, got {v}")
+        sized = self.kind in WEIGHT_KINDS + NORM_KINDS + DAG_NORM_KINDS + ("embedding", "mha")
+        at_least("in_features", 1 if self.kind in WEIGHT_KINDS + ("embedding",) else 0, [self.in_features])
+        at_least("out_features", 1 if sized else 0, [self.out_features])
+        at_least("kernel_size", 1, self.kernel_size)
+        at_least("stride", 1, self.stride)
+        at_least("dilation", 1, self.dilation)
+        at_least("padding", 0, self.padding)
+        at_least("shape", 1, self.shape)
+        at_least("heads", 1 if self.kind in ("mha", "attention", "groupnorm") else 0, [self.heads])
+        if self.kind == "mha" and self.out_features % self.heads:
+            raise ShapeMismatchError(f"{where}: {self.out_features} features do not split into {self.heads} heads")
+        for f in ("bias", "affine"):
+            if not isinstance(getattr(self, f), bool):
+                raise ConfigError(f"{where}: {f} must be true or false, got {getattr(self, f)!r}")
+        for f in ("eps", "slope", "p", "value") + (("momentum",) if self.momentum is not None else ()):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{where}: {f} must be a finite number, got {v!r}")
+        if self.eps < 0 or not 0 <= self.p <= 1:
+            raise ConfigError(f"{where}: eps must be >= 0 and p in [0, 1], got eps={self.eps}, p={self.p}")
 
     # -- derived facts ---------------------------------------------------------------------------
     @property
@@ -245,7 +291,13 @@ class Architecture:
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
         if self.input_shape is not None:
-            object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+            try:
+                shape = tuple(operator.index(s) for s in self.input_shape if not isinstance(s, bool))
+            except TypeError:
+                shape = ()
+            if not shape or len(shape) != len(self.input_shape) or min(shape) < 1:
+                raise ShapeMismatchError(f"input_shape must be positive integers, got {self.input_shape!r}")
+            object.__setattr__(self, "input_shape", shape)
         self.validate()
 
     # -- structure -------------------------------------------------------------------------------
@@ -451,6 +503,9 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Architecture":
+        if not isinstance(d, dict) or not isinstance(d.get("layers"), list) or \
+                not all(isinstance(x, dict) for x in d["layers"]):
+            raise ConfigError("an architecture description is a JSON object whose 'layers' is a list of objects")
         try:
             layers = [Layer.from_dict(x) for x in d["layers"]]
         except KeyError as e:

@@ -34,6 +34,42 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument mistake is one line (``wsnets train: error: argument --seeds: invalid int value: 'a'``) and
+    exit code 2, as every other bad input; ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        name = getattr(self, "name", None) or self.prog  # the top-level parser names the command it was given
+        print(f"{name}: error: {_one_line(message)} (see {name} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``lo`` (a count, a size, a number of steps)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type``: a finite number (no nan, inf)."""
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
 def add_parser(sub, name: str, help: str, example: str, func: Callable[[argparse.Namespace], Any]) -> argparse.ArgumentParser:
     """A sub-command parser with the shared conventions: example in --help, --json, --device."""
     p = sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {example}", formatter_class=_Formatter)
@@ -140,7 +176,7 @@ def register(sub) -> None:
 
 # -- entry point ---------------------------------------------------------------------------------
 def build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wsnets", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Neural-network weights as data.\n\ncommands:\n" +
         "\n".join(f"  {k:<10} {h}" for k, (_, h) in COMMANDS.items()))
@@ -148,6 +184,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command][0]).register(sub)
+        parser.name = f"wsnets {command}"
     return parser
 
 
@@ -172,7 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         print(f"wsnets: error: command {command!r} is not available in this build ({e})", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a mistake in the arguments, already reported (2)
+        return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if not argv else 2
@@ -181,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
     warnings.formatwarning = lambda message, *a, **k: f"wsnets {name}: warning: {message}\n"
     try:
+        if isinstance(getattr(args, "device", None), str):  # --device cuda on a machine without: one line, now
+            from .esd.eigen import check_device
+            check_device(args.device)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code

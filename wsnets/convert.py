@@ -117,7 +117,7 @@ def arch_from_state_dict(sd: Mapping[str, torch.Tensor], activation: str = "relu
                 layers.append(Layer("layernorm", prefix, n, n))
         else:
             raise UnsupportedLayerError(f"unsupported layer at {prefix!r}: {w.dim()}-d weight {tuple(w.shape)}")
-        if prefix != weight_layers[-1] and (w.dim() == 1 or _next_is_weight(groups, prefix)):
+        if weight_layers and prefix != weight_layers[-1] and (w.dim() == 1 or _next_is_weight(groups, prefix)):
             layers += act
     if not weight_layers:
         raise UnsupportedLayerError("state_dict holds no Linear or Conv weight")

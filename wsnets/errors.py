@@ -46,6 +46,10 @@ class ConfigError(WSNetsError):
     """A bad configuration value, unknown key or wrong type."""
 
 
+class InputTypeError(WSNetsError, TypeError):
+    """An argument of a type wsnets cannot read (``wsnets.load(42)``); also a ``TypeError``."""
+
+
 class TensorFormatError(CheckpointError):
     """A checkpoint entry that is not a dense real floating-point tensor under a string name (an integer
     key, a sparse, complex, integer or boolean tensor)."""

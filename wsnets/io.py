@@ -26,10 +26,14 @@ import torch
 from torch import nn
 
 from .arch import Architecture
-from .errors import CheckpointError, MetadataError, TensorFormatError, UnsafeCheckpointError, WSNetsError
+from .errors import (CheckpointError, InputTypeError, MetadataError, TensorFormatError, UnsafeCheckpointError,
+                     WSNetsError)
 from .weights import WeightSpace
 
 ARCH_KEY = "wsnets.arch"
+# the floating-point dtypes wsnets computes with; float8 formats are refused (they come with scale tensors
+# that a plain cast would ignore: a silently wrong network)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BATCH_KEY = "wsnets.batch_size"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 
@@ -67,7 +71,7 @@ def load(obj: Any, *, activation: str = "relu", input_shape: tuple[int, ...] | N
         elif isinstance(obj, Mapping):
             sd = obj
         else:
-            raise TypeError(f"cannot load weights from {type(obj).__name__}")
+            raise InputTypeError(f"cannot load weights from {type(obj).__name__}")
         ws = _with_arch(sd, given, source)
     elif isinstance(obj, WeightSpace):
         ws = obj
@@ -79,7 +83,8 @@ def load(obj: Any, *, activation: str = "relu", input_shape: tuple[int, ...] | N
         source = str(obj)
         ws = load_file(obj, activation=activation, input_shape=input_shape)
     else:
-        raise TypeError(f"cannot load weights from {type(obj).__name__}")
+        raise InputTypeError(f"cannot load weights from a {type(obj).__name__} (give a path, a state_dict, an "
+                             "nn.Module or a WeightSpace)")
     check_params(ws, source)
     return ws if allow_nonfinite else ws.check_finite(source)
 
@@ -138,14 +143,17 @@ def load_module_spec(spec: str) -> nn.Module:
             mod_spec.loader.exec_module(mod)
         else:
             mod = importlib.import_module(file)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a module that calls sys.exit() on import is a bad input too
         raise ConfigError(f"--module {spec!r}: importing {file} fails ({type(e).__name__}: {_first_line(e)})") from None
     cls = getattr(mod, name.strip(), None)
     if not callable(cls):
         raise ConfigError(f"--module {spec!r}: {file} defines no nn.Module class {name.strip()!r}")
+    import warnings
     try:
-        out = cls(**kwargs)
-    except Exception as e:
+        with warnings.catch_warnings():  # torch's remarks while building it ("zero-element tensors")
+            warnings.simplefilter("ignore")
+            out = cls(**kwargs)
+    except (Exception, SystemExit) as e:
         raise ConfigError(f"--module {spec!r}: {name.strip()}(**{kwargs}) fails ({type(e).__name__}: "
                           f"{_first_line(e)})") from None
     if not isinstance(out, nn.Module):
@@ -187,6 +195,8 @@ def check_params(ws: WeightSpace, source: str = "") -> WeightSpace:
     float64), else :class:`TensorFormatError` naming it (an integer, boolean or complex tensor where a weight
     belongs: a quantized or otherwise encoded checkpoint)."""
     for k, v in ws.params.items():
+        if v.dtype not in WEIGHT_DTYPES and v.is_floating_point():
+            raise TensorFormatError(_float8_message(k, v, source))
         if not v.is_floating_point():
             where = f"{source}: " if source else ""
             kind = "complex" if v.is_complex() else ("boolean" if v.dtype == torch.bool else "integer")
@@ -215,8 +225,17 @@ def check_entries(sd: Mapping[Any, Any], source: str = "") -> dict[str, torch.Te
             raise TensorFormatError(f"{where}tensor {k!r} is complex ({v.dtype}); weights must be real")
         if v.is_meta:
             raise TensorFormatError(f"{where}tensor {k!r} is on the meta device (no values)")
+        if v.is_floating_point() and v.dtype not in WEIGHT_DTYPES:
+            raise TensorFormatError(_float8_message(k, v, source))
         tensors[k] = v
     return tensors
+
+
+def _float8_message(key: str, v: torch.Tensor, source: str = "") -> str:
+    where = f"{source}: " if source else ""
+    name = str(v.dtype).replace("torch.", "")
+    return (f"{where}tensor {key!r} is {name}: wsnets reads float16, bfloat16, float32 and float64 weights; a "
+            f"{name} checkpoint is dequantized with its scale tensors first (a plain cast would be a different network)")
 
 
 def compute_dtype(ws: WeightSpace, source: str = "", dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
@@ -332,8 +351,11 @@ def arch_from_metadata(text: str, source: str = "") -> Architecture:
 
 def read_torch(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """``torch.load(path, weights_only=True)`` with unwrapping and one-line errors."""
+    import warnings
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's remarks on old formats (TypedStorage, pickle protocol): not ours
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if _truncated_global(path, str(e)):
             raise CheckpointError(f"{path}: corrupt or truncated checkpoint (the pickle ends inside a name)") from None
@@ -546,9 +568,11 @@ def read_toml(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such {what} file")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML in {what} ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte {e.start}), as TOML must be") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -12,6 +12,8 @@ Every representation starts here: :meth:`to_graph` (neural graph), :meth:`tensor
 
 from __future__ import annotations
 
+import math
+import operator
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -19,7 +21,26 @@ import torch
 from torch import nn
 
 from .arch import Architecture, Layer
-from .errors import ArchitectureMismatchError, MissingKeyError, NonFiniteWeightsError, ShapeMismatchError
+from .errors import (ArchitectureMismatchError, ConfigError, MissingKeyError, NonFiniteWeightsError, ShapeMismatchError,
+                     TensorFormatError)
+
+MAX_WEIGHT = 1e18
+"""The largest weight magnitude :meth:`WeightSpace.check_finite` accepts: a product of two weights beyond it
+overflows float32 (max 3.4e38), so such a network's outputs are inf or NaN (real networks' weights are < 1e3)."""
+_CHECKED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _batch_size(b: Any) -> int | None:
+    """``None`` (one network) or a positive integer (a batch), else :class:`ConfigError`."""
+    if b is None:
+        return None
+    try:
+        n = operator.index(b) if not isinstance(b, bool) else None
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise ConfigError(f"batch_size must be None (one network) or a positive integer, got {b!r}")
+    return n
 
 
 class WeightSpace:
@@ -38,7 +59,7 @@ class WeightSpace:
     def __init__(self, arch: Architecture, params: Mapping[str, torch.Tensor], batch_size: int | None = None,
                  *, check: bool = True) -> None:
         self.arch = arch
-        self.batch_size = batch_size
+        self.batch_size = _batch_size(batch_size)
         self.params = dict(params)
         if check:
             self._check_shapes()
@@ -49,6 +70,8 @@ class WeightSpace:
         for key, shape in self.arch.param_shapes.items():
             if key not in self.params:
                 raise MissingKeyError(f"missing tensor {key!r} for {self.arch.describe()}")
+            if not isinstance(self.params[key], torch.Tensor):
+                raise TensorFormatError(f"entry {key!r} is a {type(self.params[key]).__name__}, not a tensor")
             got = tuple(self.params[key].shape)
             if got != lead + shape:
                 raise ShapeMismatchError(f"tensor {key!r} has shape {got}, expected {lead + shape}")
@@ -72,7 +95,7 @@ class WeightSpace:
     def random(cls, arch: Architecture, batch_size: int | None = None, *, generator: torch.Generator | None = None,
                scale: float = 1.0) -> "WeightSpace":
         """PyTorch default initialization (times ``scale``); BatchNorm statistics randomized too so tests see them."""
-        B = 1 if batch_size is None else batch_size
+        B = 1 if batch_size is None else _batch_size(batch_size)
         params = {}
         for l in arch.layers:
             for k, shape in l.param_shapes().items():
@@ -182,12 +205,22 @@ class WeightSpace:
         return next(iter(self.params.values())).device
 
     def check_finite(self, source: str = "") -> "WeightSpace":
-        """Raise :class:`NonFiniteWeightsError` naming the first tensor with NaN or Inf."""
+        """Raise :class:`NonFiniteWeightsError` naming the first tensor with NaN or Inf, or with a value beyond
+        :data:`MAX_WEIGHT` in magnitude (finite, but its products overflow float32: every loss, prediction or
+        spectrum computed from it would be inf or NaN)."""
         for k, v in self.params.items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
+            if not v.is_floating_point() or not v.numel() or v.dtype not in _CHECKED:
+                continue
+            top = float(v.abs().amax())  # one pass: NaN or Inf show here too
+            where = f" in {source}" if source else ""
+            if not math.isfinite(top):
                 bad = "NaN" if torch.isnan(v).any() else "Inf"
-                where = f" in {source}" if source else ""
                 raise NonFiniteWeightsError(f"{bad} in tensor {k!r}{where} (pass allow_nonfinite=True to load anyway)")
+            if top > MAX_WEIGHT:
+                raise NonFiniteWeightsError(
+                    f"tensor {k!r}{where} holds a weight of magnitude {top:.3g}, beyond {MAX_WEIGHT:g}: its products "
+                    "overflow float32, so losses, predictions and spectra would be inf or NaN (pass "
+                    "allow_nonfinite=True to load anyway)")
         return self
 
     # -- conversions -----------------------------------------------------------------------------

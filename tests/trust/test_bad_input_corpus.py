@@ -10,7 +10,6 @@ columns, bad offsets, bad numbers), recipes and configs (wrong types, signs and 
 meta-model directories (missing or corrupt files).
 """
 
-import hashlib
 import io
 import json
 import pickle
@@ -24,8 +23,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
-
-from wsnets.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = """name = "c"
@@ -264,11 +261,6 @@ def corpus(tmp_path_factory):
             "runs": runs, "out": d / "out"}
 
 
-def _hash_tree(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): (hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(d.rglob("*")) if "out" not in p.relative_to(d).parts}
-
-
 def _commands(c) -> list[list[str]]:
     g, out = c["good"], c["out"]
     good = str(g / "good.pt")
@@ -302,24 +294,13 @@ def _commands(c) -> list[list[str]]:
     return cmds
 
 
-def test_every_command_on_every_bad_input_is_one_line_exit_2_and_touches_nothing(corpus, capsys):
-    before = _hash_tree(corpus["dir"])
-    failures = []
+def test_every_command_on_every_bad_input_is_one_line_exit_2_and_touches_nothing(corpus, contract_failures, hash_tree):
+    before = hash_tree(corpus["dir"])
     cmds = _commands(corpus)
     assert len(cmds) > 200
-    for argv in cmds:
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse: a mistake in this test's command lines
-            code = f"SystemExit({e.code})"
-        except Exception as e:  # noqa: BLE001 - an exception out of main() is a traceback for a user
-            code = f"raised {type(e).__name__}: {e}"
-        out, err = capsys.readouterr()
-        lines = [v for v in (line.split("\r")[-1] for line in err.split("\n")) if v.strip()]  # as a terminal shows
-        if code != 2 or len(lines) != 1 or "Traceback" in err or not lines[0].startswith("wsnets "):
-            failures.append(f"{' '.join(argv[:3])} ... -> exit {code}: {err.strip()[-300:]!r}")
+    failures = contract_failures(cmds)
     assert not failures, f"{len(failures)} of {len(cmds)}:\n" + "\n".join(failures[:40])
-    assert _hash_tree(corpus["dir"]) == before  # every input untouched, nothing written beside them
+    assert hash_tree(corpus["dir"]) == before  # every input untouched, nothing written beside them
 
 
 def test_bad_inputs_through_the_installed_entry_point(corpus):

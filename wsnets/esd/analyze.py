@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..weights import MAX_WEIGHT
 from .eigen import check_device, layer_spectrum, layout
 from .metrics import fit_columns, fit_mp, jensen_shannon_distance, norm_metrics, randomized_eigenvalues
 from .powerlaw import fit_powerlaw
@@ -81,6 +82,9 @@ def _entries(model: Any) -> tuple[list[_Entry], list[str], int | None]:
         if t.layout != torch.strided:
             skipped.append(f"{k}: {str(t.layout).replace('torch.', '')} tensor (not dense)")
             continue
+        if t.is_meta:
+            skipped.append(f"{k}: a tensor on the meta device (no values)")
+            continue
         why = _skip_reason(k, tuple(t.shape[lead:]), t.dtype)
         if why:
             skipped.append(why)
@@ -91,6 +95,8 @@ def _entries(model: Any) -> tuple[list[_Entry], list[str], int | None]:
 
 def _skip_reason(key: str, shape: tuple[int, ...], dtype: Any) -> str:
     if dtype is not None and not _is_float(dtype):
+        if str(dtype).upper().startswith(("F8", "TORCH.FLOAT8")):
+            return f"{key}: {dtype} tensor (float8 needs its scale tensors: dequantize first)"
         return f"{key}: {dtype} tensor (not floating point)"
     if len(shape) not in (2, 3, 4):
         return f"{key}: {len(shape)}-D tensor {tuple(shape)} (bias, norm or scalar)"
@@ -98,9 +104,11 @@ def _skip_reason(key: str, shape: tuple[int, ...], dtype: Any) -> str:
 
 
 def _is_float(dtype: Any) -> bool:
+    """A dtype wsnets computes with (``wsnets.io.WEIGHT_DTYPES``; safetensors strings F16, BF16, F32, F64)."""
+    from ..io import WEIGHT_DTYPES
     if isinstance(dtype, torch.dtype):
-        return dtype.is_floating_point
-    return str(dtype).upper().startswith(("F", "BF"))  # safetensors dtype strings: F32, F16, BF16, F64
+        return dtype in WEIGHT_DTYPES
+    return str(dtype).upper() in ("F16", "BF16", "F32", "F64")
 
 
 def _file_entries(path: Path) -> tuple[list[_Entry], list[str], None]:
@@ -187,15 +195,18 @@ def run(model: Any, *, min_evals: int = DEFAULT_MIN_EVALS, max_evals: int = DEFA
             w = torch.cat([by_name[n].load() for n in chunk])  # [len(chunk) * B, *shape]
             ids = [i for n in chunk for i in idx if rows[i]["name"] == n]
             flat = w.flatten(1)
-            finite = torch.isfinite(flat).all(1)
+            top = flat.abs().amax(1)  # NaN/Inf show here, and magnitudes whose squares overflow
+            finite = torch.isfinite(top) & (top <= MAX_WEIGHT)
             good = ids
             if not bool(finite.all()):
                 k = len(ids) // len(flat)  # rows per tensor
                 per_row = lambda t: t.repeat_interleave(k).tolist()  # noqa: E731
-                counts = zip(ids, per_row(finite), per_row(flat.isnan().sum(1)), per_row(flat.isinf().sum(1)))
-                for i, ok, nan, inf in counts:
+                counts = zip(ids, per_row(finite), per_row(flat.isnan().sum(1)), per_row(flat.isinf().sum(1)),
+                             per_row(top))
+                for i, ok, nan, inf, big in counts:
                     if not ok:
-                        rows[i]["status"] = f"failed: {nan} NaN and {inf} Inf of {flat.shape[1]} weights"
+                        rows[i]["status"] = (f"failed: {nan} NaN and {inf} Inf of {flat.shape[1]} weights" if nan or inf
+                                             else f"failed: weights up to {big:.3g} in magnitude (> {MAX_WEIGHT:g})")
                 good = [i for i, ok in zip(ids, per_row(finite)) if ok]
                 w = w[finite]
             if good:

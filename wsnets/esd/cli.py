@@ -6,7 +6,7 @@ import argparse
 import math
 from typing import Any
 
-from ..cli import COMMANDS, add_common, add_parser, emit
+from ..cli import COMMANDS, add_common, add_parser, emit, int_at_least
 from ..errors import CheckpointError
 
 _TEXT_COLS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "num_pl_spikes")
@@ -68,8 +68,8 @@ def register(sub) -> None:
                         "(alpha per layer; the ESDs beside it as <name>_esd_*.png)")
     p.add_argument("--mp-fit", action="store_true", help="Marchenko-Pastur fit: num_spikes, mp_softrank, sigma_mp")
     p.add_argument("--randomize", action="store_true", help="compare with shuffled weights: rand_distance, num_traps")
-    p.add_argument("--min-evals", type=int, default=8, help="layers with fewer eigenvalues are reported as skipped")
-    p.add_argument("--max-evals", type=int, default=15000, help="layers with more eigenvalues are reported as skipped")
+    p.add_argument("--min-evals", type=int_at_least(1), default=8, help="layers with fewer eigenvalues are reported as skipped")
+    p.add_argument("--max-evals", type=int_at_least(0), default=15000, help="layers with more eigenvalues are reported as skipped")
     p.add_argument("--method", choices=("gram", "svd"), default="gram", help="eigvalsh of the Gram matrix, or SVD")
     p.add_argument("--per-slice", action="store_true", help="one row per conv kernel position (no pooling)")
     p.add_argument("--no-conv2d-norm", action="store_true", help="do not halve Conv2d eigenvalues (WeightWatcher does)")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli import PlotTarget, add_common, add_parser, emit
+from ..cli import PlotTarget, add_common, add_parser, emit, finite_float, int_at_least
 from ..errors import ConfigError, ShapeMismatchError
 from ..io import atomic_write_json
 from ..weights import WeightSpace
@@ -63,6 +63,8 @@ def _surface(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     dirs = random_directions(ws, args.dim, args.norm, include_bias=args.include_bias,
                              include_norm=args.include_norm, generator=g)
+    if not args.range[0] < args.range[1]:
+        raise ConfigError(f"--range {args.range[0]:g} {args.range[1]:g}: LO must be below HI")
     xs = np.linspace(args.range[0], args.range[1], args.grid)
     meta = {"dataset": args.dataset, "split": args.split, "checkpoint": str(args.ckpt), "seed": args.seed,
             "directions": f"{args.norm}-normalized" + (" incl. bias" if args.include_bias else "")
@@ -167,25 +169,25 @@ def register(sub) -> None:
                    "wsnets landscape surface model.safetensors --dataset digits --grid 31 --out s.npz --plot plots/", _surface)
     _common(s)
     s.add_argument("--dim", type=int, choices=(1, 2), default=2, help="1D line or 2D plane")
-    s.add_argument("--grid", type=int, default=31, help="points per axis")
-    s.add_argument("--range", type=float, nargs=2, default=(-1.0, 1.0), metavar=("LO", "HI"), help="coordinate range")
+    s.add_argument("--grid", type=int_at_least(1), default=31, help="points per axis")
+    s.add_argument("--range", type=finite_float, nargs=2, default=(-1.0, 1.0), metavar=("LO", "HI"), help="coordinate range")
     s.add_argument("--norm", choices=("filter", "layer", "none"), default="filter", help="direction normalization")
     s.add_argument("--include-bias", action="store_true", help="also move biases (zero by default)")
     s.add_argument("--include-norm", action="store_true", help="also move normalization weights/biases")
     s.add_argument("--split", choices=("train", "test", "all"), default="train", help="which examples to evaluate")
-    s.add_argument("--batch-size", type=int, default=0, help="examples per batch (0 = full batch)")
-    s.add_argument("--chunk-size", type=int, default=None, help="grid points per vmap call (default: 32 on CPU, 256 on GPU)")
+    s.add_argument("--batch-size", type=int_at_least(0), default=0, help="examples per batch (0 = full batch)")
+    s.add_argument("--chunk-size", type=int_at_least(1), default=None, help="grid points per vmap call (default: 32 on CPU, 256 on GPU)")
 
     h = add_parser(lsub, "hessian", "Hessian top eigenvalues, trace and spectral density (SLQ)",
                    "wsnets landscape hessian model.safetensors --dataset digits --top-k 5 --plot plots/", _hessian)
     _common(h)
-    h.add_argument("--top-k", type=int, default=5, help="number of top eigenvalues")
+    h.add_argument("--top-k", type=int_at_least(1), default=5, help="number of top eigenvalues")
     h.add_argument("--method", choices=("lanczos", "power"), default="lanczos", help="eigenvalue method")
-    h.add_argument("--trace-samples", type=int, default=100, help="Hutchinson Rademacher samples")
-    h.add_argument("--slq-vectors", type=int, default=5, help="SLQ random vectors (0 = skip the density)")
-    h.add_argument("--slq-steps", type=int, default=40, help="Lanczos steps per SLQ vector")
+    h.add_argument("--trace-samples", type=int_at_least(1), default=100, help="Hutchinson Rademacher samples")
+    h.add_argument("--slq-vectors", type=int_at_least(0), default=5, help="SLQ random vectors (0 = skip the density)")
+    h.add_argument("--slq-steps", type=int_at_least(1), default=40, help="Lanczos steps per SLQ vector")
     h.add_argument("--split", choices=("train", "test", "all"), default="train", help="which examples define the loss")
-    h.add_argument("--batch-size", type=int, default=0, help="examples per batch (0 = full batch)")
+    h.add_argument("--batch-size", type=int_at_least(0), default=0, help="examples per batch (0 = full batch)")
     h.add_argument("--float64", action="store_true", help="compute in float64")
 
     i = add_parser(lsub, "intrinsic", "intrinsic dimension: random-subspace training sweep and d_int90",
@@ -194,9 +196,9 @@ def register(sub) -> None:
     _common(i)
     i.add_argument("--dims", default="10,20,50,100,200,300,500,750,1000", help="comma-separated subspace dimensions")
     i.add_argument("--projection", choices=("dense", "sparse", "fastfood"), default="dense", help="random projection")
-    i.add_argument("--steps", type=int, default=1000, help="Adam steps")
-    i.add_argument("--batch-size", type=int, default=128, help="minibatch size")
-    i.add_argument("--lr", type=float, default=1e-2, help="learning rate of the subspace coordinates")
-    i.add_argument("--full-lr", type=float, default=3e-3, help="learning rate of the full-dimensional baseline")
+    i.add_argument("--steps", type=int_at_least(1), default=1000, help="Adam steps")
+    i.add_argument("--batch-size", type=int_at_least(1), default=128, help="minibatch size")
+    i.add_argument("--lr", type=finite_float, default=1e-2, help="learning rate of the subspace coordinates")
+    i.add_argument("--full-lr", type=finite_float, default=3e-3, help="learning rate of the full-dimensional baseline")
     i.add_argument("--keep-weights", action="store_true",
                    help="start from the checkpoint's weights (default: a fresh init of its architecture, --seed)")

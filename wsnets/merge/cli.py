@@ -122,6 +122,8 @@ def _align(args):
 def _barrier(args):
     from .align import weight_matching
     from .interpolate import interpolation_curve
+    if len(args.models) != 2:
+        raise ConfigError(f"a barrier is measured between two models, got {len(args.models)}")
     batch = _load_all(args.models, args.device, args, "a barrier")
     x, y, xt, yt = _data(args.dataset, batch, args.device, needed=True)
     a, b = batch[0], batch[1]

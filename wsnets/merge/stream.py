@@ -311,10 +311,12 @@ class _Job:
     def compute_dtype(self, n: str) -> torch.dtype:
         if self.cdtype is not None:
             return self.cdtype
-        d = self.ref.infos[n].dtype
+        def up(t: torch.dtype) -> torch.dtype:  # before promoting: torch does not promote float8 with others
+            return torch.float32 if t in _HALF else t
+        d = up(self.ref.infos[n].dtype)
         for ck in self.opened[1:]:
-            d = torch.promote_types(d, ck.infos[n].dtype)
-        return torch.float32 if d in _HALF else d
+            d = torch.promote_types(d, up(ck.infos[n].dtype))
+        return d
 
     # -- provenance ---------------------------------------------------------------------------------
     def start_digests(self, algorithm: str) -> None:

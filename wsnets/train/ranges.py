@@ -135,16 +135,17 @@ class TrainingRange:
             row: dict[str, Any] = {}
             if dist is not None:
                 row.update(distance=round(float(dist[i]), 4), threshold=round(float(self.threshold), 4))
-                if dist[i] > self.threshold:
+                if not dist[i] <= self.threshold:  # NaN (features that are not finite) is out of range too
                     why.append(f"distance {float(dist[i]):.2f} to the training networks (in the {self.space}) "
-                               f"above the threshold {self.threshold:.2f}")
+                               f"above the threshold {self.threshold:.2f}" if dist[i] > self.threshold else
+                               f"distance {float(dist[i])} to the training networks: its {self.space} is not finite")
             if self.bases is not None:
                 if base_arch is None or ws.arch != base_arch:
                     why.append("not a fine-tune of the meta-model's bases (another architecture)")
                 else:
                     rel = _base_distance(self.bases, ws.params, list(base_arch.param_shapes))
                     row.update(base_distance=round(rel, 4), base_threshold=round(float(self.base_threshold), 4))
-                    if rel > self.base_threshold:
+                    if not rel <= self.base_threshold:
                         why.append(f"not a fine-tune of the meta-model's bases (relative distance {rel:.2f} to the "
                                    f"nearest, trained fine-tunes up to {self.base_threshold:.2f})")
             out.append({"in_range": not why, "reasons": why, **row})

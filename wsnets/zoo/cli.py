@@ -42,23 +42,31 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(v: Any) -> float | None:
+    """A metric as a finite float, None if it is missing (NULL: SQLite stores NaN as NULL) or not finite."""
+    import math
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
 def summarize(zoo) -> dict[str, Any]:
     """Counts per dataset / architecture / epoch and the test-accuracy spread at the last epoch."""
     rows = zoo.rows
     last = zoo.last_epoch().rows
-    acc = sorted(r["test_acc"] for r in last)
+    acc = sorted(v for v in (_number(r.get("test_acc")) for r in last) if v is not None)
+    gaps = [v for v in (_number(r.get("gen_gap")) for r in last) if v is not None]
 
     def q(p: float) -> float:
         return acc[min(len(acc) - 1, int(p * (len(acc) - 1) + 0.5))] if acc else float("nan")
     return {
         "zoo": str(zoo.root), "recipe": zoo.meta.get("recipe"), "checkpoints": len(rows),
         "models": len({r["model_id"] for r in rows}),
-        "per_dataset": dict(Counter(r["dataset"] for r in last)), "per_task": dict(Counter(r["task"] for r in last)),
-        "per_arch": dict(Counter(r["arch_desc"] for r in last).most_common()),
+        "per_dataset": dict(Counter(r.get("dataset") for r in last)), "per_task": dict(Counter(r.get("task") for r in last)),
+        "per_arch": dict(Counter(r.get("arch_desc") for r in last).most_common()),
         "per_epoch": dict(sorted(Counter(r["epoch"] for r in rows).items())),
         "test_acc_last_epoch": {"min": q(0), "p10": q(0.1), "median": q(0.5), "p90": q(0.9), "max": q(1),
                                 "mean": statistics.fmean(acc) if acc else float("nan")},
-        "gen_gap_last_epoch_mean": statistics.fmean(r["gen_gap"] for r in last) if last else float("nan"),
+        "gen_gap_last_epoch_mean": statistics.fmean(gaps) if gaps else float("nan"),
+        "no_test_acc": len(last) - len(acc),  # models whose metric is NULL (NaN when stored: diverged) or absent
         "diverged": sum(int(r.get("diverged") or 0) for r in last),
     }
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..arch import Architecture
-from ..errors import CheckpointError, ConfigError, MissingKeyError
+from ..errors import CheckpointError, ConfigError, DamagedZooError, MissingKeyError, WSNetsError
 from ..weights import WeightSpace, stack
 from .index import INDEX, connect_write, read_index, read_meta
 from .store import load_tensors, read_rows
@@ -122,7 +122,12 @@ class Zoo:
     def arch_of(self, row: dict[str, Any]) -> Architecture:
         s = row["arch"]
         if s not in self._arch_cache:
-            self._arch_cache[s] = Architecture.from_json(s)
+            from ..io import arch_from_metadata
+            try:
+                self._arch_cache[s] = arch_from_metadata(s) if isinstance(s, str) else Architecture.from_json(s)
+            except (WSNetsError, TypeError) as e:  # the index's architecture column, checked as file metadata is
+                raise DamagedZooError(f"{self.root}: row {row.get('model_id')!r} epoch {row.get('epoch')!r}: "
+                                      f"{str(e).replace(repr('wsnets.arch'), 'column arch')}") from None
         return self._arch_cache[s]
 
     def weightspaces(self, rows: Sequence[dict[str, Any]] | None = None) -> list[WeightSpace]:

@@ -187,12 +187,42 @@ def _sql(v: Any) -> Any:
 
 
 def read_rows(con: sqlite3.Connection, where: str = "", params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-    """Rows of the index as dicts, ordered by (model_id, epoch)."""
+    """Rows of the index as dicts, ordered by (model_id, epoch); a row whose values are not of their column's
+    type (text in a metric, a NULL architecture or shard, a negative position) is a :class:`DamagedZooError`."""
     sql = "SELECT * FROM checkpoints" + (f" WHERE {where}" if where else "") + " ORDER BY model_id, epoch"
     try:
-        return [dict(r) for r in con.execute(sql, tuple(params))]
+        rows = [dict(r) for r in con.execute(sql, tuple(params))]
     except sqlite3.OperationalError as e:
         raise ConfigError(f"bad row filter {where!r}: {e}") from None
+    if rows:
+        _check_types(con, where, params)
+    return rows
+
+
+_REQUIRED_TEXT = ("model_id", "arch", "shard", "key")
+
+
+def _check_types(con: sqlite3.Connection, where: str = "", params: Sequence[Any] = ()) -> None:
+    """Every row's values of the type their column declares (numbers or NULL in REAL/INTEGER columns, text in
+    the columns a checkpoint is loaded by, a non-negative position), checked in one SQL query."""
+    cols = [r[1] for r in con.execute("PRAGMA table_info(checkpoints)")]
+    numeric = [c for c in cols if COLUMNS.get(c, "").startswith(("REAL", "INTEGER"))]
+    tests = {c: f"typeof(\"{c}\") NOT IN ('integer', 'real', 'null')" for c in numeric}
+    tests.update({c: f"typeof(\"{c}\") != 'text'" for c in _REQUIRED_TEXT if c in cols})
+    tests.update(idx="typeof(idx) != 'integer' OR idx < 0", epoch="typeof(epoch) != 'integer'")
+    sql = (f"SELECT * FROM checkpoints WHERE ({' OR '.join(tests.values())})" + (f" AND ({where})" if where else "")
+           + " LIMIT 1")
+    r = con.execute(sql, tuple(params)).fetchone()
+    if r is None:
+        return
+    r = dict(r)
+    bad = next(c for c in ("idx", "epoch", *_REQUIRED_TEXT, *numeric) if c in r and (
+        (c in ("idx", "epoch") and not (isinstance(r[c], int) and r[c] >= 0)) or
+        (c in _REQUIRED_TEXT and not isinstance(r[c], str)) or (c in numeric and isinstance(r[c], (str, bytes)))))
+    what = "a non-negative integer" if bad in ("idx", "epoch") else "text" if bad in _REQUIRED_TEXT else "a number"
+    path = next((f for _, name, f in con.execute("PRAGMA database_list") if name == "main"), "") or "the zoo index"
+    raise DamagedZooError(f"{path}: row {r.get('model_id')!r} epoch {r.get('epoch')!r}: column {bad!r} holds {r[bad]!r}, "
+                          f"not {what}: the index is damaged (build the zoo again into a new directory)")
 
 
 _REPAIR = "; 'wsnets zoo info DIR --verify' lists the damage and running the zoo's build again repairs it"

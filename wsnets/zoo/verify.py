@@ -74,6 +74,50 @@ def check_shard(root: Path, group: Mapping[str, Any], keys: Iterable[str] = ()) 
     return f"no tensors under {lost[0]!r}" if lost else None
 
 
+def check_rows(root: Path, group: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
+               archs: dict[str, Any] | None = None) -> str | None:
+    """Why some of a group's ``rows`` cannot be loaded from its (intact) shard, or None: each row names the
+    group's shard, a key with tensors in it, a position within them, and an architecture (JSON) whose
+    parameter shapes are the tensors' shapes. ``archs`` caches parsed architectures across groups."""
+    from ..arch import Architecture
+    from ..errors import WSNetsError
+    archs = {} if archs is None else archs
+    try:
+        h, _ = header(root / str(group["shard"]))
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"not a readable safetensors file ({e})"
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, info in h.items():
+        if name != "__metadata__" and "/" in name and isinstance(info, dict):
+            k, _, t = name.partition("/")
+            shapes.setdefault(k, {})[t] = tuple(info.get("shape") or ())
+    for r in rows:
+        who = f"row {r.get('model_id')} epoch {r.get('epoch')}"
+        if r.get("shard") != group["shard"]:
+            return f"{who} points at shard {r.get('shard')!r}, its group's is {group['shard']!r}"
+        got = shapes.get(str(r.get("key")))
+        if not got:
+            return f"{who}: no tensors under {r.get('key')!r}"
+        idx = r.get("idx")
+        n = min(s[0] if s else 0 for s in got.values())
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < n:
+            return f"{who}: position {idx!r} is not one of the {n} checkpoints under {r.get('key')!r}"
+        text = r.get("arch")
+        if text not in archs:
+            try:
+                archs[text] = Architecture.from_json(text).param_shapes if isinstance(text, str) else None
+            except (WSNetsError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+                archs[text] = None
+        want = archs[text]
+        if want is None:
+            return f"{who}: its architecture column is not an architecture"
+        bad = next((k for k, v in want.items() if got.get(k, ())[1:] != tuple(v)), None)
+        if bad is not None:
+            return (f"{who}: tensor {bad!r} has shape {list(got.get(bad, ())[1:]) or 'none'} in the shard, its "
+                    f"architecture needs {list(want[bad])}")
+    return None
+
+
 def verify(root: Path, groups: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Every group's shard checked (:func:`check_shard`) and every row matched to a committed group.
 
@@ -81,6 +125,7 @@ def verify(root: Path, groups: Sequence[Mapping[str, Any]], rows: Sequence[Mappi
     "orphan_rows": k, "ok": bool}``."""
     keys: dict[str, set[str]] = {}
     count: dict[str, int] = {}
+    members: dict[str, list[Mapping[str, Any]]] = {}
     orphans = 0
     known = {g["group_id"] for g in groups}
     for r in rows:
@@ -90,9 +135,13 @@ def verify(root: Path, groups: Sequence[Mapping[str, Any]], rows: Sequence[Mappi
             continue
         keys.setdefault(g, set()).add(str(r.get("key")))
         count[g] = count.get(g, 0) + 1
+        members.setdefault(g, []).append(r)
     damaged, checked, structural = [], 0, 0
+    archs: dict[str, Any] = {}
     for g in groups:
         problem = check_shard(root, g, keys.get(g["group_id"], ()))
+        if not problem and members.get(g["group_id"]):
+            problem = check_rows(root, g, members[g["group_id"]], archs)
         if problem:
             damaged.append({"group_id": g["group_id"], "shard": g["shard"], "problem": problem,
                             "rows": count.get(g["group_id"], 0)})
@@ -115,6 +164,7 @@ def plan_status(meta: Mapping[str, str], committed: Iterable[str]) -> dict[str, 
     ``--shard``, recorded in the meta table): ``state`` is ``complete``, ``partial`` (groups left to
     build: an interrupted build, resumed by running it again), ``mixed`` (groups of another plan) or
     ``unknown`` (no recipe or plan recorded)."""
+    from ..errors import WSNetsError
     from .build import parse_shard, plan
     from .recipe import parse_recipe
     committed = set(committed)
@@ -132,8 +182,11 @@ def plan_status(meta: Mapping[str, str], committed: Iterable[str]) -> dict[str, 
     except Exception:  # noqa: BLE001 - a recipe this version cannot parse: the plan is unknown, not an error
         return out
     recorded = "limit" in meta or "shard" in meta
-    limit = int(meta["limit"]) if meta.get("limit") not in (None, "", "none") else None
-    parts = [parse_shard(s) for s in (meta.get("shard") or "0/1").split(",")]
+    try:
+        limit = int(meta["limit"]) if meta.get("limit") not in (None, "", "none") else None
+        parts = [parse_shard(s) for s in (meta.get("shard") or "0/1").split(",")]
+    except (ValueError, WSNetsError):  # a plan this version cannot read: unknown, as an unparsable recipe
+        return out
     full = plan(recipe, limit)
     want = {g.group_id for i, g in enumerate(full) if any(i % n == k for k, n in parts)}
     foreign = committed - want
