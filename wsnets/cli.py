@@ -224,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(getattr(args, "device", None), str):  # --device cuda on a machine without: one line, now
             from .esd.eigen import check_device
             check_device(args.device)
+        for opt in ("out", "plot", "cache"):  # an output under a file: refused now, not after the work
+            if isinstance(getattr(args, opt, None), (str, os.PathLike)):
+                from .io import check_output_path
+                check_output_path(getattr(args, opt), f"--{opt}")
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code

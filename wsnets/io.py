@@ -495,6 +495,17 @@ def _writer_tag() -> str:
     return f"{_host()}-{os.getpid()}"
 
 
+def check_output_path(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse, before any work, an output whose nearest existing parent is a file (``--out notes.txt/x``):
+    :class:`~wsnets.errors.OutputError` naming it (the folders below it would be created on write)."""
+    from .errors import OutputError
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{path}: cannot write the {what} there: {parent} is a file, not a folder")
+            return
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then fsync and rename onto ``path``; the old file survives any crash.
 

@@ -38,6 +38,9 @@ def names(kind: str) -> list[str]:
 def find(kind: str, name: str | Path) -> Path:
     """The file of a recipe or config given by path or by name (``"digits-mlp"``, ``"graph"``); a name
     that is neither is a one-line :class:`ConfigError` listing the shipped ones."""
+    if not isinstance(name, (str, Path)):
+        from .errors import InputTypeError
+        raise InputTypeError(f"a {kind} is given by name or path, not a {type(name).__name__} ({name!r})")
     p = Path(name)
     if p.is_file():
         return p

@@ -216,6 +216,11 @@ def _configs(d: Path) -> list[Path]:
     return _write_all(d, "config", bad)
 
 
+def _edit_trained_on(r: Path, fn) -> None:
+    meta = json.loads((r / "config.json").read_text())
+    (r / "config.json").write_text(json.dumps({**meta, "trained_on": fn(meta["trained_on"])}))
+
+
 def _runs(d: Path, good_run: Path) -> list[Path]:
     import shutil
     out = []
@@ -228,6 +233,14 @@ def _runs(d: Path, good_run: Path) -> list[Path]:
         "run_norm": lambda r: (r / "normalization.json").write_text('{"test_acc": {"mean": "x"}}'),
         "run_config": lambda r: (r / "config.json").write_text(json.dumps(
             {**json.loads((r / "config.json").read_text()), "config": {"optim": {"epochs": "ten"}}})),
+        # the training range's calibration (a NaN threshold compared false: every network was in range)
+        "run_nan_threshold": lambda r: _edit_trained_on(r, lambda t: {**t, "threshold": float("nan")}),
+        "run_trained_on_list": lambda r: _edit_trained_on(r, lambda t: [1, 2]),
+        "run_no_reference": lambda r: (r / "reference.safetensors").unlink(),
+        "run_kind": lambda r: (r / "config.json").write_text(json.dumps(
+            {**json.loads((r / "config.json").read_text()), "kind": "quantum"})),
+        "run_example_arch": lambda r: (r / "config.json").write_text(json.dumps(
+            {**json.loads((r / "config.json").read_text()), "example_arch": "{oops"})),
     }
     for name, fn in variants.items():
         r = d / name

@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import wsnets
+import wsnets.esd
+import wsnets.train
+import wsnets.zoo
 from wsnets import errors as E
 from wsnets.cli import main
 
@@ -45,15 +48,15 @@ def _sd():
 def _checkpoints(d: Path) -> list[Path]:
     sd = _sd()
     save_file({k: v.to(torch.float8_e4m3fn) for k, v in sd.items()}, str(d / "float8.safetensors"))
-    out = {"float8_e5m2.pt": {k: v.to(torch.float8_e5m2) for k, v in sd.items()},
-           "huge32.pt": {**sd, "2.weight": torch.full((10, 8), 3e38)},
-           "huge64.pt": {k: v.double() * 1e300 for k, v in sd.items()},
-           "weight_1d.pt": {"0.weight": torch.zeros(8), "0.bias": torch.zeros(8)},
-           "meta_device.pt": {k: torch.empty(v.shape, device="meta") for k, v in sd.items()},
-           "quantized.pt": {k: torch.quantize_per_tensor(v, 0.1, 0, torch.qint8) for k, v in sd.items()}}
     import warnings
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # torch deprecates quantized tensors (we make one to see it refused)
         warnings.simplefilter("ignore")
+        out = {"float8_e5m2.pt": {k: v.to(torch.float8_e5m2) for k, v in sd.items()},
+               "huge32.pt": {**sd, "2.weight": torch.full((10, 8), 3e38)},
+               "huge64.pt": {k: v.double() * 1e300 for k, v in sd.items()},
+               "weight_1d.pt": {"0.weight": torch.zeros(8), "0.bias": torch.zeros(8)},
+               "meta_device.pt": {k: torch.empty(v.shape, device="meta") for k, v in sd.items()},
+               "quantized.pt": {k: torch.quantize_per_tensor(v, 0.1, 0, torch.qint8) for k, v in sd.items()}}
         for name, obj in out.items():
             torch.save(obj, d / name)
     save_file({"0.weight": torch.zeros(0, 64), "0.bias": torch.zeros(0), "2.weight": torch.zeros(10, 0),
@@ -170,7 +173,12 @@ def _commands(c) -> list[list[str]]:
              ["predict", good, "--meta-model", str(g), "--device", "banana"],
              ["graph", good, "--json", "--no-such-option"],
              ["train", str(ROOT / "train" / "graph.toml"), "--zoo", str(g / "zoo"), "--out", str(out / "r"), "--seeds", "a"],
-             ["train", str(c["dir"] / "bad" / "latin1.toml"), "--zoo", str(g / "zoo"), "--out", str(out / "r")]]
+             ["train", str(c["dir"] / "bad" / "latin1.toml"), "--zoo", str(g / "zoo"), "--out", str(out / "r")],
+             # an output under a file: refused before the work (a surface was computed, then not written)
+             ["landscape", "surface", good, "--grid", "3", "--out", str(g / "good.pt" / "s.npz")],
+             ["landscape", "hessian", good, "--top-k", "1", "--trace-samples", "2", "--slq-vectors", "0",
+              "--out", str(g / "good.pt" / "deeper" / "h.json")],
+             ["esd", good, "--plot", str(g / "good.pt" / "p.png")]]
     return cmds
 
 
@@ -223,6 +231,9 @@ def test_api_raises_wsnets_errors(corpus):
         "zoo arch garbage": lambda: wsnets.zoo.open(c["zoos_verify"][2]).load(),
         "zoo text metric": lambda: wsnets.zoo.open(c["zoos_open"][0]),
         "zoo null arch": lambda: wsnets.zoo.open(c["zoos_open"][1]),
+        "analyze(42)": lambda: wsnets.esd.analyze(42),
+        "load_config(123)": lambda: wsnets.train.load_config(123),
+        "parse_recipe(list)": lambda: wsnets.zoo.parse_recipe([1], "a list"),
     }
     cases.update({f"load {p.name}": (lambda p=p: wsnets.load(p)) for p in c["ckpts"]})
     cases.update({f"load arch {p.name}": (lambda p=p: wsnets.load(c["good"] / "conv.pt", arch=p)) for p in c["archs"]})

@@ -69,7 +69,8 @@ def _entries(model: Any) -> tuple[list[_Entry], list[str], int | None]:
     elif isinstance(model, Mapping):
         tensors = dict(model)
     else:
-        raise TypeError(f"cannot analyze a {type(model).__name__}: give an nn.Module, state_dict, WeightSpace or path")
+        from ..errors import InputTypeError
+        raise InputTypeError(f"cannot analyze a {type(model).__name__}: give an nn.Module, state_dict, WeightSpace or path")
     lead = 0 if batch is None else 1
     entries, skipped = [], []
     for k, t in tensors.items():

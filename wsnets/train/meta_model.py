@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..arch import Architecture
-from ..errors import CheckpointError, ConfigError, MissingKeyError
+from ..errors import CheckpointError, ConfigError, MissingKeyError, WSNetsError
 from ..io import atomic_write_json, read_safetensors, write_safetensors
 from ..weights import WeightSpace
 from .config import CLASSIFICATION_TARGETS, TrainConfig, from_dict
@@ -304,6 +304,8 @@ def read_run(run: str | Path) -> tuple[dict, dict]:
         meta, norm = (obj, norm) if name == "config.json" else (meta, obj)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{run / 'config.json'}: not a wsnets meta-model (format {meta.get('format')!r})")
+    if meta.get("kind", "nn") not in ("nn", "gbm"):
+        raise CheckpointError(f"{run / 'config.json'}: meta-model kind {meta.get('kind')!r} unknown (nn or gbm)")
     for key, kind in (("targets", list), ("representation", str), ("config", dict)):
         if key in meta and not isinstance(meta[key], kind):
             raise CheckpointError(f"{run / 'config.json'}: {key!r} must be a {kind.__name__}, got {meta[key]!r}")
@@ -453,7 +455,10 @@ class MetaModel(Predictor, nn.Module):
             from .gbm import GBMMetaModel
             return GBMMetaModel.load(run)  # type: ignore[return-value]
         cfg: TrainConfig = from_dict(meta["config"], str(run / "config.json"))
-        arch = Architecture.from_json(meta["example_arch"]) if meta.get("example_arch") else None
+        try:
+            arch = Architecture.from_json(meta["example_arch"]) if meta.get("example_arch") else None
+        except (WSNetsError, TypeError) as e:
+            raise CheckpointError(f"{run / 'config.json'}: 'example_arch' is not an architecture ({e})") from None
         example = WeightSpace.random(arch) if arch is not None else None
         members = [MetaModel(build_encoder(cfg.encoder, example), meta["targets"], classes=meta.get("classes"),
                              normalization=norm, representation=meta["representation"], head_hidden=cfg.head.hidden,

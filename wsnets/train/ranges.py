@@ -194,17 +194,29 @@ class TrainingRange:
     def load(cls, run: Path, meta: dict[str, Any]) -> "TrainingRange | None":
         """The range recorded in a run's ``config.json`` (+ ``reference.safetensors``), or None for a run
         saved before wsnets recorded ranges."""
+        from ..errors import CheckpointError
         d = meta.get("trained_on")
-        if not isinstance(d, dict):
+        if d is None:
             return None
+        where = f"{run / 'config.json'}: 'trained_on'"
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where} is a {type(d).__name__}, not a training range")
+        for key in ("threshold", "base_threshold", "quantile"):  # the calibration: NaN compares false, so in range
+            v = d.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+                raise CheckpointError(f"{where}: {key} is {v!r}, not a finite non-negative number")
+        if not isinstance(d.get("k", 5), int) or d.get("k", 5) < 1:
+            raise CheckpointError(f"{where}: k is {d.get('k')!r}, not a positive integer")
         tensors = None
         if (run / FILE).is_file():
             from ..io import read_safetensors
             tensors, _ = read_safetensors(run / FILE)
+        elif d.get("threshold") is not None or d.get("base_threshold") is not None:
+            raise CheckpointError(f"{run / FILE}: missing, but the meta-model's training range needs it (its "
+                                  "distance threshold was calibrated on those networks)")
         try:
             return cls.from_json(d, tensors)
         except (TypeError, KeyError, ValueError):
-            from ..errors import CheckpointError
             raise CheckpointError(f"{run / 'config.json'}: 'trained_on' is not a training range") from None
 
 

@@ -447,6 +447,8 @@ def check_values(raw: dict[str, Any], source: str = "<dict>") -> None:
 
 def parse_recipe(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
     """Validate a recipe given as a dict (the parsed TOML); bad values raise :class:`RecipeError`."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {source}: a table of keys, not a {type(raw).__name__}")
     check_values(raw, source)
     unknown = set(raw) - _TOP_KEYS
     if unknown:
