@@ -160,3 +160,24 @@ def test_output_onto_a_shard_of_a_sharded_input_is_refused(ckpts, tmp_path):
         assert main(["merge", "linear", str(sharded / "model.safetensors.index.json"), ckpts["ft2"], "-o", str(shard),
                      "--json", *flags]) == 2
     assert shard.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", [["soup"], ["soup", "--uniform"], ["barrier"], ["align", "--method", "activation"]])
+def test_dataset_inputs_are_reshaped_to_the_model_or_refused_in_one_line(command, tmp_path, capsys):
+    """digits (64 features) and digits-img (1x8x8) are one dataset: every command taking --dataset reshapes it
+    to the model's input (the greedy soup refused it, as the others did not); mnist1d (40 features) fits
+    neither model: a one-line error naming the dataset (the greedy soup failed with an internal error)."""
+    g = torch.Generator().manual_seed(0)
+    paths = {}
+    for kind, arch in (("mlp", wsnets.mlp(64, [8], 10)),
+                       ("cnn", wsnets.cnn(1, [3], 10, dims=2, batchnorm=True, input_shape=(1, 8, 8)))):
+        paths[kind] = [str(wsnets.WeightSpace.random(arch, generator=g).save(tmp_path / f"{kind}{i}.safetensors"))
+                       for i in range(2)]
+    out = [] if command[0] == "barrier" else ["-o", str(tmp_path / "out.safetensors"), "--overwrite"]
+    for kind, dataset in (("mlp", "digits-img"), ("cnn", "digits")):
+        assert main(["merge", *command, *paths[kind], "--dataset", dataset, *out, "--json"]) == 0
+        capsys.readouterr()
+    for kind in ("mlp", "cnn"):
+        assert main(["merge", *command, *paths[kind], "--dataset", "mnist1d", *out, "--json"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "dataset 'mnist1d' has inputs (40,)" in err and "internal error" not in err and "\n" not in err

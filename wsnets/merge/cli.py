@@ -63,15 +63,9 @@ def _data(name: str | None, ws: WeightSpace, device: str, *, needed: bool = Fals
             raise ConfigError("this needs --dataset (e.g. digits, mnist1d)")
         return None
     from ..zoo import datasets
+    from .soup import model_inputs
     x, y, xt, yt = datasets.load(name)
-    shape = ws.arch.input_shape
-    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
-        n = 1
-        for s in shape:
-            n *= s
-        if n != x[0].numel():
-            raise ConfigError(f"dataset {name!r} has inputs {tuple(x.shape[1:])}, the model expects {tuple(shape)}")
-        x, xt = x.reshape(len(x), *shape), xt.reshape(len(xt), *shape)
+    x, xt = model_inputs(name, x, ws.arch.input_shape), model_inputs(name, xt, ws.arch.input_shape)
     return x.to(device), y.to(device), xt.to(device), yt.to(device)
 
 
@@ -98,10 +92,8 @@ def _soup(args):
     if args.dataset is None:
         raise ConfigError("a greedy soup needs --dataset to score ingredients (or pass --uniform)")
     evaluate, xtrain = dataset_evaluator(args.dataset, split=args.split, val_fraction=args.val_fraction,
-                                         device=args.device)
-    shape = batch.arch.input_shape
-    bn = xtrain.reshape(len(xtrain), *shape) if shape is not None else xtrain
-    r = greedy_soup(batch, evaluate, bn_data=bn)
+                                         device=args.device, input_shape=batch.arch.input_shape)
+    r = greedy_soup(batch, evaluate, bn_data=xtrain)
     extra = {"kept": [args.models[i] for i in r.ingredients], "ingredient_scores": r.scores, "soup_score": r.score}
     return _write(args, r.model, "greedy_soup", {"dataset": args.dataset, "split": args.split,
                                                  "val_fraction": args.val_fraction,

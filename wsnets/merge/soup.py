@@ -45,17 +45,29 @@ class SoupResult:
     history: list[tuple[int, float, bool]] = field(default_factory=list)
 
 
+def model_inputs(name: str, x: torch.Tensor, shape: Sequence[int] | None) -> torch.Tensor:
+    """Dataset ``name``'s inputs ``x [N, ...]`` reshaped to a model's ``input_shape`` (digits' 64 features
+    and digits-img's 1x8x8 are one dataset); a :class:`ConfigError` when the sizes differ."""
+    if shape is None or tuple(x.shape[1:]) == tuple(shape):
+        return x
+    if math.prod(shape) != x[0].numel():
+        raise ConfigError(f"dataset {name!r} has inputs {tuple(x.shape[1:])}, the model expects {tuple(shape)}")
+    return x.reshape(len(x), *shape)
+
+
 def dataset_evaluator(name: str, *, split: str = "val", val_fraction: float = 0.2,
-                      device: str | torch.device = "cpu") -> tuple[Evaluator, torch.Tensor]:
+                      device: str | torch.device = "cpu",
+                      input_shape: Sequence[int] | None = None) -> tuple[Evaluator, torch.Tensor]:
     """Accuracy on a split of a :mod:`wsnets.zoo.datasets` dataset, and that dataset's training inputs.
 
     ``split`` is ``"val"`` (last ``val_fraction`` of the training split: hold it out when fine-tuning)
     or ``"test"``. The evaluator accepts a single or batched WeightSpace (a float, or a list for a
     batch). The second return value (training inputs before the validation part) serves as
-    ``bn_data``.
+    ``bn_data``. With ``input_shape`` (a model's) the inputs are reshaped to it (:func:`model_inputs`).
     """
     from ..zoo import datasets
     x, y, xt, yt = datasets.load(name)
+    x, xt = model_inputs(name, x, input_shape), model_inputs(name, xt, input_shape)
     n_val = int(round(len(x) * val_fraction))
     if split == "val":
         if not 0 < n_val < len(x):
@@ -74,9 +86,9 @@ def dataset_evaluator(name: str, *, split: str = "val", val_fraction: float = 0.
     return evaluate, xtrain.to(device)
 
 
-def _resolve(evaluate: Evaluator | str, device: torch.device) -> tuple[Evaluator, torch.Tensor | None]:
+def _resolve(evaluate: Evaluator | str, batch: WeightSpace) -> tuple[Evaluator, torch.Tensor | None]:
     if isinstance(evaluate, str):
-        return dataset_evaluator(evaluate, device=device)
+        return dataset_evaluator(evaluate, device=batch.device, input_shape=batch.arch.input_shape)
     if not callable(evaluate):
         raise ConfigError("evaluate must be a callable ws -> score or a dataset name")
     return evaluate, None
@@ -125,7 +137,7 @@ def greedy_soup(models: Sequence[ModelLike] | WeightSpace, evaluate: Evaluator |
     True
     """
     batch = gather(models)
-    evaluate, data_bn = _resolve(evaluate, batch.device)
+    evaluate, data_bn = _resolve(evaluate, batch)
     bn_data = bn_data if bn_data is not None else data_bn
     if bn_data is not None and not isinstance(bn_data, torch.Tensor) and iter(bn_data) is bn_data:
         bn_data = list(bn_data)        # a one-shot iterator (a generator) serves every candidate soup
