@@ -181,3 +181,17 @@ def test_dataset_inputs_are_reshaped_to_the_model_or_refused_in_one_line(command
         assert main(["merge", *command, *paths[kind], "--dataset", "mnist1d", *out, "--json"]) == 2
         err = capsys.readouterr().err.strip()
         assert "dataset 'mnist1d' has inputs (40,)" in err and "internal error" not in err and "\n" not in err
+
+
+@pytest.mark.parametrize("command", [["align"], ["barrier", "--dataset", "digits"]])
+def test_align_and_barrier_take_exactly_two_models(command, ckpts, tmp_path, capsys):
+    """One model was an internal error (IndexError); a third was silently ignored while the output's provenance
+    listed it as an ingredient of the alignment."""
+    out = tmp_path / "b_aligned.safetensors"
+    o = ["-o", str(out)] if command[0] == "align" else []
+    for models in ([ckpts["ft0"]], [ckpts["ft0"], ckpts["ft1"], ckpts["ft2"]]):
+        assert main(["merge", *command, *models, *o]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"takes exactly two models (A, then B), got {len(models)}" in err and "\n" not in err
+        assert not out.exists()
+    assert main(["merge", *command, ckpts["ft0"], ckpts["ft1"], *o, "--json"]) == 0

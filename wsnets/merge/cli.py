@@ -100,8 +100,14 @@ def _soup(args):
                                                  "kept": [args.models[i] for i in r.ingredients]}, extra)
 
 
+def _two(args, command: str) -> None:
+    if len(args.models) != 2:
+        raise ConfigError(f"{command} takes exactly two models (A, then B), got {len(args.models)}")
+
+
 def _align(args):
     from .align import align
+    _two(args, "alignment")
     batch = _load_all(args.models, args.device, args, "alignment")
     d = _data(args.dataset, batch, args.device, needed=args.matching == "activation")
     data = d[0][:args.num_examples] if d else None
@@ -114,8 +120,7 @@ def _align(args):
 def _barrier(args):
     from .align import weight_matching
     from .interpolate import interpolation_curve
-    if len(args.models) != 2:
-        raise ConfigError(f"a barrier is measured between two models, got {len(args.models)}")
+    _two(args, "a barrier")
     batch = _load_all(args.models, args.device, args, "a barrier")
     x, y, xt, yt = _data(args.dataset, batch, args.device, needed=True)
     a, b = batch[0], batch[1]
@@ -293,8 +298,10 @@ def register(sub) -> None:
                    lambda args: (p.print_help(), 2)[1])
     ms = p.add_subparsers(dest="method", metavar="METHOD")
 
-    def common(q, out: bool = True, dataset_help: str = "zoo dataset whose training inputs recompute BatchNorm statistics"):
-        q.add_argument("models", nargs="+", help="checkpoints (.safetensors, .pt, .pth) of one architecture")
+    def common(q, out: bool = True, dataset_help: str = "zoo dataset whose training inputs recompute BatchNorm statistics",
+               two: bool = False):
+        q.add_argument("models", nargs="+", help=("two checkpoints, A then B" if two else "checkpoints") +
+                       " (.safetensors, .pt, .pth) of one architecture")
         if out:
             q.add_argument("-o", "--out", required=True, help="output .safetensors (provenance in its metadata)")
             _add_overwrite(q)
@@ -327,7 +334,7 @@ def register(sub) -> None:
 
     q = add_parser(ms, "align", "permute model B's hidden neurons to match model A (Git Re-Basin)",
                    "wsnets merge align a.safetensors b.safetensors -o b_aligned.safetensors", _align)
-    common(q, dataset_help="zoo dataset for activation matching")
+    common(q, dataset_help="zoo dataset for activation matching", two=True)
     q.add_argument("--method", dest="matching", default="weight", choices=["weight", "activation"],
                    help="matching method")
     q.add_argument("--num-examples", type=int, default=512, help="examples for activation matching")
@@ -335,7 +342,7 @@ def register(sub) -> None:
 
     q = add_parser(ms, "barrier", "loss/accuracy along the line between two models and the loss barrier",
                    "wsnets merge barrier a.safetensors b.safetensors --dataset digits --align --plot curve.png", _barrier)
-    common(q, out=False, dataset_help="zoo dataset: test split evaluates, training inputs recompute BatchNorm")
+    common(q, out=False, dataset_help="zoo dataset: test split evaluates, training inputs recompute BatchNorm", two=True)
     q.add_argument("--steps", type=int, default=11, help="points on the path, endpoints included")
     q.add_argument("--align", action="store_true", help="also the curve after weight matching")
     q.add_argument("--bezier-epochs", type=int, default=0, help="also train a Bezier curve for this many epochs")
