@@ -29,7 +29,7 @@ from wsnets.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = """name = "odd"
 seed = 2
-population = 6
+population = 12
 datasets = ["digits"]
 epochs = 1
 batch_size = 128
@@ -138,6 +138,7 @@ def corpus(tmp_path_factory):
     build(str(d / "good" / "recipe.toml"), d / "good" / "zoo", progress=False)
     torch.save(_sd(), d / "good" / "good.pt")
     torch.save({"s." + k: v for k, v in _sd().items()}, d / "good" / "wrapped.pt")
+    torch.save(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 1)).state_dict(), d / "good" / "one_output.pt")
     torch.save(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                              nn.Linear(2, 10)).state_dict(), d / "good" / "conv.pt")
     (d / "bad").mkdir()
@@ -178,7 +179,13 @@ def _commands(c) -> list[list[str]]:
              ["landscape", "surface", good, "--grid", "3", "--out", str(g / "good.pt" / "s.npz")],
              ["landscape", "hessian", good, "--top-k", "1", "--trace-samples", "2", "--slq-vectors", "0",
               "--out", str(g / "good.pt" / "deeper" / "h.json")],
-             ["esd", good, "--plot", str(g / "good.pt" / "p.png")]]
+             ["esd", good, "--plot", str(g / "good.pt" / "p.png")],
+             # a network with fewer outputs than the dataset's classes (an IndexError in the loss)
+             ["merge", "barrier", str(g / "one_output.pt"), str(g / "one_output.pt"), "--dataset", "digits"],
+             # an encoder width of 0 built, trained and predicted NaN
+             ["train", str(ROOT / "train" / "graph.toml"), "--zoo", str(g / "zoo"), "--out", str(out / "r"),
+              "--set", "encoder.hidden=0", "--set", "data.fractions=[0.5, 0.25, 0.25]", "--set", "optim.epochs=1",
+              "--no-progress"]]
     return cmds
 
 
@@ -208,6 +215,16 @@ def test_what_should_load_still_loads(corpus, capsys):
         torch.save({k: v.to(dt) for k, v in _sd().items()}, p)
         assert main(["graph", str(p)]) == 0
         assert main(["landscape", "surface", str(p), "--dataset", "digits", "--grid", "1", "--json"]) == 0
+    # one Hutchinson sample: a trace estimate without a spread, and no torch warning on stderr
+    import warnings
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as seen:  # (the CLI prints each warning as a line on stderr)
+        warnings.simplefilter("always")
+        assert main(["landscape", "hessian", str(g / "good.pt"), "--top-k", "1", "--trace-samples", "1",
+                     "--slq-vectors", "0", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert not [str(w.message) for w in seen if "std()" in str(w.message)]
+    assert r["trace"] > 0 and r["trace_stderr"] != r["trace_stderr"]  # NaN: one sample has no spread
     m = corpus["dir"] / "bad" / "m_width.py"
     assert main(["graph", str(g / "wrapped.pt"), "--module", f"{m}:Net(w=8)"]) == 0
     capsys.readouterr()

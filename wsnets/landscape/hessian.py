@@ -217,7 +217,7 @@ def hutchinson_trace(op: HessianOperator, n_samples: int = 1000, *, batch: int =
         V = torch.randint(0, 2, (b, op.size), generator=g, device=op.net.device).to(op.net.dtype) * 2 - 1
         samples.append((V * op.matmat(V)).sum(1))
     x = torch.cat(samples).double()
-    return float(x.mean()), float(x.std() / len(x) ** 0.5)
+    return float(x.mean()), float(x.std() / len(x) ** 0.5) if len(x) > 1 else float("nan")  # 1 sample: no spread
 
 
 @dataclass

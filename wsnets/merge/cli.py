@@ -66,6 +66,9 @@ def _data(name: str | None, ws: WeightSpace, device: str, *, needed: bool = Fals
     from .soup import model_inputs
     x, y, xt, yt = datasets.load(name)
     x, xt = model_inputs(name, x, ws.arch.input_shape), model_inputs(name, xt, ws.arch.input_shape)
+    classes, outputs = int(max(y.max(), yt.max())) + 1, ws.arch.out_features
+    if classes > outputs:  # a loss on labels the network has no output for (was an IndexError)
+        raise ConfigError(f"dataset {name!r} has {classes} classes, the model has {outputs} output(s)")
     return x.to(device), y.to(device), xt.to(device), yt.to(device)
 
 

@@ -190,9 +190,13 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     check_encoder_values(cfg.encoder, source)
 
 
+_WIDTHS = ("hidden", "out_dim", "dim", "width", "heads")
+
+
 def check_encoder_values(enc: Mapping[str, Any], source: str = "config") -> None:
     """Signs and ranges of the free-form ``[encoder]`` options that every encoder shares by convention:
-    sizes and counts (integers) are >= 0, numbers are finite, a ``*dropout*`` is in [0, 1). Options are
+    sizes and counts (integers) are >= 0 (widths, ``hidden``/``out_dim``/``dim``/``width``/``heads``,
+    >= 1), numbers are finite, a ``*dropout*`` is in [0, 1). Options are
     otherwise checked by the encoder registry (names) and by building the encoder (see
     :func:`wsnets.train.meta_model.build_encoder`)."""
     for k, v in enc.items():
@@ -205,6 +209,8 @@ def check_encoder_values(enc: Mapping[str, Any], source: str = "config") -> None
             raise ConfigError(f"{what} must be in [0, 1), got {v}")
         if isinstance(v, int) and v < 0 and k != "seed":
             raise ConfigError(f"{what} must be >= 0, got {v}")
+        if k in _WIDTHS and v < 1:  # a width of 0 builds and trains, predicting NaN: refused like a negative one
+            raise ConfigError(f"{what} is a width and must be >= 1, got {v}")
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
