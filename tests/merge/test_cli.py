@@ -195,3 +195,13 @@ def test_align_and_barrier_take_exactly_two_models(command, ckpts, tmp_path, cap
         assert f"takes exactly two models (A, then B), got {len(models)}" in err and "\n" not in err
         assert not out.exists()
     assert main(["merge", *command, ckpts["ft0"], ckpts["ft1"], *o, "--json"]) == 0
+
+
+@pytest.mark.parametrize("flags", [["--chunk-mb", "nan"], ["--chunk-mb", "inf"], ["--shard-size", "inf"],
+                                   ["--shard-size", "1e400GB"]])
+def test_non_finite_sizes_are_one_line_errors(flags, ckpts, tmp_path, capsys):
+    """NaN or infinite slice and shard sizes were internal errors (ValueError/OverflowError from int())."""
+    assert main(["merge", "linear", ckpts["ft0"], ckpts["ft1"], "-o", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "internal error" not in err and "\n" not in err and ("chunk_mb" in err or "bad size" in err)
+    assert not (tmp_path / "out").exists()

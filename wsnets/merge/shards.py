@@ -336,7 +336,7 @@ def parse_size(text: str | int) -> int:
         mult = 1
     try:
         v = int(float(s) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):        # not a number, NaN, infinity
         raise ConfigError(f"bad size {text!r} (e.g. 5GB, 500MB, 2GiB)") from None
     if v <= 0:
         raise ConfigError(f"bad size {text!r}: must be positive")

@@ -248,7 +248,10 @@ def merge_checkpoints(method: str | Method, models: Sequence[Any], *, base: Any 
     if rules and scope == "model":
         raise ConfigError(f"{method.name}: per-tensor options need scope 'tensor' (the model scope takes one "
                           "set of options for all tensors)")
-    budget = int(chunk_mb * (1 << 20))
+    try:
+        budget = int(float(chunk_mb) * (1 << 20))
+    except (TypeError, ValueError, OverflowError):       # NaN, infinity, not a number
+        raise ConfigError(f"chunk_mb must be a positive finite number of MB, got {chunk_mb!r}") from None
     if budget < 8:
         raise ConfigError(f"chunk_mb must be positive (at least 8 bytes' worth), got {chunk_mb}")
     job = _Job(method, opts, rules, tensor_rules, scope, parse_dtype(dtype), parse_dtype(out_dtype, "out_dtype"),
