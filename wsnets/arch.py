@@ -19,7 +19,7 @@ other weights   ``embedding`` (``weight [V, D]``; ``mode`` ``""`` looks up the i
                 whole because its q/k/v weights are one tensor), ``param`` (a free tensor of ``shape``,
                 e.g. a class token or positional table, state-dict key = ``name``)
 normalization   ``batchnorm`` (1d or 2d, eval-mode statistics kept), ``layernorm`` and ``rmsnorm`` (over
-                the last axis), ``groupnorm`` (``heads`` groups of channels, channels-first)
+                the last axis; a layernorm with ``bias=False`` has a weight only), ``groupnorm`` (``heads`` groups of channels, channels-first)
 no parameters   ``act`` (relu, gelu, tanh, sigmoid, leaky_relu, elu, silu, softplus, identity),
                 ``dropout``, ``maxpool``/``avgpool`` (local, inside a conv stack), ``gap`` (global
                 average pooling to 1 or 1x1), ``flatten`` (of the input, or after ``gap``),
@@ -198,6 +198,8 @@ class Layer:
             out = {"weight": (n,), "bias": (n,)} if self.affine else {}
             out.update(running_mean=(n,), running_var=(n,))
             return out
+        if self.kind == "layernorm" and self.affine and not self.bias:   # nn.LayerNorm(bias=False)
+            return {"weight": (self.out_features,)}
         if self.kind in ("layernorm", "groupnorm"):
             return {"weight": (self.out_features,), "bias": (self.out_features,)} if self.affine else {}
         if self.kind == "rmsnorm":
@@ -246,7 +248,7 @@ class Layer:
         elif self.kind == "batchnorm":
             s = f"BatchNorm{max(self.dims, 1)}d({self.out_features})"
         elif self.kind == "layernorm":
-            s = f"LayerNorm({self.out_features})"
+            s = f"LayerNorm({self.out_features}{'' if self.bias or not self.affine else ', bias=False'})"
         elif self.kind in ("rmsnorm", "groupnorm"):
             s = f"RMSNorm({self.out_features})" if self.kind == "rmsnorm" else \
                 f"GroupNorm({self.heads}, {self.out_features})"

@@ -149,7 +149,7 @@ def build_layer(l: Layer) -> nn.Module:
         cls = nn.BatchNorm2d if l.dims == 2 else nn.BatchNorm1d
         return cls(l.out_features, eps=l.eps, momentum=l.momentum, affine=l.affine)
     if l.kind == "layernorm":
-        return nn.LayerNorm(l.out_features, eps=l.eps, elementwise_affine=l.affine)
+        return nn.LayerNorm(l.out_features, eps=l.eps, elementwise_affine=l.affine, bias=l.bias)
     if l.kind == "act":
         return nn.LeakyReLU(l.slope) if l.fn == "leaky_relu" else _ACT_BUILD[l.fn]()
     if l.kind == "dropout":

@@ -224,7 +224,7 @@ def _dag_op(l: Layer, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]
         if l.affine:
             view = (K,) + (1,) * (h.dim() - 2) + (l.out_features,)
             out = out * params[l.key("weight")].reshape(view)
-            if k == "layernorm":
+            if k == "layernorm" and l.bias:
                 out = out + params[l.key("bias")].reshape(view)
         return out
     if k == "groupnorm":
@@ -347,7 +347,9 @@ def _other(h: torch.Tensor, params: Mapping[str, torch.Tensor], l: Layer, train:
             raise UnsupportedLayerError(f"layernorm at {l.name!r} over a feature map is not supported")
         out = F.layer_norm(h, (l.out_features,), eps=l.eps)
         if l.affine:
-            out = out * params[f"{l.name}.weight"][:, None] + params[f"{l.name}.bias"][:, None]
+            out = out * params[f"{l.name}.weight"][:, None]
+            if l.bias:
+                out = out + params[f"{l.name}.bias"][:, None]
         return out
     if l.kind == "dropout":
         if not train or l.p == 0:

@@ -95,9 +95,8 @@ def layer_from_module(name: str, m: nn.Module) -> Layer:
         if len(shape) != 1:
             raise UnsupportedLayerError(f"{where}: normalized_shape={shape} (only the last dim)")
         if isinstance(m, nn.LayerNorm):
-            if m.elementwise_affine and m.bias is None:
-                raise UnsupportedLayerError(f"{where}: LayerNorm without bias")
-            return Layer("layernorm", name, shape[0], shape[0], affine=m.elementwise_affine, eps=m.eps)
+            return Layer("layernorm", name, shape[0], shape[0], affine=m.elementwise_affine, eps=m.eps,
+                         bias=m.bias is not None)
         return Layer("rmsnorm", name, shape[0], shape[0], affine=m.elementwise_affine, eps=m.eps or 0.0)
     if isinstance(m, nn.GroupNorm):
         return Layer("groupnorm", name, m.num_channels, m.num_channels, affine=m.affine, eps=m.eps,
@@ -442,7 +441,10 @@ class _Converter:
     def run(self) -> Architecture:
         interp = _Recorder(self.gm, self.values, tuple(self.example.shape))
         with torch.no_grad():
-            interp.run(self.example) if self.fx_mode else interp.run(*self._export_inputs())
+            try:
+                interp.run(self.example) if self.fx_mode else interp.run(*self._export_inputs())
+            except ShapeMismatchError as e:   # torch.fx appends "While executing ..." lines to the message
+                raise ShapeMismatchError(str(e).splitlines()[0]) from None
         env: dict[fx.Node, _V] = {}
         depends = self._depends()
         out_v = None
@@ -1025,7 +1027,8 @@ def _op_aten_layer_norm(c: _Converter, node, env, args, kw):
         raise c.unknown(node, "layer_norm without affine weights")
     eps = args[4] if len(args) > 4 else 1e-5
     n = args[1][-1]
-    return c.emit(Layer("layernorm", w.data["fqn"][:-len(".weight")], n, n, eps=float(eps)), [x.idx],
+    bias = len(args) > 3 and args[3] is not None
+    return c.emit(Layer("layernorm", w.data["fqn"][:-len(".weight")], n, n, eps=float(eps), bias=bias), [x.idx],
                   c.shape_of(x))
 
 

@@ -282,3 +282,44 @@ def test_landscape_of_a_network_with_a_scalar_parameter():
     x, y = torch.randn(20, 6, generator=g), torch.randint(0, 3, (20,), generator=g)
     surf = surface_1d(ws, random_direction(ws, generator=g), (x, y), [0.0, 0.5])
     assert abs(surf.loss[0] - F.cross_entropy(m(x), y).item()) < 1e-5
+
+
+class NoBiasLN(nn.Module):
+    """A pre-LN block whose LayerNorms have a weight but no bias (``nn.LayerNorm(bias=False)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.n1, self.f, self.n2, self.o = (nn.Linear(4, 8), nn.LayerNorm(8, bias=False), nn.Linear(8, 8),
+                                                      nn.LayerNorm(8, bias=False), nn.Linear(8, 3))
+        with torch.no_grad():
+            self.n1.weight.normal_(), self.n2.weight.normal_()
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.o(self.n2(h + self.f(torch.relu(self.n1(h))))).mean(1)
+
+
+def test_layernorm_without_bias():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8, bias=False), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        seq[1].weight.normal_()
+    for m, shape in [(NoBiasLN().eval(), (5, 4)), (seq, (6,))]:
+        ws = wsnets.load(m, input_shape=shape)
+        norms = [l for l in ws.arch.layers if l.kind == "layernorm"]
+        assert norms and all(not l.bias for l in norms) and "bias=False" in repr(ws.arch)
+        assert wsnets.Architecture.from_json(ws.arch.to_json()) == ws.arch
+        x = torch.randn(8, *shape)
+        rebuilt = ws.to_module()
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(x), m(x), rtol=1e-5, atol=1e-6)
+        assert not any(k.endswith("n1.bias") or k == "1.bias" for k in rebuilt.state_dict())
+        assert_spec_exact(ws, x)
+        back = wsnets.from_graph(ws.to_graph())
+        assert back.arch == ws.arch and all(torch.equal(back.params[k], ws.params[k]) for k in ws.params)
+
+
+def test_a_failing_example_input_is_one_line():
+    with pytest.raises(wsnets.ShapeMismatchError, match=r"fails at 'a'") as e:
+        wsnets.load(CalledTwice(), input_shape=(5,))
+    assert "\n" not in str(e.value)
