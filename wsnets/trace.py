@@ -50,7 +50,8 @@ _ACT_FUNCS = {
     torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.silu: "silu", F.elu: "elu", F.softplus: "softplus",
     F.leaky_relu: "leaky_relu",
 }
-_ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+_ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "relu_": "relu", "tanh_": "tanh",
+                "sigmoid_": "sigmoid"}
 _PASS_METHODS = ("contiguous", "clone", "float", "to", "type_as", "expand", "expand_as", "detach")
 _LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
            nn.RMSNorm, nn.Embedding, nn.MultiheadAttention, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
@@ -613,6 +614,10 @@ def _canon_fn(t: Any) -> str:
         return "mul"
     if t in (operator.truediv, operator.itruediv, torch.div):
         return "div"
+    if t in (operator.sub, operator.isub, torch.sub):
+        return "sub"
+    if t in (operator.neg, torch.neg):
+        return "neg"
     if t in (operator.matmul, torch.matmul, torch.bmm):
         return "matmul"
     if t is operator.getitem:
@@ -647,7 +652,7 @@ def _canon_fn(t: Any) -> str:
     return _target_name(t)
 
 
-_ATEN = {"add": "add", "mul": "mul", "div": "div", "matmul": "matmul", "bmm": "matmul", "cat": "cat",
+_ATEN = {"add": "add", "mul": "mul", "div": "div", "sub": "sub", "neg": "neg", "matmul": "matmul", "bmm": "matmul", "cat": "cat",
          "flatten": "flatten", "mean": "mean", "softmax": "softmax", "_softmax": "softmax", "transpose": "transpose",
          "permute": "permute", "view": "reshape", "reshape": "reshape", "_unsafe_view": "reshape",
          "dropout": "dropout", "scaled_dot_product_attention": "sdpa", "relu": "act:relu", "gelu": "act:gelu",
@@ -756,6 +761,22 @@ def _op_div(c, node, env, args, kw):
     return _op_mul(c, node, env, args, kw, div=True)
 
 
+def _op_neg(c: _Converter, node, env, args, kw):
+    v = c.tensor(env, node, args[0])
+    return c.emit(Layer("scale", value=-1.0), [v.idx], c.shape_of(v))
+
+
+def _op_sub(c: _Converter, node, env, args, kw):
+    """``a - b`` of two tensors: ``a + (-1) * b`` (a residual with a negated branch)."""
+    a, b = c.arg(env, args[0]), c.arg(env, args[1])
+    if not (_is_tensor_value(a) and _is_tensor_value(b)) or kw.get("alpha", 1) != 1:
+        raise c.unknown(node, f"{_target_name(node.target)} of a tensor and a constant" if not (
+            _is_tensor_value(a) and _is_tensor_value(b)) else "sub with alpha")
+    a, b = c.tensor(env, node, args[0]), c.tensor(env, node, args[1])
+    nb = c.emit(Layer("scale", value=-1.0), [b.idx], c.shape_of(b))
+    return c.emit(Layer("add"), [a.idx, nb.idx], tuple(torch.broadcast_shapes(c.shape_of(a), c.shape_of(b))))
+
+
 def _op_cat(c: _Converter, node, env, args, kw):
     items = args[0]
     dim = kw.get("dim", args[1] if len(args) > 1 else 0)
@@ -822,6 +843,9 @@ def _op_transpose(c: _Converter, node, env, args, kw):
     if v.kind == "flat2" and sw == (1, 2):
         out = tuple(c.values[node].shape)
         return c.emit(Layer("tokens"), [v.idx], out)
+    if v.kind == "t" and sw == (0, 1):
+        raise c.unknown(node, "transpose of the batch axis (sequence-first attention? wsnets reads batch_first=True "
+                              "modules)")
     raise c.unknown(node, f"transpose/permute {sw} of {'a tensor' if v.kind == 't' else 'an attention intermediate'}")
 
 
@@ -929,6 +953,8 @@ def _op_adaptive_pool(c: _Converter, node, env, args, kw):
 
 _OPS: dict[str, Callable] = {
     "add": _op_add, "__add__": _op_add, "add_": _op_add, "mul": _op_mul, "__mul__": _op_mul, "div": _op_div,
+    "mul_": _op_mul, "div_": _op_div, "sub": _op_sub, "__sub__": _op_sub, "sub_": _op_sub, "neg": _op_neg,
+    "__neg__": _op_neg,
     "truediv": _op_div, "__truediv__": _op_div, "cat": _op_cat, "reshape": _op_reshape, "view": _op_reshape,
     "flatten": _op_flatten, "transpose": _op_transpose, "permute": _op_transpose, "t": _op_transpose,
     "matmul": _op_matmul, "__matmul__": _op_matmul, "bmm": _op_matmul, "softmax": _op_softmax, "sdpa": _op_sdpa,

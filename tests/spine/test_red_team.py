@@ -323,3 +323,42 @@ def test_a_failing_example_input_is_one_line():
     with pytest.raises(wsnets.ShapeMismatchError, match=r"fails at 'a'") as e:
         wsnets.load(CalledTwice(), input_shape=(5,))
     assert "\n" not in str(e.value)
+
+
+class SubNeg(nn.Module):
+    """Subtraction, negation and in-place methods: ``a - b`` is ``a + (-1) b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.f, self.o = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = (self.a(x) - self.b(x)).relu_()
+        h = h - self.f(-h).tanh_()
+        return self.o(h)
+
+
+def test_subtraction_negation_and_inplace_methods():
+    torch.manual_seed(0)
+    m = SubNeg().eval()
+    ws = wsnets.load(m, input_shape=(6,))
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ws.to_module()(x), m(x), rtol=1e-5, atol=1e-6)
+    assert sum(l.kind == "scale" and l.value == -1.0 for l in ws.arch.layers) == 3
+    ax = dict(permutation_spec(ws.arch).axes)
+    assert ax["a.weight"][0] == ax["b.weight"][0] == ax["f.weight"][0] == ax["o.weight"][1]
+    assert_spec_exact(ws, x)
+
+
+def test_sequence_first_attention_is_refused_saying_so():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.att, self.o = nn.Linear(4, 8), nn.MultiheadAttention(8, 2), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.emb(x).transpose(0, 1)
+            return self.o(self.att(h, h, h, need_weights=False)[0].transpose(0, 1)).mean(1)
+    with pytest.raises(wsnets.UnsupportedLayerError, match="batch axis .*batch_first=True"):
+        wsnets.load(SeqFirst(), input_shape=(5, 4))
