@@ -5,7 +5,9 @@ Embedding, MultiheadAttention, activations, pooling...) as leaves, runs the trac
 example input to learn every value's shape, and converts the graph into the canonical vocabulary of
 :mod:`wsnets.arch`:
 
-* leaf modules become their layer (named by their module path, so state-dict keys match);
+* leaf modules become their layer (named by their module path, so state-dict keys match); a
+  user-written layer is traced into, and ``F.linear``/``F.conv1d``/``F.conv2d`` on parameters named
+  ``<layer>.weight`` (and ``<layer>.bias``) become that Linear/Conv layer;
 * parameters used directly (``self.cls_token``, ``self.pos_embed``) become ``param`` layers;
 * ``+``/``*`` between tensors become ``add``/``mul``, a tensor times or over a constant ``scale``;
   ``torch.cat`` ``concat``; ``.flatten(1)``/``.view(N, -1)`` ``flatten``; ``x.flatten(2).transpose(1, 2)``
@@ -191,9 +193,10 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if _encoder_fn(m) is not None:
             return False
-        # unknown layers with tensors of their own (an LSTM) stay leaves and are refused by name;
-        # parameter-free helper modules are traced through
-        return isinstance(m, _LEAVES) or (not any(True for _ in m.children()) and
+        # torch's own layers with tensors that wsnets does not know (an LSTM) stay leaves and are refused by
+        # name; parameter-free helper modules and user-written layers (F.linear on self.weight) are traced
+        return isinstance(m, _LEAVES) or (type(m).__module__.startswith("torch.") and
+                                          not any(True for _ in m.children()) and
                                           any(True for _ in m.parameters(recurse=False)))
 
     def call_module(self, m: nn.Module, forward: Callable, args, kwargs):
@@ -640,6 +643,10 @@ def _canon_fn(t: Any) -> str:
         return "dropout"
     if t is F.scaled_dot_product_attention:
         return "sdpa"
+    if t is F.linear:
+        return "aten_linear"
+    if t in (F.conv1d, F.conv2d):
+        return "aten_conv"
     if t is F.adaptive_avg_pool2d or t is F.adaptive_avg_pool1d:
         return "adaptive_avg_pool"
     if t is getattr:
@@ -1018,31 +1025,47 @@ _Converter._export_inputs = _export_inputs
 _Converter._user_input = property(lambda self: getattr(self.gm, "_wsnets_user_input", None))
 
 
+def _param_name(c: _Converter, v: _V) -> str | None:
+    """The state-dict key of a parameter value (a lifted weight, or a traced ``param`` layer)."""
+    if v.kind == "weight":
+        return v.data["fqn"]
+    if v.kind == "t" and v.idx >= 0 and c.layers[v.idx].kind == "param":
+        return c.layers[v.idx].name
+    return None
+
+
+def _weight_layer_name(c: _Converter, node, env, w: Any, b: Any, what: str) -> str:
+    """``F.linear``/``F.conv*`` on parameters: they must be ``<layer>.weight`` (and ``<layer>.bias``), the keys a
+    Linear/Conv layer has, to be read as one."""
+    wname = _param_name(c, c.arg(env, w))
+    bname = _param_name(c, c.arg(env, b)) if b is not None else None
+    if wname is None or not wname.endswith(".weight") or (b is not None and bname != wname[:-len("weight")] + "bias"):
+        raise c.unknown(node, f"{what} on tensors that are not parameters named '<layer>.weight' and '<layer>.bias'")
+    return wname[:-len(".weight")]
+
+
 def _op_aten_linear(c: _Converter, node, env, args, kw):
     x = c.tensor(env, node, args[0])
-    w = c.arg(env, args[1])
-    if w.kind != "weight" or not w.data["fqn"].endswith(".weight"):
-        raise c.unknown(node)
-    name = w.data["fqn"][:-len(".weight")]
-    W = c.params[w.data["fqn"]]
+    b = kw.get("bias", args[2] if len(args) > 2 else None)
+    name = _weight_layer_name(c, node, env, args[1], b, "linear")
+    W = c.params[name + ".weight"]
     out = tuple(c.values[node].shape)
-    return c.emit(Layer("linear", name, W.shape[1], W.shape[0], bias=len(args) > 2 and args[2] is not None),
-                  [x.idx], out)
+    return c.emit(Layer("linear", name, W.shape[1], W.shape[0], bias=b is not None), [x.idx], out)
 
 
 def _op_aten_conv(c: _Converter, node, env, args, kw):
     x = c.tensor(env, node, args[0])
-    w = c.arg(env, args[1])
-    if w.kind != "weight":
-        raise c.unknown(node)
-    W = c.params[w.data["fqn"]]
+    b = kw.get("bias", args[2] if len(args) > 2 else None)
+    name = _weight_layer_name(c, node, env, args[1], b, "convolution")
+    W = c.params[name + ".weight"]
     d = W.dim() - 2
-    stride, padding, dilation, groups = (list(args[3:7]) + [1, 0, 1, 1][len(args[3:7]):])
+    stride, padding, dilation, groups = (kw.get(k, args[3 + i] if len(args) > 3 + i else dflt) for i, (k, dflt) in
+                                         enumerate([("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)]))
     if groups != 1 or isinstance(padding, str):
         raise c.unknown(node, "grouped or string-padded convolution")
-    return c.emit(Layer(f"conv{d}d", w.data["fqn"][:-len(".weight")], W.shape[1], W.shape[0],
+    return c.emit(Layer(f"conv{d}d", name, W.shape[1], W.shape[0],
                         kernel_size=tuple(W.shape[2:]), stride=_tup(stride, d), padding=_tup(padding, d),
-                        dilation=_tup(dilation, d), bias=len(args) > 2 and args[2] is not None, dims=d),
+                        dilation=_tup(dilation, d), bias=b is not None, dims=d),
                   [x.idx], tuple(c.values[node].shape))
 
 

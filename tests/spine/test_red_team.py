@@ -362,3 +362,62 @@ def test_sequence_first_attention_is_refused_saying_so():
             return self.o(self.att(h, h, h, need_weights=False)[0].transpose(0, 1)).mean(1)
     with pytest.raises(wsnets.UnsupportedLayerError, match="batch axis .*batch_first=True"):
         wsnets.load(SeqFirst(), input_shape=(5, 4))
+
+
+class MyLinear(nn.Module):
+    """A user-written layer: ``F.linear`` on its own ``weight``/``bias``."""
+
+    def __init__(self, i, o, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(o, i) / i ** 0.5)
+        self.bias = nn.Parameter(torch.randn(o)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class MyConv(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(o, i, 3, 3) / 3), nn.Parameter(torch.randn(o))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, padding=1)
+
+
+class UserLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.a, self.b, self.o = MyConv(2, 4), MyLinear(4, 8), MyLinear(8, 8, bias=False), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(torch.relu(self.c(x)).mean((2, 3))))
+        return self.o(h + self.b(h))
+
+
+class LooseWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.W, self.o = nn.Parameter(torch.randn(8, 6)), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.o(F.linear(x, self.W))
+
+
+def test_user_written_layers_with_functional_calls():
+    """F.linear / F.conv2d on a layer's own ``weight`` and ``bias`` are that layer; on a tensor not named
+    like a layer's they are refused naming the op."""
+    torch.manual_seed(0)
+    m = UserLayers().eval()
+    ws = wsnets.load(m, input_shape=(2, 5, 5))
+    assert [(l.kind, l.name) for l in ws.arch.weight_layers] == [("conv2d", "c"), ("linear", "a"), ("linear", "b"),
+                                                                 ("linear", "o")]
+    assert sorted(ws.params) == sorted(m.state_dict())
+    x = torch.randn(8, 2, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(ws.to_module()(x), m(x), rtol=1e-5, atol=1e-6)
+    assert_spec_exact(ws, x)
+    back = wsnets.from_graph(ws.to_graph())
+    assert all(torch.equal(back.params[k], ws.params[k]) for k in ws.params)
+    with pytest.raises(wsnets.UnsupportedLayerError, match=r"linear on tensors that are not parameters named"):
+        wsnets.load(LooseWeight(), input_shape=(6,))
