@@ -71,3 +71,124 @@ def test_inconsistent_directory_is_a_clear_error(fixture):
     (root / "layout.csv").unlink()
     with pytest.raises(wsnets.MissingKeyError):
         open_zoo(root)
+
+
+# -- the public format as TensorFlow wrote it, built by hand (numpy only, not wsnets' writer) ------------------------
+def _tf_conv(x, k, b, stride, padding):
+    """TensorFlow's Conv2D on NHWC ``x`` with an HWIO kernel: 'valid', or 'same' with TF's padding rule
+    (``pad_total = max((ceil(n/s) - 1) * s + k - n, 0)``, the extra pixel after)."""
+    kh, kw = k.shape[:2]
+    if padding == "same":
+        pads = []
+        for n, kk in zip(x.shape[1:3], (kh, kw)):
+            tot = max((-(-n // stride) - 1) * stride + kk - n, 0)
+            pads.append((tot // 2, tot - tot // 2))
+        x = np.pad(x, ((0, 0), *pads, (0, 0)))
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]  # N,oh,ow,C,kh,kw
+    return np.einsum("nijchw,hwco->nijo", win, k) + b
+
+
+def _keras_cnn_dir(root, rng, *, n_models=3, layers=3, cin=1, hidden=5, k=3, acts=("relu", "tanh", "relu"),
+                   padding_col=None, shuffle_lines=False, extra=()):
+    """A Small CNN Zoo directory as the public one is stored: per layer ``bias`` then HWIO ``kernel`` flattened
+    in C order, ``sequential/conv2d[_i]`` / ``sequential/dense`` names, an unnamed first column in
+    metrics.csv.gz, no stride or padding column (Keras' Conv2D default: 'valid'), two checkpoints per model."""
+    import csv
+    import io
+    names = [f"sequential/conv2d{'_%d' % i if i else ''}" for i in range(layers)] + ["sequential/dense"]
+    shapes = [(k, k, cin if i == 0 else hidden, hidden) for i in range(layers)] + [(hidden, 10)]
+    lines, off = [], 0
+    for nm, sh in zip(names, shapes):
+        for var, s in (("bias", (sh[-1],)), ("kernel", sh)):
+            lines.append([f"{nm}/{var}:0", off, off + int(np.prod(s)), int(np.prod(s)), str(s)])
+            off += int(np.prod(s))
+    for nm, s in extra:
+        lines.append([nm, off, off + int(np.prod(s)), int(np.prod(s)), str(s)])
+        off += int(np.prod(s))
+    rows, metrics, params = [], [], []
+    for m in range(n_models):
+        for step in (0, 86):
+            p = [(rng.normal(0, 0.5, sh).astype(np.float32), rng.normal(0, 0.2, sh[-1]).astype(np.float32)) for sh in shapes]
+            flat = np.concatenate([np.concatenate([b, w.reshape(-1)]) for w, b in p] +
+                                  [rng.normal(size=int(np.prod(s))).astype(np.float32) for _, s in extra])
+            rows.append(flat)
+            params.append(p)
+            md = f"/cns/smallcnnzoo/mnist/{m:04d}"
+            row = {"": f"{md}/permanent_ckpt-{step}", "config.activation": acts[m % len(acts)], "config.dataset": "mnist",
+                   "config.dnn_architecture": "cnn", "config.dropout": 0.0, "config.init_std": 0.05, "config.l2reg": 0.0,
+                   "config.learning_rate": 0.01, "config.optimizer": "adam", "config.train_fraction": 1.0,
+                   "config.w_init": "he_normal", "modeldir": md, "step": step, "test_accuracy": 0.5 + 0.01 * m,
+                   "test_loss": 1.0, "train_accuracy": 0.6, "train_loss": 0.9}
+            if padding_col is not None:
+                row["config.padding"] = padding_col
+            metrics.append(row)
+    root.mkdir(parents=True)
+    np.save(root / "weights.npy", np.stack(rows))
+    if shuffle_lines:
+        lines = [lines[i] for i in rng.permutation(len(lines))]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([["varname", "start_idx", "end_idx", "size", "shape"]] + lines)
+    (root / "layout.csv").write_text(buf.getvalue())
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(metrics[0]))
+    w.writeheader()
+    w.writerows(metrics)
+    (root / "metrics.csv.gz").write_bytes(gzip.compress(buf.getvalue().encode()))
+    return params, metrics
+
+
+def _tf_forward(p, x_nchw, act, stride, padding):
+    h = np.transpose(x_nchw, (0, 2, 3, 1)).astype(np.float64)
+    for w, b in p[:-1]:
+        h = _tf_conv(h, w.astype(np.float64), b, stride, padding)
+        h = np.maximum(h, 0) if act == "relu" else np.tanh(h)
+    return h.mean(axis=(1, 2)) @ p[-1][0] + p[-1][1]
+
+
+@pytest.mark.parametrize("shuffle_lines", [False, True])
+def test_public_layout_rebuilds_the_keras_function(tmp_path, shuffle_lines):
+    """A directory in the public layout without stride/padding columns is read as the public zoo's Keras
+    network (3x3 'valid' convs, stride 2), whatever the order of layout.csv's lines; the rebuilt module
+    computes what TensorFlow computes on 28x28 and 32x32 inputs."""
+    rng = np.random.default_rng(0)
+    params, metrics = _keras_cnn_dir(tmp_path / "z", rng, shuffle_lines=shuffle_lines)
+    zoo = open_zoo(tmp_path / "z")
+    assert [r["model_id"] for r in zoo.rows] == [m["modeldir"] for m in metrics]
+    for size in (28, 32):
+        x = rng.normal(size=(3, 1, size, size)).astype(np.float32)
+        for i, rec in enumerate(zoo):
+            out = rec.to_module()(torch.from_numpy(x)).double().detach().numpy()
+            np.testing.assert_allclose(out, _tf_forward(params[i], x, metrics[i]["config.activation"], 2, "valid"),
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_tf_same_padding_is_exact_at_stride_1_and_refused_where_asymmetric(tmp_path):
+    import wsnets.zoo.cnnzoo as cz
+    rng = np.random.default_rng(1)
+    params, metrics = _keras_cnn_dir(tmp_path / "same", rng, padding_col="same", n_models=2)
+    with pytest.raises(wsnets.CheckpointError, match="'same' padding with stride 2.*asymmetrically"):
+        open_zoo(tmp_path / "same")
+    zoo = cz.open_cnn_zoo(tmp_path / "same", stride=1)
+    x = rng.normal(size=(2, 1, 9, 9)).astype(np.float32)
+    for i, rec in enumerate(zoo):
+        np.testing.assert_allclose(rec.to_module()(torch.from_numpy(x)).double().detach().numpy(),
+                                   _tf_forward(params[i], x, metrics[i]["config.activation"], 1, "same"), atol=1e-4)
+
+
+def test_variables_the_network_cannot_hold_are_refused_not_dropped(tmp_path):
+    rng = np.random.default_rng(2)
+    _keras_cnn_dir(tmp_path / "bn", rng, extra=[("sequential/batch_normalization/gamma:0", (5,))])
+    with pytest.raises(wsnets.CheckpointError, match="batch_normalization/gamma:0.*neither a kernel nor a bias"):
+        open_zoo(tmp_path / "bn")
+    _keras_cnn_dir(tmp_path / "c1", rng, extra=[("sequential/conv1d/kernel:0", (3, 5, 5))])
+    with pytest.raises(wsnets.CheckpointError, match="conv1d.*3-D kernel"):
+        open_zoo(tmp_path / "c1")
+
+
+def test_big_endian_weights_read_as_the_same_numbers(fixture):
+    root, mods, _ = fixture
+    w = np.load(root / "weights.npy")
+    ref = [dict(r.load().params) for r in open_zoo(root)]
+    np.save(root / "weights.npy", w.astype(">f4"))
+    for r, sd in zip(open_zoo(root), ref):
+        assert all(torch.equal(r.load().params[k], v) for k, v in sd.items())

@@ -9,13 +9,17 @@ Layout of a directory::
 
 Variables are TensorFlow's: ``.../conv2d/kernel:0`` in HWIO ``(kh, kw, in, out)``, ``.../dense/kernel:0``
 as ``(in, out)``, biases stored before kernels. They become PyTorch ``[out, in, kh, kw]`` / ``[out, in]``.
-The network is conv (stride ``stride``, padding ``k // 2``) -> activation per layer -> global average
-pooling -> dense; a ``config.cnn_stride`` / ``config.padding`` column (written by :func:`export_cnn_zoo`)
-overrides stride and padding per row. The layout does not record padding: the public zoo's Keras
-``Conv2D`` layers used Keras' default, ``"valid"`` (no padding), so ``to_module()`` outputs of the
-downloaded public zoo need ``open_cnn_zoo(root, padding=0)``; TensorFlow's ``"same"`` padding with
-stride 2 pads asymmetrically, which PyTorch's symmetric padding cannot express. Weights are exact
-either way.
+Layers are taken in the order of their offsets in the flat row (Keras flattens ``model.weights`` layer by
+layer), whatever the order of the lines of ``layout.csv``; a variable other than a 4-D conv or 2-D dense
+kernel and its bias (BatchNorm's ``gamma``/``moving_mean``, a Conv1D kernel...) or a dense layer before a
+conv is refused, since dropping or reordering it would compute another function.
+The network is conv (stride ``stride``) -> activation per layer -> global average pooling -> dense.
+The public layout does not record padding: its Keras ``Conv2D`` layers used Keras' default, ``"valid"``
+(no padding), which is this reader's default too. A ``config.cnn_stride`` / ``config.padding`` column
+(written by :func:`export_cnn_zoo`: a number, ``valid`` or ``same``) overrides stride and padding per row.
+TensorFlow's ``"same"`` is exact only with stride 1 and an odd kernel (``k // 2`` on each side); with a
+larger stride TensorFlow pads asymmetrically, by an amount that depends on the input size, which
+symmetric padding cannot express, so such rows are refused rather than read as another function.
 """
 
 from __future__ import annotations
@@ -97,17 +101,38 @@ def _layout(root: Path, n_values: int) -> list[tuple[str, int, int, tuple[int, .
 
 
 def _architecture(layout: Sequence[tuple[str, int, int, tuple[int, ...]]], activation: str,
-                  stride: int, padding: int | None = None) -> tuple[Architecture, list[tuple[str, str, str]]]:
-    """Architecture plus, per tensor, ``(varname, torch key, kind)`` in the order of the layers."""
+                  stride: int, padding: int | str = 0) -> tuple[Architecture, list[tuple[str, str, str]]]:
+    """Architecture plus, per tensor, ``(varname, torch key, kind)`` in the order of the layers.
+    ``padding``: symmetric zero padding, or ``"same"`` (TensorFlow's, exact only as ``k // 2`` at stride 1)."""
     prefixes: list[str] = []
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    for name, _, _, shape in layout:
+    first: dict[str, int] = {}
+    for name, start, _, shape in layout:
         prefix, _, var = name.rpartition("/")
         var = var.split(":")[0]
+        if var not in ("kernel", "bias"):
+            raise UnsupportedLayerError(f"variable {name!r} is neither a kernel nor a bias; the Small CNN Zoo layout "
+                                        "holds conv/dense kernels and biases only (BatchNorm and other layers would be "
+                                        "dropped, computing another function)")
         if prefix not in shapes:
             prefixes.append(prefix)
             shapes[prefix] = {}
+        if var in shapes[prefix]:
+            raise UnsupportedLayerError(f"variable {name!r} appears twice in layout.csv")
         shapes[prefix][var] = shape
+        first[prefix] = min(first.get(prefix, start), start)
+    prefixes.sort(key=first.__getitem__)  # layer order = order in the flat row, not the CSV's line order
+    for p in prefixes:
+        k, bias = shapes[p].get("kernel"), shapes[p].get("bias")
+        if k is None or len(k) not in (2, 4):
+            raise UnsupportedLayerError(f"layer {p!r}: " + (f"a {len(k)}-D kernel {k}; only 4-D conv (HWIO) and 2-D dense "
+                                                            "kernels are supported" if k else "a bias without a kernel"))
+        if bias is not None and bias != (k[-1],):
+            raise ShapeMismatchError(f"layer {p!r}: bias of shape {bias} for a kernel {k} with {k[-1]} outputs")
+    kinds = [len(shapes[p]["kernel"]) for p in prefixes]
+    if kinds != sorted(kinds, reverse=True):
+        raise UnsupportedLayerError(f"layers {prefixes} (in row order) put a dense layer before a conv layer; the Small "
+                                    "CNN Zoo network is conv layers, global average pooling, then dense layers")
     layers: list[Layer] = []
     mapping: list[tuple[str, str, str]] = []
     convs = [p for p in prefixes if len(shapes[p].get("kernel", ())) == 4]
@@ -120,7 +145,15 @@ def _architecture(layout: Sequence[tuple[str, int, int, tuple[int, ...]]], activ
         kh, kw, ci, co = shapes[p]["kernel"]
         in_ch = in_ch or ci
         name = str(len(layers))
-        pad = (kh // 2, kw // 2) if padding is None else (min(padding, kh // 2), min(padding, kw // 2))
+        if padding == "same":
+            if stride != 1 or kh % 2 == 0 or kw % 2 == 0:
+                raise UnsupportedLayerError(
+                    f"layer {p!r}: TensorFlow 'same' padding with stride {stride} and a {kh}x{kw} kernel pads "
+                    "asymmetrically (by an amount that depends on the input size), which symmetric padding cannot "
+                    "express; only stride 1 with an odd kernel is exact")
+            pad = (kh // 2, kw // 2)
+        else:
+            pad = (int(padding), int(padding))
         layers.append(Layer("conv2d", name, ci, co, (kh, kw), (stride, stride), pad, (1, 1),
                             bias="bias" in shapes[p], dims=2))
         mapping += [(f"{p}/kernel:0", f"{name}.weight", "conv")] + ([(f"{p}/bias:0", f"{name}.bias", "bias")]
@@ -139,9 +172,10 @@ def _architecture(layout: Sequence[tuple[str, int, int, tuple[int, ...]]], activ
     return Architecture(tuple(layers)), mapping
 
 
-def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | None = None) -> Zoo:
+def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | str = "valid") -> Zoo:
     """Read a Small CNN Zoo directory as a read-only :class:`Zoo` (rows, metrics, ``load()``); ``stride``
-    and ``padding`` (default ``k // 2``) of the conv layers where the rows do not say them."""
+    and ``padding`` (a number, ``"valid"`` = 0 as Keras' default and the public zoo, or ``"same"``) of
+    the conv layers where the rows do not say them (``config.cnn_stride``, ``config.padding``)."""
     root = Path(root)
     mpath = next((root / n for n in ("metrics.csv.gz", "metrics.csv") if (root / n).exists()), None)
     if mpath is None:
@@ -163,6 +197,7 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | None = Non
         raise CNNZooFormatError(f"{mpath}: no column {lost[0]!r} (the Small CNN Zoo's metrics have "
                                 f"{', '.join(_REQUIRED)}, config.* and more)")
     layout = _layout(root, weights.shape[1])
+    padding = _padding(padding, 0, f"{root}: padding")
     try:
         _architecture(layout, "relu", stride)
     except WSNetsError as e:
@@ -173,8 +208,10 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | None = Non
     for i, m in enumerate(metrics):
         where = f"{mpath}: line {i + 2}"
         act = (m.get("config.activation") or "relu").lower()
-        geo = (act, int(_float(m.get("config.cnn_stride"), where, "config.cnn_stride") or stride),
-               _padding(m.get("config.padding"), padding, where))
+        st = _float(m.get("config.cnn_stride"), where, "config.cnn_stride")
+        if st is not None and (not math.isfinite(st) or st < 1 or st != int(st)):
+            raise CNNZooFormatError(f"{where}: column 'config.cnn_stride' holds {st:g}, not a whole number >= 1")
+        geo = (act, int(st or stride), _padding(m.get("config.padding"), padding, where))
         if geo not in archs:
             try:
                 archs[geo] = _architecture(layout, *geo)
@@ -196,7 +233,7 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | None = Non
 
     def loader(rs: Sequence[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         idx = np.asarray([r["idx"] for r in rs], dtype=np.int64)
-        block = torch.from_numpy(np.ascontiguousarray(weights[np.sort(idx)]))
+        block = torch.from_numpy(np.ascontiguousarray(weights[np.sort(idx)], dtype=weights.dtype.newbyteorder("=")))
         block = block[torch.from_numpy(np.argsort(np.argsort(idx)))]  # back to the requested order
         out = []
         for j, r in enumerate(rs):
@@ -212,16 +249,20 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | None = Non
     return Zoo(root, rows, loader, meta={"recipe": "small-cnn-zoo", "source": str(root)})
 
 
-def _padding(v: str | None, default: int | None, where: str = "") -> int | None:
-    """A row's ``config.padding``: a number, ``valid`` (0) or ``same`` (None: ``k // 2``); ``default`` if absent."""
-    if v in (None, ""):
+def _padding(v: Any, default: int | str, where: str = "") -> int | str:
+    """A row's ``config.padding``: a whole number >= 0, ``valid`` (0) or ``same``; ``default`` if absent."""
+    if v is None or str(v).strip() == "":
         return default
-    if str(v).lower() == "valid":
+    if str(v).strip().lower() == "valid":
         return 0
-    if str(v).lower() == "same":
-        return None
+    if str(v).strip().lower() == "same":
+        return "same"
     f = _float(v, where, "config.padding")
-    return default if f is None else int(f)
+    if f is None:
+        return default
+    if not math.isfinite(f) or f < 0 or f != int(f):
+        raise CNNZooFormatError(f"{where}: column 'config.padding' holds {v!r}, not valid, same or a whole number >= 0")
+    return int(f)
 
 
 def _float(v: str | None, where: str = "", column: str = "") -> float | None:
@@ -249,7 +290,13 @@ def write_cnn_zoo(root: str | Path, modules: Sequence[torch.nn.Module], metrics:
         ms = [m for m in mod.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
         rows.append(torch.cat([t.detach().reshape(-1) for m in ms for t in
                                (m.bias, m.weight.permute(2, 3, 1, 0) if m.weight.dim() == 4 else m.weight.T)]))
-    _write_dir(Path(root), layout, [torch.stack(rows).numpy().astype(np.float32)], list(metrics), progress=None)
+    geo = {(c.stride, c.padding) for c in convs}  # written per row, so the reader rebuilds the same convs
+    if len(geo) > 1 or any(isinstance(pad, str) or len(set(st)) > 1 or len(set(pad)) > 1 for st, pad in geo):
+        raise UnsupportedLayerError("write_cnn_zoo: one numeric stride and padding for every conv layer and axis")
+    if geo:
+        st, pad = next(iter(geo))
+        metrics = [{"config.cnn_stride": st[0], "config.padding": pad[0], **m} for m in metrics]
+    _write_dir(Path(root), layout, [torch.stack(rows).numpy().astype(np.float32)], metrics, progress=None)
 
 
 # -- export ------------------------------------------------------------------------------------------
