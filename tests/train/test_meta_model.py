@@ -95,3 +95,19 @@ def test_missing_file_is_one_line(flat_run, tmp_path, missing):
     assert "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match="does not exist"):
         MetaModel.load(tmp_path / "nope")
+
+
+def test_fixed_architecture_batch_mixing_architectures_answers_per_network(flat_run):
+    """In a batch, networks a fixed-architecture meta-model cannot read get a row saying so; the others are
+    predicted as they are alone (a batch of only foreign networks is still refused, as above)."""
+    import math
+    mm = MetaModel.load(flat_run[0])
+    own = wsnets.WeightSpace.random(_fakes.ARCH)
+    other = wsnets.WeightSpace.random(wsnets.mlp(4, [7], 3))
+    alone = mm.predict_records([own])[0]
+    rows = mm.predict_records([other, own, other])
+    assert rows[1]["test_acc"] == pytest.approx(alone["test_acc"], abs=1e-6) and rows[1]["dataset"] == alone["dataset"]
+    for r in (rows[0], rows[2]):
+        assert math.isnan(r["test_acc"]) and r["dataset"] is None and r["in_range"] is False
+        assert "fixed-architecture" in r["range_reasons"][0] and "mlp:4-7-3" in r["range_reasons"][0]
+    assert len({tuple(sorted(r)) for r in rows}) == 1

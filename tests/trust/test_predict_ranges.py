@@ -126,7 +126,7 @@ def test_half_and_double_precision_weights_are_cast_and_said(runs, tmp_path, cap
     torch.save({k: v.double() for k, v in m.state_dict().items()}, tmp_path / "f64.pt")
     for run in ("graph", "gbm"):
         rows = _predict_json(capsys, f32, tmp_path / "f16.pt", tmp_path / "f64.pt", "--meta-model", runs / run)
-        assert "cast" not in rows[0] and "float16 weights, computed in float32" in rows[1]["cast"]
+        assert rows[0]["cast"] is None and "float16 weights, computed in float32" in rows[1]["cast"]
         assert "float64" in rows[2]["cast"]
         assert rows[1]["test_acc"] == pytest.approx(rows[0]["test_acc"], abs=0.05)
         assert rows[2]["test_acc"] == pytest.approx(rows[0]["test_acc"], abs=1e-5)
@@ -167,3 +167,38 @@ def test_region_classifiers_flag_networks_that_are_not_fine_tunes_of_their_bases
         assert r["in_range"] is False and any("not a fine-tune of the meta-model's bases" in x for x in r["range_reasons"])
         assert r["base_distance"] > r["base_threshold"]
     assert sum(r["in_range"] for r in rows[2:]) >= 0.7 * len(rows[2:])
+
+
+def test_json_rows_share_one_schema_and_are_standard_json(runs, tmp_path, capsys):
+    """Whatever happens to a network (read, cast, clipped, too deep for the features, foreign), every row of
+    ``predict --json`` has the same keys, and the output is standard JSON (no NaN)."""
+    test = ZooDataset(runs / "zoo", "graph", ["test_acc"], split="test").weightspaces()
+    own = str(tmp_path / "own.safetensors")
+    test[0].save(own)
+    half = str(tmp_path / "half.safetensors")
+    wsnets.WeightSpace(test[0].arch, {k: v.half() for k, v in test[0].params.items()}).save(half)
+    deep = _save(nn.Sequential(nn.Linear(64, 12), *[m for _ in range(5) for m in (nn.ReLU(), nn.Linear(12, 12))],
+                               nn.ReLU(), nn.Linear(12, 10)), tmp_path / "deep.safetensors")
+    cnn = _save(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(8, 10)), tmp_path / "cnn.safetensors", input_shape=(1, 8, 8))
+    for run in ("graph", "gbm"):
+        assert main(["predict", own, half, deep, cnn, "--meta-model", str(runs / run), "--json"]) == 0
+        text = capsys.readouterr().out
+        rows = json.loads(text, parse_constant=lambda c: pytest.fail(f"{run}: {c} in --json output"))
+        assert len({tuple(sorted(r)) for r in rows}) == 1, [sorted(r) for r in rows]
+        assert rows[0]["cast"] is None and "float16" in rows[1]["cast"]
+        assert rows[0]["test_acc_unclipped"] == rows[0]["test_acc"]
+    assert rows[2]["test_acc"] is None and rows[2]["in_range"] is False  # gbm: deeper than its features
+
+
+def test_an_activation_the_meta_model_never_saw_is_out_of_range(runs, tmp_path):
+    import dataclasses
+    for run in ("graph", "gbm"):
+        mm = MetaModel.load(runs / run)
+        net = ZooDataset(runs / "zoo", "graph", ["test_acc"], split="test").weightspaces()[0]
+        other = next(a for a in ("tanh", "sigmoid", "gelu") if a not in mm.trained_on.activations)
+        arch = wsnets.Architecture(tuple(dataclasses.replace(l, fn=other) if l.kind == "act" else l
+                                         for l in net.arch.layers), net.arch.input_shape)
+        a, b = mm.predict_records([net, wsnets.WeightSpace(arch, dict(net.params))])
+        assert not any("activation" in w for w in a["range_reasons"])
+        assert b["in_range"] is False and f"activation {other} (trained on" in "; ".join(b["range_reasons"])

@@ -192,3 +192,36 @@ def test_big_endian_weights_read_as_the_same_numbers(fixture):
     np.save(root / "weights.npy", w.astype(">f4"))
     for r, sd in zip(open_zoo(root), ref):
         assert all(torch.equal(r.load().params[k], v) for k, v in sd.items())
+
+
+def test_input_size_comes_from_the_public_dataset_or_the_exported_column(tmp_path):
+    """The public zoo's rows name their dataset (mnist: 28x28, cifar10: 32x32 grayscale), so the networks get
+    the input shape their 'valid' convs need (probe features and to_module() run them); an exported zoo says
+    it in config.input_shape; an input too small for the convs is a one-line error."""
+    from wsnets.nn.probes import input_shape
+    rng = np.random.default_rng(3)
+    _keras_cnn_dir(tmp_path / "z", rng, n_models=2)
+    assert [input_shape(r.load().arch) for r in open_zoo(tmp_path / "z")] == [(1, 28, 28)] * 4  # mnist
+    _set_column(tmp_path / "z", "config.dataset", "cifar10")
+    assert {input_shape(r.load().arch) for r in open_zoo(tmp_path / "z")} == {(1, 32, 32)}
+    _set_column(tmp_path / "z", "config.input_shape", "16x16")
+    zoo = open_zoo(tmp_path / "z")
+    assert {input_shape(r.load().arch) for r in zoo} == {(1, 16, 16)}
+    assert zoo[0].to_module()(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    _set_column(tmp_path / "z", "config.input_shape", "8x8")  # 8 -> 3 -> 1 -> too small for the third 3x3 conv
+    with pytest.raises(wsnets.CheckpointError, match="line 2: a 8x8 input is too small for conv layer '4'"):
+        open_zoo(tmp_path / "z")
+
+
+def _set_column(root, column, value):
+    import csv
+    import io
+    with gzip.open(root / "metrics.csv.gz", "rt") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r[column] = value
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    (root / "metrics.csv.gz").write_bytes(gzip.compress(buf.getvalue().encode()))

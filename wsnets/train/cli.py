@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from ..cli import COMMANDS, add_common, add_parser, emit
@@ -68,13 +69,14 @@ def _predict(args: argparse.Namespace) -> int:
         for r in rows:
             parts = []
             for t in mm.targets:
-                if f"{t}_probs" in r:
+                if r.get(f"{t}_probs"):
                     probs = sorted(r[f"{t}_probs"].items(), key=lambda kv: -kv[1])[:3]
                     parts.append(f"{t} {r[t]} (" + ", ".join(f"{c} {p:.2f}" for c, p in probs) + ")")
                 elif r[t] is None or r[t] != r[t]:  # a network the meta-model cannot read
                     parts.append(f"{t} -")
                 else:
-                    clip = f" (clipped from {r[t + '_unclipped']:.4f})" if f"{t}_unclipped" in r else ""
+                    raw = r.get(f"{t}_unclipped")
+                    clip = f" (clipped from {raw:.4f})" if raw is not None and raw != r[t] else ""
                     parts.append(f"{t} {r[t]:.4f}{clip}")
             if r.get("in_range") is False:
                 parts.append("WARNING out of range: " + "; ".join(r["range_reasons"]))
@@ -82,8 +84,19 @@ def _predict(args: argparse.Namespace) -> int:
                 parts.append(f"({r['cast']})")
             out.append(f"{r['checkpoint']}: " + "   ".join(parts))
         return "\n".join(out + [_meta_model_line(mm, args.meta_model)])
-    emit(args, rows, text)
+    emit(args, [_json_safe(r) for r in rows] if args.json else rows, text)
     return 0
+
+
+def _json_safe(v: Any) -> Any:
+    """NaN and infinities as null: ``--json`` prints standard JSON (``NaN`` is not) for any consumer."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
 
 
 def _meta_model_line(mm: Any, run: str) -> str:

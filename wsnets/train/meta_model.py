@@ -143,11 +143,12 @@ class Predictor:
     @torch.no_grad()
     def predict_records(self, checkpoints: Sequence[Any] | Any, *, batch_size: int = 64) -> list[dict]:
         """One dict per network: each regression target's value in real units, clipped to its range
-        (:data:`BOUNDS`; the unclipped value as ``"<target>_unclipped"`` when it was outside), for
+        (:data:`BOUNDS`; the model's raw value as ``"<target>_unclipped"``), for
         ``dataset``/``task`` the predicted class name and ``"<target>_probs"`` ``{class: probability}``;
         ``in_range`` (True, False, or None when the meta-model records no training range) with
         ``range_reasons``, ``distance``/``threshold`` (see :mod:`wsnets.train.ranges`); ``cast`` when the
-        weights were cast to another precision."""
+        weights were cast to another precision. Every row has the same keys (None where a value was not
+        computed; see :meth:`_complete`)."""
         notes: list[str | None] = []
         nets = load_networks(checkpoints, notes)
         results: list[dict | None] = [None] * len(nets)
@@ -161,6 +162,17 @@ class Predictor:
                                                   f"meta-model reads {self.feature_dim} (deeper than every network "
                                                   "it was trained on)")
             ok = [i for i in ok if results[i] is None]
+        if self.representation in ("tensors", "flat") and self.example_arch is not None:
+            # a fixed-architecture meta-model reads networks shaped as its training networks; in a batch that
+            # mixes architectures the others get a row saying so (a batch of only others is refused below)
+            want = tuple(self.example_arch.param_shapes.values())
+            other = [i for i in ok if tuple(nets[i].arch.param_shapes.values()) != want]
+            if other and len(other) < len(ok):
+                for i in other:
+                    results[i] = self._unreadable(f"architecture {nets[i].arch.describe()}: this fixed-architecture "
+                                                  f"meta-model reads only networks shaped as "
+                                                  f"{self.example_arch.describe()}")
+                ok = [i for i in ok if results[i] is None]
         for s in range(0, len(ok), batch_size):
             idx = ok[s:s + batch_size]
             chunk = [nets[i] for i in idx]
@@ -173,9 +185,24 @@ class Predictor:
                 results[i] = r
         for r, cast in zip(results, notes):
             self._clip(r)
-            if cast:
-                r["cast"] = cast
+            r["cast"] = cast or None
+            self._complete(r)
         return results  # type: ignore[return-value]
+
+    def _complete(self, r: dict) -> None:
+        """Every row has the same keys, whatever happened to its network: ``<target>_unclipped`` (the raw
+        value of a bounded target, equal to it unless clipped), ``<target>_probs``, ``distance``,
+        ``threshold`` (and ``base_distance``/``base_threshold`` for fine-tunes) None where not computed."""
+        for t in self.targets:
+            if is_classification(t):
+                r.setdefault(f"{t}_probs", None)
+            elif t in BOUNDS:
+                r.setdefault(f"{t}_unclipped", r.get(t))
+        keys = ["in_range", "range_reasons", "distance", "threshold", "cast"]
+        if self.trained_on is not None and getattr(self.trained_on, "bases", None) is not None:
+            keys += ["base_distance", "base_threshold"]
+        for k in keys:
+            r.setdefault(k, [] if k == "range_reasons" else None)
 
     def _unreadable(self, why: str) -> dict:
         """The row of a network the meta-model cannot read: no prediction, out of range, and why."""
@@ -199,7 +226,7 @@ class Predictor:
 
     def _clip(self, r: dict) -> None:
         for t in self.targets:
-            if t in BOUNDS and isinstance(r.get(t), float):
+            if t in BOUNDS and isinstance(r.get(t), float) and not math.isnan(r[t]):  # NaN: no prediction
                 lo, hi = BOUNDS[t]
                 v = r[t]
                 if not lo <= v <= hi:

@@ -132,6 +132,8 @@ class TrainingRange:
                 why.append(f"{p['in']} inputs (trained on {', '.join(map(str, self.inputs))})")
             if p["out"] not in self.outputs:
                 why.append(f"{p['out']} outputs (trained on {', '.join(map(str, self.outputs))})")
+            if self.activations and p["activation"] not in self.activations:
+                why.append(f"activation {p['activation']} (trained on {', '.join(self.activations)})")
             row: dict[str, Any] = {}
             if dist is not None:
                 row.update(distance=round(float(dist[i]), 4), threshold=round(float(self.threshold), 4))
@@ -156,7 +158,9 @@ class TrainingRange:
         ds = ", ".join(list(self.datasets)[:4]) + (" ..." if len(self.datasets) > 4 else "")
         return (f"trained on {self.networks} networks: {', '.join(self.families)}, depth {_span(self.depths)}, "
                 f"width {_span(self.widths)}, {'/'.join(map(str, self.inputs))} inputs, "
-                f"{'/'.join(map(str, self.outputs))} outputs" + (f", datasets {ds}" if ds else "")
+                f"{'/'.join(map(str, self.outputs))} outputs"
+                + (f", activations {'/'.join(self.activations)}" if self.activations else "")
+                + (f", datasets {ds}" if ds else "")
                 + (", fine-tunes of its bases" if self.bases is not None else ""))
 
     # -- saving ------------------------------------------------------------------------------------

@@ -101,9 +101,11 @@ def _layout(root: Path, n_values: int) -> list[tuple[str, int, int, tuple[int, .
 
 
 def _architecture(layout: Sequence[tuple[str, int, int, tuple[int, ...]]], activation: str,
-                  stride: int, padding: int | str = 0) -> tuple[Architecture, list[tuple[str, str, str]]]:
+                  stride: int, padding: int | str = 0, spatial: tuple[int, ...] | None = None
+                  ) -> tuple[Architecture, list[tuple[str, str, str]]]:
     """Architecture plus, per tensor, ``(varname, torch key, kind)`` in the order of the layers.
-    ``padding``: symmetric zero padding, or ``"same"`` (TensorFlow's, exact only as ``k // 2`` at stride 1)."""
+    ``padding``: symmetric zero padding, or ``"same"`` (TensorFlow's, exact only as ``k // 2`` at stride 1);
+    ``spatial``: the input's spatial size (its channels are the first kernel's), None if unknown."""
     prefixes: list[str] = []
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     first: dict[str, int] = {}
@@ -169,7 +171,16 @@ def _architecture(layout: Sequence[tuple[str, int, int, tuple[int, ...]]], activ
                                                                     if "bias" in shapes[p] else [])
         if j < len(denses) - 1:
             layers += act
-    return Architecture(tuple(layers)), mapping
+    first_in = shapes[prefixes[0]]["kernel"][-2]
+    arch = Architecture(tuple(layers), (first_in, *spatial) if spatial and convs else None)
+    if arch.input_shape is not None:
+        x, k = list(spatial), [l for l in layers if l.kind == "conv2d"]
+        for l in k:
+            x = [(n + 2 * p - kk) // s + 1 for n, p, kk, s in zip(x, l.padding, l.kernel_size, l.stride)]
+            if min(x) < 1:
+                raise ShapeMismatchError(f"a {'x'.join(map(str, spatial))} input is too small for conv layer "
+                                         f"{l.name!r} (kernel {l.kernel_size}, stride {l.stride}, padding {l.padding})")
+    return arch, mapping
 
 
 def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | str = "valid") -> Zoo:
@@ -211,7 +222,8 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | str = "val
         st = _float(m.get("config.cnn_stride"), where, "config.cnn_stride")
         if st is not None and (not math.isfinite(st) or st < 1 or st != int(st)):
             raise CNNZooFormatError(f"{where}: column 'config.cnn_stride' holds {st:g}, not a whole number >= 1")
-        geo = (act, int(st or stride), _padding(m.get("config.padding"), padding, where))
+        geo = (act, int(st or stride), _padding(m.get("config.padding"), padding, where),
+               _input_shape(m, where))
         if geo not in archs:
             try:
                 archs[geo] = _architecture(layout, *geo)
@@ -247,6 +259,25 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | str = "val
         return out
 
     return Zoo(root, rows, loader, meta={"recipe": "small-cnn-zoo", "source": str(root)})
+
+
+#: The public zoo's datasets and their images' spatial size (train_network.py: TFDS images, grayscale).
+PUBLIC_INPUTS = {"mnist": (28, 28), "fashion_mnist": (28, 28), "cifar10": (32, 32), "svhn_cropped": (32, 32)}
+
+
+def _input_shape(m: dict[str, str], where: str) -> tuple[int, ...] | None:
+    """A row's input spatial size: ``config.input_shape`` (``HxW``, written by :func:`export_cnn_zoo`),
+    else the public zoo's size for its ``config.dataset`` (:data:`PUBLIC_INPUTS`), else None."""
+    text = str(m.get("config.input_shape") or "").strip()
+    if text:
+        try:
+            dims = tuple(int(t) for t in text.lower().split("x"))
+        except ValueError:
+            dims = ()
+        if not dims or min(dims) < 1:
+            raise CNNZooFormatError(f"{where}: column 'config.input_shape' holds {text!r}, not sizes like 28x28")
+        return dims
+    return PUBLIC_INPUTS.get(str(m.get("config.dataset") or "").strip().lower())
 
 
 def _padding(v: Any, default: int | str, where: str = "") -> int | str:
@@ -307,7 +338,7 @@ PUBLIC_COLUMNS = ["", "config.activation", "config.b_init", "config.dataset", "c
                   "config.train_fraction", "config.w_init", "modeldir", "step", "test_accuracy", "test_loss",
                   "train_accuracy", "train_loss", "laststep"]
 #: wsnets' hyperparameters the public layout has no column for, written as extra ``config.*`` columns.
-EXTRA_COLUMNS = ["config.batchsize", "config.cnn_stride", "config.padding", "config.momentum", "config.weight_decay",
+EXTRA_COLUMNS = ["config.batchsize", "config.cnn_stride", "config.padding", "config.input_shape", "config.momentum", "config.weight_decay",
                  "config.init_scale", "config.label_noise", "config.grad_clip", "diverged"]
 _W_INIT = {"uniform": "torch_uniform", "normal": "RandomNormal", "truncated_normal": "TruncatedNormal",
            "he_normal": "he_normal", "glorot_normal": "glorot_normal", "orthogonal": "orthogonal"}
@@ -363,8 +394,17 @@ def _tf_layout(arch: Architecture) -> tuple[str, list[dict[str, Any]], list[tupl
     hidden = [l.out_features for l in (convs or lins[:-1])]
     config = {"config.activation": next(iter(acts), "linear"), "config.dnn_architecture": "cnn" if convs else "fcn",
               "config.num_layers": len(convs) if convs else len(lins) - 1, "config.num_units": max(hidden, default=0),
-              "config.cnn_stride": convs[0].stride[0] if convs else "", "config.padding": convs[0].padding[0] if convs else ""}
+              "config.cnn_stride": convs[0].stride[0] if convs else "", "config.padding": convs[0].padding[0] if convs else "",
+              "config.input_shape": _spatial_text(arch) if convs else ""}
     return str([(r["varname"], r["shape"]) for r in layout]), layout, keys, config
+
+
+def _spatial_text(arch: Architecture) -> str:
+    """The input's spatial size as ``HxW`` (a Conv1d network's ``L`` as ``1xL``), "" if not recorded."""
+    if arch.input_shape is None or len(arch.input_shape) < 2:
+        return ""
+    sp = tuple(arch.input_shape[1:])
+    return "x".join(map(str, (1,) + sp if len(sp) == 1 else sp))
 
 
 def _to_tf(sd: dict[str, torch.Tensor], keys: Sequence[tuple[str, str]]) -> torch.Tensor:
