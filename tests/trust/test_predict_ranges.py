@@ -202,3 +202,21 @@ def test_an_activation_the_meta_model_never_saw_is_out_of_range(runs, tmp_path):
         a, b = mm.predict_records([net, wsnets.WeightSpace(arch, dict(net.params))])
         assert not any("activation" in w for w in a["range_reasons"])
         assert b["in_range"] is False and f"activation {other} (trained on" in "; ".join(b["range_reasons"])
+
+
+def test_graph_meta_model_answers_per_network_when_a_kernel_is_wider_than_it_reads(runs, tmp_path, capsys):
+    """A graph encoder's edge features hold kernels up to the size it was trained with: a network with wider
+    kernels gets a row saying so, and the rest of the batch is predicted (was: the whole batch refused)."""
+    mm = MetaModel.load(runs / "graph")
+    cap = mm._edge_capacity()
+    assert cap is not None and cap < 25
+    torch.manual_seed(1)
+    wide = _save(nn.Sequential(nn.Conv2d(1, 4, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                               nn.Linear(4, 10)), tmp_path / "k5.safetensors", input_shape=(1, 8, 8))
+    own = str(tmp_path / "own.safetensors")
+    ZooDataset(runs / "zoo", "graph", ["test_acc"], split="test").weightspaces()[0].save(own)
+    alone = _predict_json(capsys, own, "--meta-model", runs / "graph")[0]
+    rows = _predict_json(capsys, wide, own, "--meta-model", runs / "graph")
+    assert rows[1]["test_acc"] == pytest.approx(alone["test_acc"], abs=1e-6)
+    assert rows[0]["test_acc"] is None and rows[0]["in_range"] is False
+    assert f"largest kernel has 25 taps" in rows[0]["range_reasons"][0] and f"at most {cap}" in rows[0]["range_reasons"][0]

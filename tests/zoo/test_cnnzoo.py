@@ -225,3 +225,23 @@ def _set_column(root, column, value):
     w.writeheader()
     w.writerows(rows)
     (root / "metrics.csv.gz").write_bytes(gzip.compress(buf.getvalue().encode()))
+
+
+def test_rows_with_nonfinite_weights_or_targets_are_left_out(tmp_path):
+    """The public zoo holds diverged runs (NaN/inf weights, NaN accuracies): the reader leaves out rows whose
+    weights are not finite, and a ZooDataset leaves out checkpoints without a finite target value (they
+    crashed training: 'Input y contains NaN')."""
+    from wsnets.zoo import ZooDataset
+    rng = np.random.default_rng(4)
+    _keras_cnn_dir(tmp_path / "z", rng, n_models=4)
+    w = np.load(tmp_path / "z" / "weights.npy")
+    w[1, 7], w[4, :] = np.nan, np.inf
+    np.save(tmp_path / "z" / "weights.npy", w)
+    zoo = open_zoo(tmp_path / "z")
+    assert [r["idx"] for r in zoo.rows] == [0, 2, 3, 5, 6, 7] and zoo.meta["nonfinite_rows"] == 2
+    assert all(torch.isfinite(t).all() for r in zoo for t in r.load().params.values())
+    _set_column(tmp_path / "z", "test_accuracy", "nan")
+    ds = ZooDataset(open_zoo(tmp_path / "z"), "stats", targets=["test_acc"], split="all")
+    assert len(ds) == 0 and ds.left_out == 6
+    ds = ZooDataset(open_zoo(tmp_path / "z"), "stats", targets=["train_acc"], split="all")
+    assert len(ds) == 6 and ds.left_out == 0

@@ -155,3 +155,26 @@ def test_mlp_zoo_exports_as_fcn_and_unsupported_layers_are_one_line_errors(tmp_p
     r = subprocess.run([sys.executable, "-m", "wsnets.cli", "zoo", "export", "--json", str(mlp), str(tmp_path / "m2")],
                        capture_output=True, text=True)
     assert r.returncode == 0 and '"rows": 6' in r.stdout
+
+
+def test_padded_conv1d_networks_round_trip_through_the_public_layout(tmp_path):
+    """Conv1d networks with padding (mnist1d-cnn: kernel 5, padding 2, stride 1 or 2) are exported as Conv2D
+    (1, 5) kernels on 1 x 40 inputs; read back they compute the same function (the padding applies along
+    the sequence only: padding the height-1 axis too added zero rows that the pooling averaged in)."""
+    raw = tomllib.loads((ROOT / "zoo" / "mnist1d-cnn.toml").read_text())
+    raw.update(population=4, epochs=1, checkpoints=[1])
+    out = tmp_path / "z"
+    build(parse_recipe(raw, "mnist1d-cnn-test"), out, progress=False, workers=1)
+    zoo = open_zoo(out)
+    assert {l.padding for r in zoo for l in zoo.arch_of(r).layers if l.kind == "conv1d"} == {(2,)}
+    s = export_cnn_zoo(out, tmp_path / "out", progress=False)
+    orig = {(r["model_id"], r["epoch"]): r for r in zoo}
+    x = torch.randn(6, 1, 40)
+    n = 0
+    for d in s["directories"]:
+        for rec in open_zoo(d["dir"]):
+            assert rec.load().arch.input_shape == (1, 1, 40)
+            want = orig[(rec["model_id"], rec["epoch"])].to_module()(x)
+            torch.testing.assert_close(rec.to_module()(x[:, :, None]), want, atol=1e-5, rtol=1e-5)
+            n += 1
+    assert n == len(zoo)

@@ -138,7 +138,9 @@ def run_training(cfg: TrainConfig, *, zoo: str | Path | None = None, out: str | 
             if all(hasattr(datasets[s], "rows") for s in SPLITS) else None
         logger.info(f"{cfg.name}: {cfg.encoder_name} on {sizes['train']}/{sizes['val']}/{sizes['test']} "
                     f"train/val/test checkpoints, targets {', '.join(cfg.data.targets)}, {seeds} seed(s), "
-                    f"{dist.world_size} process(es) on {dev}")
+                    f"{dist.world_size} process(es) on {dev}"
+                    + (f"; {left} checkpoint(s) without a finite {'/'.join(cfg.data.targets)} value left out"
+                       if (left := sum(getattr(datasets[s], "left_out", 0) for s in SPLITS)) else ""))
         classes = {t: list(datasets["train"].classes(t)) for t in cfg.data.targets if is_classification(t)}
         norm = normalization(datasets["train"], list(cfg.data.targets), cfg.data.target_transform)
         per_seed = []

@@ -162,6 +162,14 @@ class Predictor:
                                                   f"meta-model reads {self.feature_dim} (deeper than every network "
                                                   "it was trained on)")
             ok = [i for i in ok if results[i] is None]
+        cap = self._edge_capacity() if self.representation == "graph" else None
+        for i in ok if cap is not None else ():
+            n = nets[i].arch.max_kernel_numel
+            if n > cap:  # the graph encoder's edge features hold kernels of up to `cap` taps
+                results[i] = self._unreadable(f"its largest kernel has {n} taps, the meta-model's graph encoder "
+                                              f"reads kernels of at most {cap} (larger than every kernel it was "
+                                              "trained on)")
+        ok = [i for i in ok if results[i] is None]
         if self.representation in ("tensors", "flat") and self.example_arch is not None:
             # a fixed-architecture meta-model reads networks shaped as its training networks; in a batch that
             # mixes architectures the others get a row saying so (a batch of only others is refused below)
@@ -203,6 +211,13 @@ class Predictor:
             keys += ["base_distance", "base_threshold"]
         for k in keys:
             r.setdefault(k, [] if k == "range_reasons" else None)
+
+    def _edge_capacity(self) -> int | None:
+        """The largest kernel (taps) a graph encoder reads; None if unknown or not a graph encoder."""
+        members = getattr(self, "members", None)
+        encs = [m.encoder for m in members] if members is not None else [getattr(self, "encoder", None)]
+        caps = [getattr(getattr(e, "featurizer", None), "edge_dim", None) for e in encs]
+        return min(caps) if caps and None not in caps else None
 
     def _unreadable(self, why: str) -> dict:
         """The row of a network the meta-model cannot read: no prediction, out of range, and why."""

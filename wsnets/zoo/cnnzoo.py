@@ -20,6 +20,8 @@ The public layout does not record padding: its Keras ``Conv2D`` layers used Kera
 TensorFlow's ``"same"`` is exact only with stride 1 and an odd kernel (``k // 2`` on each side); with a
 larger stride TensorFlow pads asymmetrically, by an amount that depends on the input size, which
 symmetric padding cannot express, so such rows are refused rather than read as another function.
+Rows whose weights are not all finite (diverged runs) are left out, as the paper's code does; the zoo's
+``meta["nonfinite_rows"]`` counts them.
 """
 
 from __future__ import annotations
@@ -155,7 +157,8 @@ def _architecture(layout: Sequence[tuple[str, int, int, tuple[int, ...]]], activ
                     "express; only stride 1 with an odd kernel is exact")
             pad = (kh // 2, kw // 2)
         else:
-            pad = (int(padding), int(padding))
+            # no padding along a 1-wide kernel axis: a (1, k) kernel is a Conv1d written as Conv2D on 1 x L inputs
+            pad = (int(padding) if kh > 1 else 0, int(padding) if kw > 1 else 0)
         layers.append(Layer("conv2d", name, ci, co, (kh, kw), (stride, stride), pad, (1, 1),
                             bias="bias" in shapes[p], dims=2))
         mapping += [(f"{p}/kernel:0", f"{name}.weight", "conv")] + ([(f"{p}/bias:0", f"{name}.bias", "bias")]
@@ -214,10 +217,15 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | str = "val
     except WSNetsError as e:
         raise CNNZooFormatError(f"{root / 'layout.csv'}: {e}") from None
     spans = {name: (s, e, shape) for name, s, e, shape in layout}
+    finite = np.empty(weights.shape[0], dtype=bool)  # the public zoo holds diverged runs with NaN/inf weights
+    for s in range(0, weights.shape[0], 4096):
+        finite[s:s + 4096] = np.isfinite(weights[s:s + 4096]).all(axis=1)
     archs: dict[str, tuple[Architecture, list]] = {}
     rows = []
     for i, m in enumerate(metrics):
         where = f"{mpath}: line {i + 2}"
+        if not finite[i]:
+            continue
         act = (m.get("config.activation") or "relu").lower()
         st = _float(m.get("config.cnn_stride"), where, "config.cnn_stride")
         if st is not None and (not math.isfinite(st) or st < 1 or st != int(st)):
@@ -258,7 +266,8 @@ def open_cnn_zoo(root: str | Path, *, stride: int = 2, padding: int | str = "val
             out.append(sd)
         return out
 
-    return Zoo(root, rows, loader, meta={"recipe": "small-cnn-zoo", "source": str(root)})
+    return Zoo(root, rows, loader, meta={"recipe": "small-cnn-zoo", "source": str(root),
+                                         "nonfinite_rows": int((~finite).sum())})
 
 
 #: The public zoo's datasets and their images' spatial size (train_network.py: TFDS images, grayscale).

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import operator
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,6 +42,15 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq, "!=": operator.ne,
     "in": lambda a, b: a in b, "not in": lambda a, b: a not in b,
 }
+
+
+def _finite(v: Any) -> bool:
+    """A numeric target's value that can be learned from: not None, NaN or infinite (a diverged run's
+    accuracy in the public Small CNN Zoo may be NaN)."""
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
 
 
 def split_of(model_id: str, seed: int, fractions: Sequence[float]) -> str:
@@ -98,7 +108,10 @@ class ZooDataset(torch.utils.data.Dataset):
                 raise MissingKeyError(f"target {t!r} is not a zoo column (columns: {', '.join(all_rows[0])})")
         self._classes = {t: sorted({str(r[t]) for r in all_rows}) for t in self.targets
                          if all_rows and isinstance(all_rows[0][t], str)}
-        self.rows = self._select(all_rows, split, split_seed, tuple(fractions), ood)
+        rows = self._select(all_rows, split, split_seed, tuple(fractions), ood)
+        numeric = [t for t in self.targets if t not in self._classes]
+        self.rows = [r for r in rows if all(_finite(r[t]) for t in numeric)]
+        self.left_out = len(rows) - len(self.rows)  # checkpoints without a finite value of a numeric target
         self._ws: list[WeightSpace] | None = None
         self._feats: torch.Tensor | None = None
 
