@@ -359,6 +359,9 @@ def read_torch(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         if _truncated_global(path, str(e)):
             raise CheckpointError(f"{path}: corrupt or truncated checkpoint (the pickle ends inside a name)") from None
+        if "Unsupported operand" in str(e) and not _pickle_names_code(path):
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (corrupt, or another format: no pickle that "
+                                  f"names code, nor a PyTorch archive)") from None
         raise UnsafeCheckpointError(
             f"{path}: refused to unpickle: the file holds objects other than tensors and could run code "
             f"({_first_line(e).split('.')[0]}); re-save it as a state_dict or safetensors") from None
@@ -373,6 +376,22 @@ def read_torch(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict")
     return dict(obj)
+
+
+def _pickle_names_code(path: str | os.PathLike) -> bool:
+    """Whether the file, read as a pickle (never executed: :func:`pickletools.genops` only parses), names a
+    callable before it stops parsing. torch's weights-only unpickler says "Unsupported operand" both for
+    pickle protocols it does not read (which may carry code) and for bytes that are no pickle at all."""
+    import pickletools
+    code = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"}
+    try:
+        with open(path, "rb") as f:
+            for op, _, _ in pickletools.genops(f):
+                if op.name in code:
+                    return True
+    except Exception:  # noqa: BLE001 - ValueError/EOF at a byte that is no opcode: parsing ends there
+        pass
+    return False
 
 
 def _truncated_global(path: str | os.PathLike, msg: str) -> bool:

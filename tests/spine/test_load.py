@@ -179,9 +179,12 @@ def test_truncated_and_empty_and_garbage_files(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all" * 10)
     torch.save(ws.to_module().state_dict(), tmp_path / "m.pt")
     (tmp_path / "trunc.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:300])
-    for name in ("trunc.safetensors", "empty.safetensors", "garbage.pt", "trunc.pt"):
-        with pytest.raises(wsnets.CheckpointError, match=name):
+    (tmp_path / "emptyzip.pt").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip archive
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 2)
+    for name in ("trunc.safetensors", "empty.safetensors", "garbage.pt", "trunc.pt", "emptyzip.pt", "noise.pt"):
+        with pytest.raises(wsnets.CheckpointError, match=name) as err:
             wsnets.load(tmp_path / name)
+        assert not isinstance(err.value, wsnets.UnsafeCheckpointError), err.value  # no code in them
     with pytest.raises(wsnets.CheckpointError, match="no such file"):
         wsnets.load(tmp_path / "missing.safetensors")
 
