@@ -120,7 +120,9 @@ def _zoos(d: Path, good: Path) -> tuple[list[Path], list[Path]]:
                         "input_shape": [64]})
     on_open = [variant("text_metric", "UPDATE checkpoints SET test_acc = 'high' WHERE idx = 1"),
                variant("null_arch", "UPDATE checkpoints SET arch = NULL WHERE idx = 2"),
-               variant("negative_idx", "UPDATE checkpoints SET idx = -1 WHERE idx = 2")]
+               variant("negative_idx", "UPDATE checkpoints SET idx = -1 WHERE idx = 2"),
+               variant("acc_above_1", "UPDATE checkpoints SET test_acc = 7.5 WHERE idx = 1"),
+               variant("negative_loss", "UPDATE checkpoints SET train_loss = -0.5 WHERE idx = 1")]
     on_verify = [variant("idx_beyond", "UPDATE checkpoints SET idx = 999 WHERE idx = 2"),
                  variant("key_absent", "UPDATE checkpoints SET key = 'e9999' WHERE idx = 2"),
                  variant("arch_garbage", "UPDATE checkpoints SET arch = '{not json' WHERE idx = 2"),

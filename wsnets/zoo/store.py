@@ -200,6 +200,9 @@ def read_rows(con: sqlite3.Connection, where: str = "", params: Sequence[Any] = 
 
 
 _REQUIRED_TEXT = ("model_id", "arch", "shard", "key")
+#: the metrics' possible values (accuracies are fractions, losses cross-entropies): a row outside them is damage
+_RANGES: dict[str, tuple[float, float | None]] = {"train_acc": (0, 1), "test_acc": (0, 1), "gen_gap": (-1, 1),
+                                                  "train_loss": (0, None), "test_loss": (0, None)}
 
 
 def _check_types(con: sqlite3.Connection, where: str = "", params: Sequence[Any] = ()) -> None:
@@ -210,16 +213,27 @@ def _check_types(con: sqlite3.Connection, where: str = "", params: Sequence[Any]
     tests = {c: f"typeof(\"{c}\") NOT IN ('integer', 'real', 'null')" for c in numeric}
     tests.update({c: f"typeof(\"{c}\") != 'text'" for c in _REQUIRED_TEXT if c in cols})
     tests.update(idx="typeof(idx) != 'integer' OR idx < 0", epoch="typeof(epoch) != 'integer'")
+    for c, (lo, hi) in _RANGES.items():  # NULL (how SQLite stores NaN) compares to nothing: never flagged
+        if c in cols:
+            tests[c] += f" OR \"{c}\" < {lo}" + (f" OR \"{c}\" > {hi}" if hi is not None else "")
     sql = (f"SELECT * FROM checkpoints WHERE ({' OR '.join(tests.values())})" + (f" AND ({where})" if where else "")
            + " LIMIT 1")
     r = con.execute(sql, tuple(params)).fetchone()
     if r is None:
         return
     r = dict(r)
+    def out_of_range(c: str) -> bool:
+        lo, hi = _RANGES.get(c, (None, None))
+        v = r[c]
+        return lo is not None and isinstance(v, (int, float)) and (v < lo or (hi is not None and v > hi))
     bad = next(c for c in ("idx", "epoch", *_REQUIRED_TEXT, *numeric) if c in r and (
         (c in ("idx", "epoch") and not (isinstance(r[c], int) and r[c] >= 0)) or
-        (c in _REQUIRED_TEXT and not isinstance(r[c], str)) or (c in numeric and isinstance(r[c], (str, bytes)))))
-    what = "a non-negative integer" if bad in ("idx", "epoch") else "text" if bad in _REQUIRED_TEXT else "a number"
+        (c in _REQUIRED_TEXT and not isinstance(r[c], str)) or (c in numeric and isinstance(r[c], (str, bytes)))
+        or out_of_range(c)))
+    lo, hi = _RANGES.get(bad, (None, None))
+    what = ("a non-negative integer" if bad in ("idx", "epoch") else "text" if bad in _REQUIRED_TEXT else
+            f"a number in [{lo}, {hi}]" if lo is not None and hi is not None else
+            f"a number >= {lo}" if lo is not None else "a number")
     path = next((f for _, name, f in con.execute("PRAGMA database_list") if name == "main"), "") or "the zoo index"
     raise DamagedZooError(f"{path}: row {r.get('model_id')!r} epoch {r.get('epoch')!r}: column {bad!r} holds {r[bad]!r}, "
                           f"not {what}: the index is damaged (build the zoo again into a new directory)")
