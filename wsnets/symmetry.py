@@ -504,7 +504,39 @@ def _as_dict(spec: PermutationSpec, perms: PermLike, allow_fixed: bool) -> dict[
             raise ShapeMismatchError(f"no neuron group {g}")
         if p.shape[-1] != spec.group_sizes[g]:
             raise ShapeMismatchError(f"permutation for group {g} has {p.shape[-1]} entries, group has {spec.group_sizes[g]}")
+        n = p.shape[-1]
+        if p.dtype.is_floating_point or p.dtype == torch.bool or p.dim() not in (1, 2) or not torch.equal(
+                p.sort(dim=-1).values, torch.arange(n, device=p.device).expand(p.shape)):
+            raise ConfigError(f"the permutation for group {g} is not a permutation of 0..{n - 1} "
+                              f"(an integer tensor [n] or [B, n] holding each index once)")
+    _check_heads(spec, d)
     return d
+
+
+def _check_heads(spec: PermutationSpec, d: Mapping[int, torch.Tensor]) -> None:
+    """A head-structured group's permutation must move whole heads, by one head map shared with its tie
+    (q/k and v/o of one attention; a group of the tie not given stays put, so its heads do too): any
+    other permutation changes the function."""
+    maps: dict[int, tuple[int, torch.Tensor]] = {}
+    for g, (H, t) in spec.head_structure.items():
+        n = spec.group_sizes[g]
+        p = d.get(g, torch.arange(n))
+        heads = p.reshape(*p.shape[:-1], H, n // H) // (n // H)             # old head of each new neuron
+        if not torch.equal(heads, heads[..., :1].expand(heads.shape)):
+            raise ConfigError(f"the permutation for group {g} splits an attention head ({H} heads of "
+                              f"{n // H}): it must move whole heads, and may permute inside each")
+        hm = heads[..., 0]
+        if t in maps:
+            g0, hm0 = maps[t]
+            try:
+                same = torch.equal(*torch.broadcast_tensors(hm, hm0))
+            except RuntimeError:  # batches of different sizes
+                same = False
+            if not same:
+                raise ConfigError(f"groups {g0} and {g} (query/key and value/output of one attention) must move "
+                                  "their heads alike: their permutations map heads differently")
+        else:
+            maps[t] = (g, hm)
 
 
 def permute(ws, perms: PermLike, *, allow_fixed: bool = False):

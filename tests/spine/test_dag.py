@@ -79,8 +79,21 @@ def test_head_permutation_must_respect_heads():
     x = torch.randn(3, 5, 16)
     ref = ws.to_module()(x)
     p = torch.tensor([0, 8] + list(range(1, 8)) + list(range(9, 16)))   # swaps neurons across the two heads
-    out = permute(ws, {q: p}).to_module()(x)
-    assert not torch.allclose(out, ref, atol=1e-4)
+    params = dict(ws.params)
+    for key, ax in spec.axes:  # the re-indexing permute() would do, without its checks
+        for a, g in enumerate(ax):
+            if g == q:
+                params[key] = params[key].index_select(a, p)
+    assert not torch.allclose(wsnets.WeightSpace(ws.arch, params).to_module()(x), ref, atol=1e-4)
+    with pytest.raises(wsnets.ConfigError, match=f"group {q} splits an attention head"):
+        permute(ws, {q: p})
+    v = dict(spec.axes)["attention.self.value.weight"][0]
+    swap = torch.cat([torch.arange(8, 16), torch.arange(8)])   # whole heads swapped on q/k only, v/o left alone
+    with pytest.raises(wsnets.ConfigError, match="must move their heads alike"):
+        permute(ws, {q: swap})
+    torch.testing.assert_close(permute(ws, {q: swap, v: swap}).to_module()(x), ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(wsnets.ConfigError, match="not a permutation"):
+        permute(ws, {q: torch.zeros(16, dtype=torch.long)})
     ok = permute(ws, random_permutations(ws.arch, generator=torch.Generator().manual_seed(3))).to_module()(x)
     torch.testing.assert_close(ok, ref, rtol=1e-4, atol=1e-5)
 
