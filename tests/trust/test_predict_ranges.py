@@ -220,3 +220,19 @@ def test_graph_meta_model_answers_per_network_when_a_kernel_is_wider_than_it_rea
     assert rows[1]["test_acc"] == pytest.approx(alone["test_acc"], abs=1e-6)
     assert rows[0]["test_acc"] is None and rows[0]["in_range"] is False
     assert f"largest kernel has 25 taps" in rows[0]["range_reasons"][0] and f"at most {cap}" in rows[0]["range_reasons"][0]
+
+
+def test_a_convolution_of_another_stride_or_padding_is_out_of_range():
+    """A CNN with the training networks' tensor shapes but another padding or stride computes another
+    function: the range keeps each convolution's geometry, and a run saved without it checks none."""
+    from wsnets.train.ranges import TrainingRange
+    trained = wsnets.cnn(1, [4, 6], 10, stride=2, padding=1, input_shape=(1, 8, 8))
+    r = TrainingRange.fit([trained] * 3)
+    same = wsnets.WeightSpace.random(trained)
+    for kw, what in (({"stride": 2, "padding": 0}, "k3x3/s2x2/p0x0"), ({"stride": 1, "padding": 1}, "k3x3/s1x1/p1x1")):
+        other = wsnets.WeightSpace(wsnets.cnn(1, [4, 6], 10, input_shape=(1, 8, 8), **kw), dict(same.params))
+        a, b = r.check([same, other])
+        assert a["in_range"] and not a["reasons"]
+        assert not b["in_range"] and b["reasons"] == [f"convolution {what} (trained on k3x3/s2x2/p1x1)"]
+    old = {k: v for k, v in r.to_json().items() if k != "convs"}
+    assert TrainingRange.from_json(old).check([other])[0]["in_range"]

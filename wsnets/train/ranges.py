@@ -5,7 +5,9 @@ on (a CNN given to a meta-model of MLPs, a network trained from scratch given to
 fine-tunes). :class:`TrainingRange` records, when a meta-model is trained,
 
 * the training networks' **architectures**: families (``mlp``, ``cnn2d``, ``resnet``, ...), depths
-  (hidden layers), widths (widest hidden layer), input and output sizes, activations, the datasets;
+  (hidden layers), widths (widest hidden layer), input and output sizes, activations, convolution
+  geometries (kernel, stride, padding, dilation: a CNN of the training shapes with another padding computes
+  another function), the datasets;
 * the **distribution of the features the heads read** (the encoder's embedding of each training network,
   or a GBM's input features): a reference set of up to :data:`MAX_REFERENCE` training networks,
   standardized per dimension. A network's distance is its mean Euclidean distance to its ``k`` nearest
@@ -41,7 +43,19 @@ def profile(arch: Architecture) -> dict[str, Any]:
     sizes = arch.group_sizes
     return {"family": arch.describe().split(":", 1)[0], "depth": max(len(arch.weight_layers) - 1, 0),
             "width": max(sizes[1:-1], default=0), "in": int(sizes[0]), "out": int(sizes[-1]),
-            "activation": arch.activation}
+            "activation": arch.activation, "convs": conv_geometries(arch)}
+
+
+def conv_geometries(arch: Architecture) -> list[str]:
+    """Each convolution's kernel, stride, padding (and dilation where not 1), e.g. ``k3x3/s2x2/p0x0``."""
+    out = set()
+    for l in arch.layers:
+        if l.kind in ("conv1d", "conv2d"):
+            d = len(l.kernel_size)
+            j = lambda t, fill: "x".join(map(str, t or (fill,) * d))  # noqa: E731
+            dil = "" if all(x == 1 for x in (l.dilation or (1,))) else f"/d{j(l.dilation, 1)}"
+            out.add(f"k{j(l.kernel_size, 1)}/s{j(l.stride, 1)}/p{j(l.padding, 0)}{dil}")
+    return sorted(out)
 
 
 @dataclass
@@ -67,6 +81,7 @@ class TrainingRange:
     bases: torch.Tensor | None = None       # [n_bases, P] flattened, in base_arch.param_shapes order
     base_arch: str | None = None
     base_threshold: float | None = None
+    convs: list[str] = field(default_factory=list)  # empty: no convolutions, or a run saved before they were kept
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- fitting -----------------------------------------------------------------------------------
@@ -85,7 +100,7 @@ class TrainingRange:
                 inputs=sorted({p["in"] for p in profs}), outputs=sorted({p["out"] for p in profs}),
                 activations=sorted({p["activation"] for p in profs}), architectures=dict(count.most_common(12)),
                 datasets=dict(Counter(datasets).most_common()), networks=len(archs), space=space, k=k,
-                quantile=quantile)
+                quantile=quantile, convs=sorted({g for p in profs for g in p["convs"]}))
         if features is not None and len(features) > 1:
             x = features.detach().double().cpu().reshape(len(features), -1)
             if len(x) > MAX_REFERENCE:
@@ -134,6 +149,9 @@ class TrainingRange:
                 why.append(f"{p['out']} outputs (trained on {', '.join(map(str, self.outputs))})")
             if self.activations and p["activation"] not in self.activations:
                 why.append(f"activation {p['activation']} (trained on {', '.join(self.activations)})")
+            if self.convs and set(p["convs"]) - set(self.convs):
+                why.append(f"convolution {', '.join(sorted(set(p['convs']) - set(self.convs)))} (trained on "
+                           f"{', '.join(self.convs[:6])}{' ...' if len(self.convs) > 6 else ''})")
             row: dict[str, Any] = {}
             if dist is not None:
                 row.update(distance=round(float(dist[i]), 4), threshold=round(float(self.threshold), 4))
@@ -169,7 +187,7 @@ class TrainingRange:
                 "outputs": self.outputs, "activations": self.activations, "architectures": self.architectures,
                 "datasets": self.datasets, "networks": self.networks, "space": self.space, "k": self.k,
                 "quantile": self.quantile, "threshold": self.threshold, "base_arch": self.base_arch,
-                "base_threshold": self.base_threshold, "metric": "mean Euclidean distance to the k nearest training "
+                "base_threshold": self.base_threshold, "convs": self.convs, "metric": "mean Euclidean distance to the k nearest training "
                 "networks in the standardized space, divided by sqrt(dim)", **self.extra}
 
     def tensors(self) -> dict[str, torch.Tensor]:
