@@ -236,3 +236,21 @@ def test_a_convolution_of_another_stride_or_padding_is_out_of_range():
         assert not b["in_range"] and b["reasons"] == [f"convolution {what} (trained on k3x3/s2x2/p1x1)"]
     old = {k: v for k, v in r.to_json().items() if k != "convs"}
     assert TrainingRange.from_json(old).check([other])[0]["in_range"]
+
+
+def test_predict_says_when_a_meta_model_is_not_permutation_invariant():
+    """FlatMLP reads the raw parameter vector: a permuted copy (the same function) gets another output, and
+    predict's meta-model line says so; an invariant encoder's line does not."""
+    from types import SimpleNamespace
+    from wsnets.nn.baselines import FlatMLP
+    from wsnets.symmetry import random_permute
+    from wsnets.train.cli import _meta_model_line
+    arch = wsnets.mlp(8, [6], 3)
+    ws = wsnets.WeightSpace.random(arch, generator=torch.Generator().manual_seed(0))
+    enc = FlatMLP(arch, out_dim=4, hidden=(16,)).eval()
+    moved = random_permute(ws, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(enc(ws.batched()), enc(moved.batched()), atol=1e-4)
+    lines = {name: _meta_model_line(SimpleNamespace(config={"encoder": {"name": name}}, test_metrics={},
+                                                    trained_on=None), "RUN") for name in ("flat", "graph", "stats")}
+    assert "not permutation invariant" in lines["flat"]
+    assert not any("invariant" in lines[n] for n in ("graph", "stats"))

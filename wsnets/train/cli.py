@@ -112,7 +112,9 @@ def _meta_model_line(mm: Any, run: str) -> str:
         test = "; its test metrics were not recorded (an older run: see metrics.json)"
     rng = mm.trained_on.summary() if mm.trained_on is not None else \
         "training range unknown (saved by an older wsnets): predictions are not checked against it"
-    return f"meta-model {run} ({enc}){test}; {rng}"
+    caveat = ("; it reads the raw parameter vector, so it is not permutation invariant: a network with its neurons "
+              "permuted (the same function) can get another prediction") if enc == "flat" else ""
+    return f"meta-model {run} ({enc}){test}; {rng}{caveat}"
 
 
 def _predict_each(mm: Any, paths: list[str], args: Any = None) -> list[dict]:
