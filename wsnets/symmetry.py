@@ -520,7 +520,7 @@ def _check_heads(spec: PermutationSpec, d: Mapping[int, torch.Tensor]) -> None:
     maps: dict[int, tuple[int, torch.Tensor]] = {}
     for g, (H, t) in spec.head_structure.items():
         n = spec.group_sizes[g]
-        p = d.get(g, torch.arange(n))
+        p = d[g].cpu() if g in d else torch.arange(n)   # (compared on the CPU: a tie's groups may sit anywhere)
         heads = p.reshape(*p.shape[:-1], H, n // H) // (n // H)             # old head of each new neuron
         if not torch.equal(heads, heads[..., :1].expand(heads.shape)):
             raise ConfigError(f"the permutation for group {g} splits an attention head ({H} heads of "
